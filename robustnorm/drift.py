@@ -1,0 +1,206 @@
+"""Drift: how far the statistics a batch shows the normalization layers lie from the training population.
+
+Definitions (also in ``docs/drift.md``). For a normalization layer with ``C`` channels, population mean
+``m_p`` and population spread ``s_p`` (the running variance ``v_p`` for BatchNorm layers, the running range
+``r_p`` for RobustNorm layers), and a group of real images with batch mean ``m_b`` and spread ``s_b``
+(biased variance, or range), each measure is averaged over the channels:
+
+- ``mean_shift``: ``|m_b - m_p| / sd_p``, the mean shift in population standard deviations, with
+  ``sd_p = sqrt(v_p + eps)`` (RobustNorm layers: in units of the population range ``r_p + eps``);
+- ``log_var_ratio``: ``log((v_b + eps) / (v_p + eps))`` (RobustNorm layers: ``log((r_b + eps) / (r_p + eps))``);
+- ``kl``: the Gaussian KL divergence ``KL(N(m_b, sd_b^2) || N(m_p, sd_p^2))``
+  ``= 0.5 * ((sd_b^2 + (m_b - m_p)^2) / sd_p^2 - 1 - log(sd_b^2 / sd_p^2))`` (RobustNorm layers take the
+  range as the scale, ``sd = r + eps``).
+All three are exactly zero when the batch statistics equal the population's.
+
+Batch score: ``raw = mean over layers of kl``. Clean batches of ``n`` images drift by chance (and a range grows
+with the number of values it spans), so the score is calibrated per batch size on clean held-out data:
+``score = (log(raw) - mu_n) / sigma_n``, where ``mu_n`` and ``sigma_n`` are the mean and standard deviation of
+``log(raw)`` over clean batches of size ``n`` (linear interpolation in ``log2 n`` between calibrated sizes).
+A clean batch of any size scores about 0 with unit spread; 3 is a three-sigma event.
+
+Image score: each image's per-channel feature means (over H, W) at the inputs of the first ``K`` norm layers,
+concatenated into ``f``; ``raw = mean_d ((f_d - mu_d) / sigma_d)^2`` with ``mu``, ``sigma`` from clean held-out
+images; ``score = raw / q``, ``q`` the 99th percentile of ``raw`` on clean held-out images, so about 1% of clean
+images score above 1. It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the
+early features are re-normalised by the batch itself, which damps the score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .grouping import GroupRun, batch_groups
+from .layers import policy_layers, set_policy
+
+MEASURES = ("mean_shift", "log_var_ratio", "kl")
+DEFAULT_CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IMAGE_SCORE_LAYERS = 3
+IMAGE_SCORE_QUANTILE = 0.99
+_EPS = 1e-5
+
+
+def layer_drift(batch_mean: Tensor, batch_spread: Tensor, population_mean: Tensor,
+                population_spread: Tensor, robust: bool) -> dict[str, Tensor]:
+    """The three drift measures for rows of batch statistics (G, C) against the population (C,).
+
+    Returns one tensor of shape (G,) per measure, each averaged over channels.
+    """
+    if robust:
+        scale_b, scale_p = batch_spread + _EPS, population_spread + _EPS
+        variance_b, variance_p = scale_b.square(), scale_p.square()
+    else:
+        variance_b, variance_p = batch_spread + _EPS, population_spread + _EPS
+        scale_p = variance_p.sqrt()
+    delta = batch_mean - population_mean
+    log_ratio = torch.log(variance_b / variance_p)
+    kl = 0.5 * ((variance_b + delta.square()) / variance_p - 1.0 - log_ratio)
+    return {
+        "mean_shift": (delta.abs() / scale_p).mean(dim=1),
+        "log_var_ratio": (0.5 * log_ratio if robust else log_ratio).mean(dim=1),
+        "kl": kl.mean(dim=1),
+    }
+
+
+@dataclass
+class DriftCalibration:
+    """Clean-data calibration of the batch and image drift scores (stored in the model card)."""
+
+    batch_sizes: list[int]
+    log_kl_mean: list[float]
+    log_kl_std: list[float]
+    image_layers: list[str]
+    image_feature_mean: list[float]
+    image_feature_std: list[float]
+    image_threshold: float
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DriftCalibration:
+        return cls(**data)
+
+    def batch_center(self, n: int) -> tuple[float, float]:
+        """``(mu_n, sigma_n)`` of clean ``log(raw)``, interpolated linearly in ``log2 n``."""
+        sizes = [math.log2(size) for size in self.batch_sizes]
+        position = min(max(math.log2(max(n, 1)), sizes[0]), sizes[-1])
+        for i in range(len(sizes) - 1):
+            if position <= sizes[i + 1]:
+                t = (position - sizes[i]) / (sizes[i + 1] - sizes[i])
+                mean = (1 - t) * self.log_kl_mean[i] + t * self.log_kl_mean[i + 1]
+                std = (1 - t) * self.log_kl_std[i] + t * self.log_kl_std[i + 1]
+                return mean, std
+        return self.log_kl_mean[-1], self.log_kl_std[-1]
+
+
+@dataclass
+class DriftReport:
+    """Drift of one grouped forward: per layer and measure one value per group, and the two scores."""
+
+    layers: dict[str, dict[str, list[float]]]
+    raw_batch: list[float]
+    batch_score: list[float | None]
+    image_score: list[float] | None
+
+
+def _layer_measures(run: GroupRun) -> dict[str, dict[str, Tensor]]:
+    measures = {}
+    for name, stats in run.stats.items():
+        population_mean, population_spread = run.population[name]
+        measures[name] = layer_drift(stats.mean, stats.spread, population_mean, population_spread,
+                                     run.robust_layers[name])
+    return measures
+
+
+def _image_raw(run: GroupRun, calibration: DriftCalibration) -> Tensor:
+    features = torch.cat([run.stats[name].image_mean for name in calibration.image_layers], dim=1)
+    mean = features.new_tensor(calibration.image_feature_mean)
+    std = features.new_tensor(calibration.image_feature_std)
+    return ((features - mean) / std).square().mean(dim=1)
+
+
+def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> DriftReport:
+    """Turn a recorded grouped forward (``batch_groups(..., record=True)``) into drift measures and scores.
+
+    The measures are computed on the device and copied to the host once.
+    """
+    if not run.record:
+        raise ValueError("drift_report needs a forward run with batch_groups(..., record=True)")
+    measures = _layer_measures(run)
+    if not measures:
+        return DriftReport(layers={}, raw_batch=[], batch_score=[], image_score=None)
+    raw = torch.stack([values["kl"] for values in measures.values()]).mean(dim=0)
+    image_raw = _image_raw(run, calibration) if calibration is not None else None
+    # One transfer to the host for everything.
+    names = list(measures)
+    packed = torch.stack([measures[name][measure] for name in names for measure in MEASURES] + [raw])
+    host = packed.tolist()
+    layers = {name: {measure: host[i * len(MEASURES) + j] for j, measure in enumerate(MEASURES)}
+              for i, name in enumerate(names)}
+    raw_batch = host[-1]
+    counts = next(iter(run.stats.values())).counts.tolist()
+    batch_score: list[float | None] = [None] * len(raw_batch)
+    image_score = None
+    if calibration is not None:
+        for i, (value, n) in enumerate(zip(raw_batch, counts)):
+            mean, std = calibration.batch_center(int(n))
+            batch_score[i] = (math.log(max(value, 1e-30)) - mean) / std
+        assert image_raw is not None
+        image_score = (image_raw / calibration.image_threshold).tolist()
+    return DriftReport(layers=layers, raw_batch=raw_batch, batch_score=batch_score, image_score=image_score)
+
+
+@torch.no_grad()
+def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int] = DEFAULT_CALIBRATION_SIZES,
+                    chunk: int = 512, image_layers: int = IMAGE_SCORE_LAYERS) -> DriftCalibration:
+    """Calibrate the batch score per batch size and the image score on clean, normalised held-out images.
+
+    ``images`` is a (N, C, H, W) float tensor already normalised by the model card's mean/std, on the
+    model's device. The model's policy is used for the batch score (the statistics it is deployed with) and
+    ``frozen`` for the image score; the policy is restored afterwards.
+    """
+    model.eval()
+    layers = policy_layers(model)
+    if not layers:
+        raise ValueError("the model has no RobustNorm2d or AdaptiveBatchNorm2d layers to calibrate")
+    sizes = sorted({int(n) for n in batch_sizes if 0 < int(n) <= images.shape[0]})
+    log_mean, log_std = [], []
+    for n in sizes:
+        per_chunk = max(1, chunk // n) * n
+        values = []
+        for start in range(0, images.shape[0] - n + 1, per_chunk):
+            part = images[start:start + per_chunk]
+            groups = [n] * (part.shape[0] // n)
+            with batch_groups(model, groups, record=True) as run:
+                model(part)
+            values.append(drift_report(run).raw_batch)
+        logs = torch.tensor([math.log(max(v, 1e-30)) for chunk_values in values for v in chunk_values])
+        log_mean.append(float(logs.mean()))
+        log_std.append(float(logs.std()) if logs.numel() > 1 else 1.0)
+    original = layers[0][1].policy
+    names = [name for name, _ in layers[:image_layers]]
+    set_policy(model, "frozen")
+    try:
+        features = []
+        for start in range(0, images.shape[0], chunk):
+            with batch_groups(model, record=True) as run:
+                model(images[start:start + chunk])
+            features.append(torch.cat([run.stats[name].image_mean for name in names], dim=1))
+    finally:
+        set_policy(model, original)
+    feats = torch.cat(features)
+    feature_mean, feature_std = feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6)
+    raw = ((feats - feature_mean) / feature_std).square().mean(dim=1)
+    threshold = float(torch.quantile(raw, IMAGE_SCORE_QUANTILE))
+    return DriftCalibration(
+        batch_sizes=sizes, log_kl_mean=log_mean, log_kl_std=[max(s, 1e-6) for s in log_std],
+        image_layers=names, image_feature_mean=feature_mean.tolist(), image_feature_std=feature_std.tolist(),
+        image_threshold=threshold, samples={"images": int(images.shape[0])},
+    )

@@ -1,0 +1,363 @@
+"""Normalization layers whose inference-time statistics follow a policy: RobustNorm and adaptive BatchNorm.
+
+Both layers subclass ``nn.BatchNorm2d`` so that state dicts keep BatchNorm's keys (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``) and existing checkpoints load unchanged.
+
+- :class:`AdaptiveBatchNorm2d` is exactly ``nn.BatchNorm2d`` in training mode.
+- :class:`RobustNorm2d` (arXiv 2006.11007) normalises per channel over (N, H, W) with the mean and the
+  range ``max - min``: ``y = weight * (x - mean) / (range ** p + eps) + bias``. The running range is tracked in
+  the ``running_var`` buffer with the same momentum update as the running mean.
+
+In eval mode both follow their statistics policy (:mod:`robustnorm.policy`). A forward may run inside
+:func:`robustnorm.batch_groups`, which tells every layer the sizes of consecutive groups of images; each group
+is normalised with its own statistics and images past the last group are padding that never influences any
+statistic. Every policy is differentiable with respect to the input, batch statistics included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .policy import Policy, parse_policy
+
+if TYPE_CHECKING:
+    from .grouping import GroupRun
+
+
+@dataclass
+class GroupStatistics:
+    """Batch statistics of the real images, per group, as one layer saw them (float32, on the device).
+
+    ``spread`` is the biased variance for BatchNorm layers and the range ``max - min`` for RobustNorm layers.
+    ``image_mean`` is each real image's per-channel mean over (H, W), used by the per-image drift score.
+    """
+
+    mean: Tensor  # (G, C)
+    spread: Tensor  # (G, C)
+    counts: Tensor  # (G,) number of images per group
+    image_mean: Tensor  # (n_real, C)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are computed in float32 (float64 for float64 inputs), also under bf16 autocast."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Group index of every real image, e.g. sizes (2, 3) -> [0, 0, 1, 1, 1]."""
+    counts = torch.tensor(sizes, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+def _group_reduce(values: Tensor, sizes: tuple[int, ...], how: str) -> Tensor:
+    """Reduce per-image rows (n_real, C) to per-group rows (G, C) with ``how`` in mean, amax, amin."""
+    groups, channels = len(sizes), values.shape[1]
+    if len(set(sizes)) == 1:  # equal groups: a reshape, the common case in evaluation
+        grouped = values.view(groups, sizes[0], channels)
+        return getattr(grouped, how)(dim=1)
+    index = _segments(sizes, values.device).unsqueeze(1).expand_as(values)
+    out = values.new_zeros(groups, channels)
+    if how == "mean":
+        counts = torch.tensor(sizes, device=values.device, dtype=values.dtype).unsqueeze(1)
+        return out.scatter_add(0, index, values) / counts
+    return out.scatter_reduce(0, index, values, reduce=how, include_self=False)
+
+
+class _PolicyNorm(nn.BatchNorm2d):
+    """Shared eval-mode machinery: statistics per group, chosen by the layer's policy."""
+
+    robust: ClassVar[bool] = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, policy: str | Policy = "frozen") -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
+        self.policy = parse_policy(policy)
+        self.group_run: GroupRun | None = None  # set only inside robustnorm.batch_groups(...)
+        self.sync_group: object | None = None  # process group for synchronised training statistics
+        self.sync_enabled = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, policy={self.policy}"
+
+    # -- statistics -------------------------------------------------------------------------------------
+    def _image_spread(self, x: Tensor, group_mean_per_image: Tensor) -> Tensor:
+        """Per-image contribution to the group spread; reduced over each group by ``_spread_reduce``."""
+        raise NotImplementedError
+
+    def _denominator(self, spread: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def group_statistics(self, x: Tensor, sizes: tuple[int, ...]) -> GroupStatistics:
+        """Mean and spread of each group of real images (two passes for an accurate variance)."""
+        real = x[: sum(sizes)].to(_compute_dtype(x))
+        image_mean = real.mean(dim=(2, 3))
+        mean = _group_reduce(image_mean, sizes, "mean")
+        segments = _segments(sizes, x.device)
+        spread = self._group_spread(real, mean[segments], sizes)
+        counts = torch.tensor(sizes, device=x.device)
+        return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean)
+
+    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self.training:
+            return self._forward_train(x)
+        return self._forward_eval(x)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_eval(self, x: Tensor) -> Tensor:
+        run = self.group_run
+        sizes = run.sizes if run is not None and run.sizes is not None else (x.shape[0],)
+        if sum(sizes) > x.shape[0]:
+            raise ValueError(f"group sizes {sizes} add up to more than the {x.shape[0]} images in the batch")
+        plans = [self.policy.resolve(n, self.robust) for n in sizes]
+        if run is not None:
+            run.add_plans(self, sizes, plans)
+        record = run is not None and run.record
+        # The one place that decides which statistics this forward uses: the weight of the batch
+        # statistics per group is 0 for frozen, 1 for batch and n / (N0 + n) for blend.
+        batch_weights = [_batch_weight(plan, n) for plan, n in zip(plans, sizes)]
+        stats = self.group_statistics(x, sizes) if record or any(batch_weights) else None
+        if record:
+            assert run is not None and stats is not None
+            run.add_statistics(self, stats)
+        if not any(batch_weights):
+            return self._normalize_frozen(x)
+        assert stats is not None
+        return self._normalize_groups(x, sizes, batch_weights, stats)
+
+    def _population(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Population mean and spread (running variance, or running range for RobustNorm)."""
+        assert self.running_mean is not None and self.running_var is not None
+        return self.running_mean.to(dtype), self.running_var.to(dtype)
+
+    def _normalize_frozen(self, x: Tensor) -> Tensor:
+        scale, shift = self._affine(*self._population(_compute_dtype(x)))
+        return (x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype))
+
+    def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], batch_weights: list[float],
+                          stats: GroupStatistics) -> Tensor:
+        weight = torch.tensor(batch_weights, device=x.device, dtype=stats.mean.dtype).unsqueeze(1)
+        population_mean, population_spread = (t.unsqueeze(0) for t in self._population(stats.mean.dtype))
+        mean = (1 - weight) * population_mean + weight * stats.mean
+        spread = (1 - weight) * population_spread + weight * stats.spread
+        # Row G holds the population statistics, used for padding images past the last group.
+        scale, shift = self._affine(torch.cat([mean, population_mean]), torch.cat([spread, population_spread]))
+        segments = torch.full((x.shape[0],), len(sizes), device=x.device, dtype=torch.long)
+        segments[: sum(sizes)] = _segments(sizes, x.device)
+        scale, shift = scale[segments].to(x.dtype), shift[segments].to(x.dtype)
+        return x * scale[:, :, None, None] + shift[:, :, None, None]
+
+    def _affine(self, mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel ``scale`` and ``shift`` with ``y = x * scale + shift``."""
+        scale = 1.0 / self._denominator(spread)
+        if self.weight is not None:
+            scale = scale * self.weight.to(scale.dtype)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(shift.dtype)
+        return scale, shift
+
+    def _momentum_factor(self) -> float:
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+
+def _batch_weight(plan: Policy, n: int) -> float:
+    if plan.kind == "frozen":
+        return 0.0
+    if plan.kind == "batch":
+        return 1.0
+    assert plan.kind == "blend" and plan.n0 is not None
+    return n / (plan.n0 + n)
+
+
+def _sync_enabled(layer: _PolicyNorm) -> bool:
+    return (layer.sync_enabled and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(layer.sync_group) > 1)
+
+
+def _all_reduce_sum(tensor: Tensor, group: object | None) -> Tensor:
+    """Differentiable sum over ranks: the gradient of each rank's share is the sum of all ranks' gradients."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, group=group)
+
+
+class AdaptiveBatchNorm2d(_PolicyNorm):
+    """``nn.BatchNorm2d`` in training mode; in eval mode the statistics follow ``policy``.
+
+    ``batch`` statistics are the batch mean and the biased batch variance, exactly what
+    ``F.batch_norm(..., training=True)`` normalises with, and never touch the running buffers.
+    """
+
+    robust = False
+
+    def _denominator(self, spread: Tensor) -> Tensor:
+        return torch.sqrt(spread + self.eps)
+
+    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        deviation = (real - mean_per_image[:, :, None, None]).square().mean(dim=(2, 3))
+        return _group_reduce(deviation, sizes, "mean")
+
+    def _normalize_frozen(self, x: Tensor) -> Tensor:
+        # nn.BatchNorm2d's own eval path, so a converted model's frozen outputs equal the original's.
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        if not _sync_enabled(self):
+            return super(_PolicyNorm, self).forward(x)
+        # Synchronised statistics: sums over every rank's images, differentiable through all_reduce.
+        count_local = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        values = x.to(_compute_dtype(x))
+        count_local = count_local.to(values.dtype)
+        sums = torch.cat([values.sum(dim=(0, 2, 3)), values.square().sum(dim=(0, 2, 3)), count_local])
+        sums = _all_reduce_sum(sums, self.sync_group)
+        channels = x.shape[1]
+        count = sums[-1]
+        mean = sums[:channels] / count
+        variance = sums[channels:2 * channels] / count - mean.square()
+        with torch.no_grad():
+            factor = self._momentum_factor()
+            unbiased = variance * count / (count - 1)
+            self.running_mean.mul_(1 - factor).add_(factor * mean)
+            self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        scale, shift = self._affine(mean, variance)
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+class RobustNorm2d(_PolicyNorm):
+    """RobustNorm (arXiv 2006.11007): ``y = weight * (x - mean) / (range ** p + eps) + bias``.
+
+    Statistics are per channel over (N, H, W); ``range = max - min``. In training mode the layer uses the
+    batch mean and range and updates ``running_mean`` and the running range (kept in ``running_var``) with
+    ``running = (1 - momentum) * running + momentum * batch``, as the paper's reference code does.
+    The ``frozen`` policy is the paper's RNT (tracked mean and range), ``batch`` is RN.
+    """
+
+    robust = True
+
+    def __init__(self, num_features: int, p: float = 0.2, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, policy: str | Policy = "frozen") -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, policy=policy)
+        if not p > 0:
+            raise ValueError(f"RobustNorm's power p must be > 0, got {p}")
+        self.p = float(p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+    def _denominator(self, spread: Tensor) -> Tensor:
+        return spread.pow(self.p) + self.eps
+
+    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        maximum = _group_reduce(real.amax(dim=(2, 3)), sizes, "amax")
+        minimum = _group_reduce(real.amin(dim=(2, 3)), sizes, "amin")
+        return maximum - minimum
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        values = x.to(_compute_dtype(x))
+        if _sync_enabled(self):
+            count_local = torch.tensor([values.numel() / values.shape[1]], device=x.device, dtype=values.dtype)
+            sums = _all_reduce_sum(torch.cat([values.sum(dim=(0, 2, 3)), count_local]), self.sync_group)
+            mean = sums[:-1] / sums[-1]
+            maximum = _all_reduce_extremum(values.amax(dim=(0, 2, 3)), self.sync_group, largest=True)
+            minimum = _all_reduce_extremum(values.amin(dim=(0, 2, 3)), self.sync_group, largest=False)
+        else:
+            mean = values.mean(dim=(0, 2, 3))
+            maximum, minimum = values.amax(dim=(0, 2, 3)), values.amin(dim=(0, 2, 3))
+        value_range = maximum - minimum
+        with torch.no_grad():
+            factor = self._momentum_factor()
+            self.running_mean.mul_(1 - factor).add_(factor * mean)
+            self.running_var.mul_(1 - factor).add_(factor * value_range)
+        scale, shift = self._affine(mean, value_range)
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def _all_reduce_extremum(local: Tensor, group: object | None, largest: bool) -> Tensor:
+    """Global max (or min) over ranks whose gradient reaches the rank(s) that hold the extremum.
+
+    The value is a differentiable sum over ranks of the local extremum masked to the ranks that hold the
+    global one (split evenly on ties), so every rank's upstream gradient is routed to the holder.
+    """
+    import torch.distributed as dist
+
+    reduced = local.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN, group=group)
+    holds = (local.detach() == reduced).to(local.dtype)
+    holders = holds.clone()
+    dist.all_reduce(holders, group=group)
+    return _all_reduce_sum(local * holds / holders, group)
+
+
+NORM_LAYERS = (AdaptiveBatchNorm2d, RobustNorm2d)
+
+
+def policy_layers(model: nn.Module) -> list[tuple[str, _PolicyNorm]]:
+    """The (qualified name, layer) pairs of every policy-following norm layer, in forward order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, _PolicyNorm)]
+
+
+def set_policy(model: nn.Module, policy: str | Policy) -> nn.Module:
+    """Set the statistics policy of every :class:`RobustNorm2d` and :class:`AdaptiveBatchNorm2d` in ``model``."""
+    parsed = parse_policy(policy)
+    for _, layer in policy_layers(model):
+        layer.policy = parsed
+    return model
+
+
+def enable_sync(model: nn.Module, process_group: object | None = None) -> nn.Module:
+    """Make the norm layers all-reduce their training batch statistics over ``process_group`` (DDP).
+
+    Unlike ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would silently replace RobustNorm layers by
+    plain synchronised BatchNorm, this keeps each layer's own statistics (mean and range for RobustNorm).
+    """
+    for _, layer in policy_layers(model):
+        layer.sync_enabled = True
+        layer.sync_group = process_group
+    return model
+
+
+def convert_norms(model: nn.Module, policy: str | Policy = "frozen") -> nn.Module:
+    """Replace, in place, every ``nn.BatchNorm2d`` of ``model`` by :class:`AdaptiveBatchNorm2d`.
+
+    Parameters and buffers are carried over (same keys, same tensors), so under ``frozen`` the converted
+    model's eval outputs equal the original's. Returns ``model`` (a bare ``nn.BatchNorm2d`` is returned
+    converted).
+    """
+    parsed = parse_policy(policy)
+    if isinstance(model, nn.BatchNorm2d) and not isinstance(model, _PolicyNorm):
+        return _converted(model, parsed)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, _PolicyNorm):
+            setattr(model, name, _converted(child, parsed))
+        else:
+            convert_norms(child, parsed)
+    set_policy(model, parsed)
+    return model
+
+
+def _converted(layer: nn.BatchNorm2d, policy: Policy) -> AdaptiveBatchNorm2d:
+    if not layer.track_running_stats or layer.running_mean is None:
+        raise ValueError("convert_norms needs BatchNorm layers that track running statistics")
+    new = AdaptiveBatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum,
+                              affine=layer.affine, policy=policy)
+    new.weight, new.bias = layer.weight, layer.bias
+    new.running_mean, new.running_var = layer.running_mean, layer.running_var
+    new.num_batches_tracked = layer.num_batches_tracked
+    new.train(layer.training)
+    return new
