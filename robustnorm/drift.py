@@ -159,29 +159,35 @@ def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> 
 
 @torch.no_grad()
 def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int] = DEFAULT_CALIBRATION_SIZES,
-                    chunk: int = 512, image_layers: int = IMAGE_SCORE_LAYERS) -> DriftCalibration:
+                    batches_per_size: int = 64, chunk: int = 1024, image_layers: int = IMAGE_SCORE_LAYERS,
+                    seed: int = 0) -> DriftCalibration:
     """Calibrate the batch score per batch size and the image score on clean, normalised held-out images.
 
     ``images`` is a (N, C, H, W) float tensor already normalised by the model card's mean/std, on the
-    model's device. The model's policy is used for the batch score (the statistics it is deployed with) and
-    ``frozen`` for the image score; the policy is restored afterwards.
+    model's device. For each size ``n``, ``batches_per_size`` clean batches are drawn at random (distinct
+    images within a batch) so that large sizes get as many samples as small ones. The model's policy is used
+    for the batch score (the statistics it is deployed with) and ``frozen`` for the image score; the policy
+    is restored afterwards.
     """
     model.eval()
     layers = policy_layers(model)
     if not layers:
         raise ValueError("the model has no RobustNorm2d or AdaptiveBatchNorm2d layers to calibrate")
+    generator = torch.Generator().manual_seed(seed)
     sizes = sorted({int(n) for n in batch_sizes if 0 < int(n) <= images.shape[0]})
     log_mean, log_std = [], []
     for n in sizes:
-        per_chunk = max(1, chunk // n) * n
-        values = []
-        for start in range(0, images.shape[0] - n + 1, per_chunk):
-            part = images[start:start + per_chunk]
-            groups = [n] * (part.shape[0] // n)
-            with batch_groups(model, groups, record=True) as run:
+        index = torch.stack([torch.randperm(images.shape[0], generator=generator)[:n]
+                             for _ in range(batches_per_size)]).flatten().to(images.device)
+        per_forward = max(1, chunk // n)
+        raw: list[float] = []
+        for start in range(0, batches_per_size, per_forward):
+            count = min(per_forward, batches_per_size - start)
+            part = images[index[start * n:(start + count) * n]]
+            with batch_groups(model, [n] * count, record=True) as run:
                 model(part)
-            values.append(drift_report(run).raw_batch)
-        logs = torch.tensor([math.log(max(v, 1e-30)) for chunk_values in values for v in chunk_values])
+            raw += drift_report(run).raw_batch
+        logs = torch.tensor([math.log(max(value, 1e-30)) for value in raw], dtype=torch.float64)
         log_mean.append(float(logs.mean()))
         log_std.append(float(logs.std()) if logs.numel() > 1 else 1.0)
     original = layers[0][1].policy

@@ -1,0 +1,122 @@
+"""The errors the service answers with, one class per row of ARCHITECTURE.md's error table.
+
+Each error knows its HTTP status, its machine-readable ``code`` (the body is
+``{"error": {"code": ..., "message": ...}}``) and, for rejected requests, the ``reason`` label of
+``robustnorm_rejected_total``. They are raised anywhere below the HTTP layer (decoding, batcher, engine) and
+turned into responses in one place, :mod:`service.app`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a message that says what the client can do about it."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    reason: ClassVar[str | None] = None  # label of robustnorm_rejected_total, when this is a rejection
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadImage(ServiceError):
+    """400: the body or an image in it cannot be decoded."""
+
+    status_code = 400
+    code = reason = "bad_image"
+
+
+class Unauthorized(ServiceError):
+    """401: API keys are configured and the request carries none of them."""
+
+    status_code = 401
+    code = reason = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class TooLarge(ServiceError):
+    """413: an image or the body has too many bytes, or an image has too many pixels."""
+
+    status_code = 413
+    code = reason = "too_large"
+
+
+class TooManyImages(ServiceError):
+    """413: more images in one request than ``max_images_per_request``."""
+
+    status_code = 413
+    code = reason = "too_many_images"
+
+
+class UnsupportedType(ServiceError):
+    """415: a content type or image format the service does not read."""
+
+    status_code = 415
+    code = reason = "unsupported_type"
+
+
+class InvalidRequest(ServiceError):
+    """422: a parameter or a JSON field is invalid."""
+
+    status_code = 422
+    code = reason = "invalid"
+
+
+class QueueFull(ServiceError):
+    """429: the queue holds ``queue_limit`` images; retry after the estimated time to drain it."""
+
+    status_code = 429
+    code = reason = "queue_full"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        # Retry-After takes whole seconds (RFC 9110); never 0, or clients retry in a tight loop.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class NotReady(ServiceError):
+    """503: the model is still loading or warming up."""
+
+    status_code = 503
+    code = "not_ready"
+
+
+class Draining(ServiceError):
+    """503: the service is shutting down and takes no new work."""
+
+    status_code = 503
+    code = "draining"
+
+
+class Unavailable(ServiceError):
+    """503: the batching loop or the engine stopped; the service cannot answer until it is restarted."""
+
+    status_code = 503
+    code = "unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    """504: the request's deadline passed before its images ran (they are dropped from the batch)."""
+
+    status_code = 504
+    code = reason = "deadline"
+
+
+class InferenceFailed(ServiceError):
+    """500: the model raised on a batch. A bug, never the client's input: logged with its traceback."""
+
+    status_code = 500
+    code = "inference_failed"

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the service: the fixed names of ARCHITECTURE.md, on an injected registry.
+
+One :class:`Metrics` object per service, registered on the ``CollectorRegistry`` it is given (tests use a
+fresh one, so several apps can live in one process). Units are base units (seconds); label values come only
+from bounded sets: route templates, status codes, layer names, policies, rejection reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATISTICS = ("batch", "blend", "frozen")
+MEASURES = ("mean_shift", "log_var_ratio", "kl")
+REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
+                     "invalid", "unauthorized")
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Calibrated batch score: about 0 with unit spread on clean batches (robustnorm.drift); 3 is a 3-sigma event.
+BATCH_SCORE_BUCKETS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 50.0)
+# Image score: raw / (99th percentile on clean images), so about 1% of clean images score above 1.
+IMAGE_SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to the max batch size (which is always a bucket of its own)."""
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(float(size))
+        size *= 2
+    buckets.append(float(max_batch_size))
+    return tuple(buckets)
+
+
+class Metrics:
+    """Every metric of the service, created on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_batch_size: int) -> None:
+        self.registry = registry
+        self.requests = Counter("robustnorm_requests_total", "HTTP requests answered.", ["route", "code"],
+                                registry=registry)
+        self.request_duration = Histogram("robustnorm_request_duration_seconds", "Time to answer an HTTP request.",
+                                          ["route"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.queue_depth = Gauge("robustnorm_queue_depth", "Images waiting for a batch.", registry=registry)
+        self.queue_wait = Histogram("robustnorm_queue_wait_seconds", "Time images waited before their batch ran.",
+                                    buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self.batch_size = Histogram("robustnorm_batch_size", "Real images per batch (padding excluded).",
+                                    buckets=batch_size_buckets(max_batch_size), registry=registry)
+        self.inference_duration = Histogram("robustnorm_inference_duration_seconds",
+                                            "Time of one batch's forward pass, drift included.",
+                                            buckets=INFERENCE_BUCKETS, registry=registry)
+        self.batches = Counter("robustnorm_batches_total",
+                               "Statistics groups run, by the statistics that ran and whether adaptive fell back.",
+                               ["statistics", "fallback"], registry=registry)
+        self.layer_drift = Gauge("robustnorm_layer_drift", "Drift of the latest batch per norm layer and measure.",
+                                 ["layer", "measure"], registry=registry)
+        self.batch_drift_score = Histogram("robustnorm_batch_drift_score", "Calibrated drift score per batch.",
+                                           buckets=BATCH_SCORE_BUCKETS, registry=registry)
+        self.image_drift_score = Histogram("robustnorm_image_drift_score", "Calibrated drift score per image.",
+                                           buckets=IMAGE_SCORE_BUCKETS, registry=registry)
+        self.rejected = Counter("robustnorm_rejected_total", "Requests rejected, by reason.", ["reason"],
+                                registry=registry)
+        self.model_info = Gauge("robustnorm_model_info", "The model being served (always 1).",
+                                ["model", "version", "norm", "policy"], registry=registry)
+        for statistics in STATISTICS:  # so that rate() sees every series from the start
+            for fallback in ("true", "false"):
+                self.batches.labels(statistics, fallback)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+
+    def set_model(self, *, model: str, version: str, norm: str, policy: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model, version, norm, policy).set(1)
+
+    def observe_request(self, route: str, code: int, seconds: float) -> None:
+        self.requests.labels(route, str(code)).inc()
+        self.request_duration.labels(route).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def observe_batch(self, *, images: int, seconds: float, statistics: Sequence[str],
+                      fallback: Sequence[bool], batch_scores: Sequence[float | None],
+                      image_scores: Sequence[float] | None,
+                      layers: dict[str, dict[str, list[float]]]) -> None:
+        """One forward pass: its size and time, and per statistics group what ran and how far it drifted."""
+        self.batch_size.observe(images)
+        self.inference_duration.observe(seconds)
+        for ran, fell_back in zip(statistics, fallback):
+            self.batches.labels(ran, "true" if fell_back else "false").inc()
+        for score in batch_scores:
+            if score is not None:
+                self.batch_drift_score.observe(score)
+        for score in image_scores or ():
+            self.image_drift_score.observe(score)
+        for layer, measures in layers.items():
+            for measure, per_group in measures.items():
+                if per_group:  # the latest batch is the last group of this forward
+                    self.layer_drift.labels(layer, measure).set(per_group[-1])

@@ -1,0 +1,172 @@
+"""Service settings: one pydantic-settings class, validated when the service starts.
+
+Every field can be set, from highest to lowest precedence, by a ``robustnorm-serve`` flag (``--max-batch-size``),
+an environment variable (``ROBUSTNORM_MAX_BATCH_SIZE``), an optional TOML or JSON config file
+(``--config-file`` or ``ROBUSTNORM_CONFIG_FILE``) and the default. The statistics policy follows the same
+order and falls back to the model card's policy when none of them sets it (flag > environment > card).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import robustnorm
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "ROBUSTNORM_"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+MiB = 1024 * 1024
+
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+BatchKeySource = Literal["none", "api_key", "header"]
+Isolation = Literal["separate", "grouped"]
+Padding = Literal["auto", "on", "off"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def is_factory_spec(model: str) -> bool:
+    """Whether ``model`` names a ``module:factory`` (as opposed to a bundled name or a directory)."""
+    return bool(_FACTORY_SPEC.match(model)) and not Path(model).exists()
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with. Invalid values fail at start-up, with what to fix."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
+                                      protected_namespaces=())
+
+    # -- the model -------------------------------------------------------------------------------------
+    model: str = Field(
+        robustnorm.DEFAULT_MODEL,
+        description="a bundled model name, a directory written by robustnorm.save_model, or 'module:factory' "
+                    "for any PyTorch model with BatchNorm layers (then also --weights and --card)")
+    weights: Path | None = Field(None, description="safetensors weights for a 'module:factory' model")
+    card: Path | None = Field(
+        None, description="card JSON for a 'module:factory' model: labels, input_size, mean, std (policy optional)")
+    device: str = Field("auto", description="'auto' (the GPU when there is one, else the CPU), 'cpu', 'cuda[:N]'")
+    policy: str | None = Field(
+        None, description="statistics policy overriding the model card's, e.g. 'adaptive:16' or 'blend:16'")
+    allow_policy_override: bool = Field(
+        False, description="let a request choose its own policy (?policy=...); such requests batch separately")
+
+    # -- batching --------------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per micro-batch at most")
+    max_wait: float = Field(0.01, ge=0, le=10, description="seconds the oldest queued request waits for a batch")
+    queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
+    request_deadline: float = Field(10.0, gt=0, description="seconds a request may take end to end (504 after)")
+    pad_batches: Padding = Field(
+        "auto", description="pad batches to powers of two up to max_batch_size ('auto': only on CUDA)")
+    batch_key: BatchKeySource = Field(
+        "none", description="keep tenants out of each other's batches: 'none', 'api_key' or 'header'")
+    tenant_header: str = Field("X-Tenant", description="request header naming the tenant when batch_key='header'")
+    isolation: Isolation = Field(
+        "separate", description="'separate' batches per tenant, or 'grouped': tenants share a forward pass "
+                                "but each tenant's images are normalised with their own statistics")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, repr=False,
+        description="API key -> tenant name (JSON); when set, /predict requires a key (X-API-Key or Bearer)")
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    max_image_bytes: int = Field(8 * MiB, ge=1, description="bytes per encoded image at most")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="pixels (width x height) per image at most, checked before decoding")
+    max_images_per_request: int = Field(64, ge=1, description="images per request at most")
+    max_request_bytes: int = Field(32 * MiB, ge=1, description="bytes per request body at most")
+    default_top_k: int = Field(5, ge=1, description="classes listed per image unless the request asks (?top_k=)")
+    decode_workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="threads decoding images")
+
+    # -- the server ------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    log_level: LogLevel = Field("info", description="logging level")
+    drain_timeout: float = Field(10.0, ge=0, description="seconds to finish queued work when shutting down")
+    config_file: Path | None = Field(None, description="TOML or JSON file with any of these settings")
+
+    @field_validator("policy")
+    @classmethod
+    def _canonical_policy(cls, value: str | None) -> str | None:
+        return None if value is None else str(robustnorm.parse_policy(value))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("tenant_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.is_factory_model:
+            if self.weights is None or self.card is None:
+                raise ValueError(f"model {self.model!r} is a 'module:factory'; give its weights (safetensors) "
+                                 "and card (JSON) too")
+        elif self.weights is not None or self.card is not None:
+            raise ValueError("weights and card are only for a 'module:factory' model; a bundled model or a "
+                             "saved model directory carries its own")
+        if self.queue_limit < self.max_images_per_request:
+            raise ValueError(f"queue_limit ({self.queue_limit}) must hold at least one full request "
+                             f"(max_images_per_request={self.max_images_per_request})")
+        if self.max_request_bytes < self.max_image_bytes:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least max_image_bytes "
+                             f"({self.max_image_bytes})")
+        if self.batch_key == "api_key" and not self.api_keys:
+            raise ValueError("batch_key='api_key' needs api_keys (a JSON object of API key -> tenant name)")
+        if self.config_file is not None and not self.config_file.is_file():
+            raise ValueError(f"config file {self.config_file} does not exist")
+        return self
+
+    @property
+    def is_factory_model(self) -> bool:
+        return is_factory_spec(self.model)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init arguments) > environment > config file > defaults.
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        config_file = init_kwargs.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ValueError(f"config file {path} does not exist")
+            if path.suffix.lower() == ".json":
+                sources += (JsonConfigSettingsSource(settings_cls, json_file=path),)
+            elif path.suffix.lower() == ".toml":
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+            else:
+                raise ValueError(f"config file {path} must be .toml or .json")
+        return sources
