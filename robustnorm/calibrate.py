@@ -1,0 +1,102 @@
+"""``robustnorm calibrate``: choose a model's MIN_BATCH, N0 and drift calibrations from measurements.
+
+All measurements use the validation split held out from the training images (5,000 of CIFAR-10's 50,000
+training images, fixed seed), never the test set:
+
+1. clean accuracy for batches of n = 1, 2, 4, ..., 256 under ``frozen``, ``batch`` and ``blend:N0`` for
+   several N0;
+2. N0 (BatchNorm models): the prior strength whose ``blend`` is most accurate on average over the small
+   batches (n < 32), the sizes where the fallback runs;
+3. MIN_BATCH: the smallest n from which ``batch`` is at least as accurate as the fallback (``frozen`` for
+   RobustNorm models, ``blend:N0`` for BatchNorm models) at that n and every larger n measured; if there is
+   none, the policy is the fallback itself;
+4. the drift calibration (:func:`robustnorm.calibrate_drift`) with the chosen policy.
+The card's policy string, its ``calibration`` and ``evaluation["calibration"]`` (the measurements) are
+written with :func:`robustnorm.save_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import cifar10_train_val, normalize, to_float
+from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
+from .evaluate import accuracy
+from .io import ModelCard, load_model, save_model
+from .layers import set_policy
+
+logger = logging.getLogger(__name__)
+
+N0_CANDIDATES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+SMALL_BATCH = 32
+
+
+def choose_policy(table: dict[str, dict[int, float]], robust: bool) -> tuple[str, float | None, int | None]:
+    """``(policy, n0, min_batch)`` from validation accuracies ``table[policy][n]`` (see module docstring)."""
+    sizes = sorted(table["batch"])
+    n0 = None
+    fallback = "frozen"
+    if not robust:
+        small = [n for n in sizes if n < SMALL_BATCH]
+        blends = [policy for policy in table if policy.startswith("blend:")]
+        best = max(blends, key=lambda policy: (sum(table[policy][n] for n in small) / len(small),
+                                               -float(policy.split(":")[1])))
+        n0, fallback = float(best.split(":")[1]), best
+    min_batch = None
+    for i, n in enumerate(sizes):
+        if all(table["batch"][m] >= table[fallback][m] for m in sizes[i:]):
+            min_batch = n
+            break
+    if min_batch is None:
+        return fallback, n0, None
+    if robust:
+        return f"adaptive:{min_batch}", n0, min_batch
+    return f"adaptive:{min_batch}:{fallback}", n0, min_batch
+
+
+def calibrate(model: nn.Module, card: ModelCard, val_x01: torch.Tensor, val_labels: torch.Tensor,
+              sizes: tuple[int, ...] = DEFAULT_CALIBRATION_SIZES,
+              n0_candidates: tuple[float, ...] = N0_CANDIDATES, batches_per_size: int = 64) -> ModelCard:
+    """Measure, choose and record policy, N0 and drift calibration in ``card`` (returned)."""
+    robust = card.norm == "robustnorm"
+    policies = ["frozen", "batch"] + [f"blend:{n0:g}" for n0 in n0_candidates]
+    table = {policy: {n: accuracy(model, card, val_x01, val_labels, policy, n) for n in sizes} for policy in policies}
+    policy, n0, min_batch = choose_policy(table, robust)
+    logger.info("chose policy %s (N0=%s, MIN_BATCH=%s)", policy, n0, min_batch)
+    card.policy = policy
+    set_policy(model, policy)
+    normalized = normalize(val_x01, card.mean, card.std)
+    card.calibration = calibrate_drift(model, normalized, batch_sizes=sizes, batches_per_size=batches_per_size)
+    card.evaluation["calibration"] = {
+        "split": f"validation ({val_x01.shape[0]} images held out from training)",
+        "n0": n0, "min_batch": min_batch, "policy": policy,
+        "accuracy": {name: {str(n): round(value, 4) for n, value in row.items()} for name, row in table.items()},
+    }
+    return card
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="bundled model name or model directory")
+    parser.add_argument("--out", type=Path, default=None, help="directory to write (default: the model's own)")
+    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: $ROBUSTNORM_CIFAR10 or ../shared)")
+    parser.add_argument("--val-images", type=int, default=5000, help="validation images to use (default all 5000)")
+    parser.add_argument("--batches-per-size", type=int, default=64, help="clean batches per size for drift")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .io import _resolve_directory
+
+    model, card = load_model(args.model, device=args.device)
+    _, val = cifar10_train_val(args.data)
+    val = val.subset(torch.arange(min(args.val_images, len(val)))).to(args.device)
+    card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size)
+    out = args.out or _resolve_directory(args.model)
+    save_model(model, card, out)
+    print(f"policy {card.policy}; wrote {out}")
+    return 0

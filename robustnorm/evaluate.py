@@ -1,0 +1,356 @@
+"""``robustnorm evaluate``: clean and robust accuracy per policy, batch size, threat model and attack.
+
+Every figure names its threat model, attack, epsilon, steps, batch size and policy (ARCHITECTURE.md).
+Many small batches run in one forward through grouped statistics, so small batch sizes stay cheap.
+
+Threat models (the ``threat`` field):
+- ``whole``: every image of the batch is adversarial (the paper's setting);
+- ``lone``: one adversarial image among n - 1 clean ones (what a public service sees);
+- ``fraction:F``: round(F * n) adversarial images per batch;
+- ``poison:K``: K images per batch crafted to make the *other* n - K images misclassified.
+Gradients (the ``gradient`` field): ``adaptive`` (through the model as deployed, real batch included),
+``transfer`` (crafted against the ``frozen`` model, evaluated as deployed) and, for ``lone``, ``unknown``
+(an attacker who does not know its batchmates: expectation over freshly drawn clean batchmates).
+Each robust record also carries ``frozen_attack_accuracy``: the accuracy of the ``frozen`` model under the
+same attack on the same images, so that gradient masking cannot pass for robustness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import attacks
+from .data import balanced_subset, load_cifar10, make_generator, normalize, to_float
+from .grouping import batch_groups
+from .io import ModelCard, load_model
+from .layers import set_policy
+
+logger = logging.getLogger(__name__)
+
+ALL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_IMAGES_PER_FORWARD = 2048
+
+
+# ----------------------------------------------------------------------------------------- forwards
+
+
+def deployed_forward(model: nn.Module, card: ModelCard, policy: str, group_size: int) -> attacks.Forward:
+    """``forward(x01) -> logits``: the model as deployed with ``policy`` on consecutive batches of
+    ``group_size`` images (differentiable through the batch statistics). Trailing images that do not fill a
+    group are padding."""
+
+    def forward(x01: Tensor) -> Tensor:
+        set_policy(model, policy)
+        groups = [group_size] * (x01.shape[0] // group_size)
+        with batch_groups(model, groups):
+            return model(normalize(x01, card.mean, card.std))
+
+    return forward
+
+
+def _chunks(total: int, group_size: int) -> Iterator[slice]:
+    """Slices of whole groups, at most MAX_IMAGES_PER_FORWARD images (at least one group) each."""
+    step = max(1, MAX_IMAGES_PER_FORWARD // group_size) * group_size
+    usable = total - total % group_size
+    for start in range(0, usable, step):
+        yield slice(start, min(start + step, usable))
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, card: ModelCard, x01: Tensor, policy: str, group_size: int) -> Tensor:
+    """Predicted classes of the images, in consecutive batches of ``group_size`` (a partial last batch
+    is dropped)."""
+    forward = deployed_forward(model, card, policy, group_size)
+    return torch.cat([forward(x01[part]).argmax(dim=1) for part in _chunks(x01.shape[0], group_size)])
+
+
+def accuracy(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, policy: str, group_size: int) -> float:
+    predicted = predictions(model, card, x01, policy, group_size)
+    return float((predicted == labels[: predicted.numel()]).float().mean())
+
+
+def skewed_order(labels: Tensor, group_size: int, classes_per_batch: int, seed: int = 0) -> Tensor:
+    """An index order in which every consecutive batch of ``group_size`` holds only ``classes_per_batch``
+    classes (as a client's burst often does); images that cannot fill such a batch are left out."""
+    generator = make_generator(seed, group_size, classes_per_batch)
+    labels = labels.cpu()
+    queues = {int(c): (labels == c).nonzero().squeeze(1)[torch.randperm(int((labels == c).sum()), generator=generator)]
+              .tolist() for c in labels.unique()}
+    shares = [group_size // classes_per_batch + (1 if i < group_size % classes_per_batch else 0)
+              for i in range(classes_per_batch)]
+    order: list[int] = []
+    while True:
+        ranked = sorted(queues, key=lambda c: (-len(queues[c]), float(torch.rand(1, generator=generator))))
+        chosen = ranked[:classes_per_batch]
+        if len(chosen) < classes_per_batch or any(len(queues[c]) < s for c, s in zip(chosen, shares)):
+            return torch.tensor(order, dtype=torch.long)
+        for c, share in zip(chosen, shares):
+            order += queues[c][:share]
+            del queues[c][:share]
+
+
+# ----------------------------------------------------------------------------------------- attacks
+
+
+@dataclass
+class RobustRecord:
+    model: str
+    policy: str
+    n: int
+    threat: str
+    attack: str
+    eps: float
+    eps_255: float
+    steps: int
+    gradient: str
+    images: int
+    robust_accuracy: float  # on the attacker's images (poison: on the victims)
+    clean_batchmates_accuracy: float | None  # accuracy of the untouched images of the same batches
+    clean_accuracy: float  # same images, same policy and batch size, no attack
+    frozen_attack_accuracy: float | None  # frozen model, same attack, same images (whole batch)
+    seconds: float
+
+
+def _threat_masks(threat: str, groups: int, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    if threat == "whole":
+        return torch.ones(groups * n, dtype=torch.bool), None
+    if threat == "lone":
+        return attacks.lone_attacker_mask(groups, n, generator), None
+    if threat.startswith("fraction:"):
+        return attacks.fraction_mask(groups, n, float(threat.split(":")[1]), generator), None
+    if threat.startswith("poison:"):
+        k = int(threat.split(":")[1])
+        if k >= n:
+            raise ValueError(f"poisoning with {k} attackers needs batches larger than {k}")
+        mask = attacks.fraction_mask(groups, n, k / n, generator)
+        return mask, ~mask
+    raise ValueError(f"unknown threat model {threat!r}; use whole, lone, fraction:F or poison:K")
+
+
+def _unknown_batchmates_sampler(model: nn.Module, card: ModelCard, policy: str, n: int, pool: Tensor,
+                                groups: int) -> attacks.ForwardSampler:
+    """EOT forward for a lone attacker who does not know its batchmates: each sample puts every attacker
+    image first in a batch of ``n - 1`` freshly drawn clean pool images; returns the attackers' logits."""
+
+    def sample(generator: torch.Generator | None) -> attacks.Forward:
+        draw = torch.randint(0, pool.shape[0], (groups, n - 1), generator=generator).to(pool.device)
+
+        def forward(attackers: Tensor) -> Tensor:
+            batch = torch.cat([attackers.unsqueeze(1), pool[draw]], dim=1).flatten(0, 1)
+            return deployed_forward(model, card, policy, n)(batch).view(groups, n, -1)[:, 0]
+
+        return forward
+
+    return sample
+
+
+@dataclass
+class Crafted:
+    """Adversarial batches: ``images`` (whole batches of n), which images the attacker perturbed (``mask``)
+    and whose predictions the attack is scored on (``scored``: the attackers, or the victims for poisoning)."""
+
+    images: Tensor
+    mask: Tensor
+    scored: Tensor
+
+
+def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int, threat: str,
+          attack: str, eps: float, steps: int, gradient: str, generator: torch.Generator,
+          pool: Tensor | None = None, eot_samples: int = 4) -> Crafted:
+    """Attack consecutive batches of ``n`` images of ``x01`` (its length a multiple of ``n``)."""
+    adversarial = torch.empty_like(x01)
+    masks, scored_masks = [], []
+    for part in _chunks(x01.shape[0], n):
+        x, y = x01[part], labels[part]
+        groups = x.shape[0] // n
+        mask, loss_mask = _threat_masks(threat, groups, n, generator)
+        mask = mask.to(x.device)
+        loss_mask = loss_mask.to(x.device) if loss_mask is not None else None
+        if gradient == "unknown":
+            if threat != "lone" or pool is None:
+                raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
+            sampler = _unknown_batchmates_sampler(model, card, policy, n, pool, groups)
+            x_adv = x.clone()
+            x_adv[mask] = attacks.pgd(sampler, x[mask], y[mask], eps, steps=steps, generator=generator,
+                                      eot_forward_samples=eot_samples)
+        else:
+            if gradient not in ("adaptive", "transfer"):
+                raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
+            forward = (deployed_forward(model, card, policy, n) if gradient == "adaptive"
+                       else deployed_forward(model, card, "frozen", 1))
+            if attack == "fgsm":
+                x_adv = attacks.fgsm(forward, x, y, eps, mask=mask, loss_mask=loss_mask)
+            elif attack == "pgd":
+                x_adv = attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask,
+                                    generator=generator)
+            else:
+                raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
+        adversarial[part] = x_adv
+        masks.append(mask)
+        scored_masks.append(loss_mask if loss_mask is not None else mask)
+    return Crafted(adversarial, torch.cat(masks), torch.cat(scored_masks))
+
+
+def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int,
+                      threat: str, attack: str, eps: float, steps: int, gradient: str, seed: int = 0,
+                      pool: Tensor | None = None, eot_samples: int = 4,
+                      frozen_reference: dict | None = None) -> RobustRecord:
+    """One cell of the robustness grid on ``x01`` (truncated to whole batches of ``n``)."""
+    started = time.perf_counter()
+    generator = make_generator(seed, n, int(eps * 255 * 1000))
+    usable = x01.shape[0] - x01.shape[0] % n
+    x01, labels = x01[:usable], labels[:usable]
+    crafted = craft(model, card, x01, labels, policy=policy, n=n, threat=threat, attack=attack, eps=eps, steps=steps,
+                    gradient=gradient, generator=generator, pool=pool, eot_samples=eot_samples)
+    correct = predictions(model, card, crafted.images, policy, n) == labels
+    clean_correct = predictions(model, card, x01, policy, n) == labels
+    batchmates = ~crafted.mask & ~crafted.scored
+    key = (attack, eps, steps)
+    frozen_accuracy = None
+    if frozen_reference is not None:
+        if key not in frozen_reference:
+            frozen_reference[key] = robust_evaluation(
+                model, card, x01, labels, policy="frozen", n=1, threat="whole", attack=attack, eps=eps, steps=steps,
+                gradient="adaptive", seed=seed).robust_accuracy
+        frozen_accuracy = frozen_reference[key]
+    return RobustRecord(
+        model=card.name, policy=policy, n=n, threat=threat, attack=attack, eps=eps, eps_255=round(eps * 255, 3),
+        steps=steps if attack == "pgd" else 1, gradient=gradient, images=usable,
+        robust_accuracy=float(correct[crafted.scored].float().mean()),
+        clean_batchmates_accuracy=float(correct[batchmates].float().mean()) if batchmates.any() else None,
+        clean_accuracy=float(clean_correct[crafted.scored].float().mean()),
+        frozen_attack_accuracy=frozen_accuracy, seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+# ----------------------------------------------------------------------------------------- the grid
+
+
+@dataclass
+class Grid:
+    """Which cells to run. ``core`` is the issue's mandatory grid; ``smoke`` a tiny one for CPU checks."""
+
+    clean_sizes: tuple[int, ...]
+    blend_n0: tuple[float, ...]
+    skew_sizes: tuple[int, ...]
+    skew_classes: tuple[int, ...]
+    robust_sizes: tuple[int, ...]
+    robust_eps_255: tuple[float, ...]
+    robust_threats: tuple[str, ...]
+    robust_gradients: tuple[str, ...]
+    sweep_size: int  # FGSM and every eps, whole batch
+    sweep_eps_255: tuple[float, ...]
+    extra_size: int  # fractions, poisoning and the unknown-batchmates attacker
+    extra_threats: tuple[str, ...]
+    steps: int
+
+
+GRIDS = {
+    "core": Grid(ALL_BATCH_SIZES, (4, 16, 64), (32, 128), (1, 2, 5), (1, 8, 32, 128), (2, 8), ("whole", "lone"),
+                 ("adaptive", "transfer"), 128, (1, 2, 4, 8), 32, ("fraction:0.1", "fraction:0.5", "poison:3"), 20),
+    "smoke": Grid((1, 4, 16), (16,), (16,), (1,), (1, 8), (8,), ("whole", "lone"), ("adaptive", "transfer"), 8,
+                  (2,), 8, ("fraction:0.5",), 3),
+}
+
+
+def _policies(card: ModelCard) -> list[str]:
+    """frozen, batch and the card's deployed policy (the calibrated adaptive one), without repeats."""
+    return list(dict.fromkeys(["frozen", "batch", card.policy]))
+
+
+def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
+                   robust_labels: Tensor, grid: Grid, seed: int = 0) -> dict:
+    """Run the whole grid for one model; returns a JSON-ready dict."""
+    results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
+                     "clean": [], "skewed": [], "robust": []}
+    clean_policies = _policies(card) + [f"blend:{n0:g}" for n0 in grid.blend_n0]
+    for policy in dict.fromkeys(clean_policies):
+        for n in grid.clean_sizes:
+            results["clean"].append({"policy": policy, "n": n, "images": test_x01.shape[0] - test_x01.shape[0] % n,
+                                     "accuracy": accuracy(model, card, test_x01, test_labels, policy, n)})
+            logger.info("clean %s n=%d: %.4f", policy, n, results["clean"][-1]["accuracy"])
+    for classes in grid.skew_classes:
+        for n in grid.skew_sizes:
+            order = skewed_order(test_labels, n, classes, seed).to(test_labels.device)
+            for policy in _policies(card):
+                results["skewed"].append({"policy": policy, "n": n, "classes_per_batch": classes,
+                                          "images": int(order.numel()),
+                                          "accuracy": accuracy(model, card, test_x01[order], test_labels[order],
+                                                               policy, n)})
+    frozen_reference: dict = {}
+    cells = [(policy, n, threat, "pgd", eps, gradient) for policy in _policies(card) for n in grid.robust_sizes
+             for eps in grid.robust_eps_255 for threat in grid.robust_threats for gradient in grid.robust_gradients]
+    cells += [(card.policy, grid.sweep_size, "whole", attack, eps, "adaptive") for attack in ("fgsm", "pgd")
+              for eps in grid.sweep_eps_255]
+    cells += [(policy, grid.extra_size, threat, "pgd", max(grid.robust_eps_255), "adaptive")
+              for policy in _policies(card) for threat in grid.extra_threats]
+    cells += [(policy, grid.extra_size, "lone", "pgd", max(grid.robust_eps_255), "unknown")
+              for policy in _policies(card)]
+    pool = robust_x01  # batchmates for the unknown-batchmates attacker are drawn from the robust subset
+    for policy, n, threat, attack, eps_255, gradient in dict.fromkeys(cells):
+        record = robust_evaluation(model, card, robust_x01, robust_labels, policy=policy, n=n, threat=threat,
+                                   attack=attack, eps=eps_255 / 255, steps=grid.steps, gradient=gradient, seed=seed,
+                                   pool=pool, frozen_reference=frozen_reference)
+        results["robust"].append(asdict(record))
+        logger.info("robust %s", results["robust"][-1])
+    return results
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=["cifar10-resnet20-bn", "cifar10-resnet20-robustnorm"],
+                        help="bundled model names or model directories")
+    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: $ROBUSTNORM_CIFAR10 or ../shared)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="core")
+    parser.add_argument("--robust-images", type=int, default=2000,
+                        help="fixed, class-balanced test subset for attacks (default 2000)")
+    parser.add_argument("--test-images", type=int, default=10000, help="test images for clean accuracy")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    test = load_cifar10("test", args.data)
+    if args.test_images < len(test):
+        test = test.subset(balanced_subset(test.labels, args.test_images // len(test.classes), seed=args.seed))
+    else:  # a fixed shuffle: the archive is ordered by class, and batches must mix classes
+        test = test.subset(torch.randperm(len(test), generator=make_generator(args.seed)))
+    robust_index = balanced_subset(test.labels, args.robust_images // len(test.classes), seed=args.seed + 1)
+    test = test.to(device)
+    test_x01 = to_float(test.images)
+    robust_x01, robust_labels = test_x01[robust_index.to(device)], test.labels[robust_index.to(device)]
+    grid = GRIDS[args.grid]
+    report = {"dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid, "grid_spec": asdict(grid),
+              "device": str(device), "torch": torch.__version__, "seed": args.seed,
+              "robust_images": int(robust_index.numel()), "test_images": len(test), "models": []}
+    for name in args.models:
+        model, card = load_model(name, device=device)
+        started = time.perf_counter()
+        report["models"].append(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
+                                               args.seed))
+        report["models"][-1]["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+

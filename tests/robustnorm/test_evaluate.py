@@ -1,0 +1,96 @@
+"""The evaluation grid's building blocks: threat-model batches, skewed batches, records, policy choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustnorm import ModelCard, create_model
+from robustnorm.calibrate import choose_policy
+from robustnorm.data import make_generator
+from robustnorm.evaluate import accuracy, craft, predictions, robust_evaluation, skewed_order
+from robustnorm.io import CIFAR10_LABELS
+
+
+@pytest.fixture(scope="module")
+def model_and_card() -> tuple[torch.nn.Module, ModelCard]:
+    torch.manual_seed(0)
+    model = create_model("resnet20", norm="robustnorm", p=1.0)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 3, 32, 32))
+    card = ModelCard(name="tiny", architecture="resnet20", norm="robustnorm", p=1.0, labels=list(CIFAR10_LABELS),
+                     policy="adaptive:4")
+    return model.eval(), card
+
+
+def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5])
+def test_skewed_batches_hold_only_the_given_number_of_classes(classes: int) -> None:
+    labels = torch.arange(10).repeat_interleave(40)
+    order = skewed_order(labels, 16, classes)
+    assert order.numel() >= 300 and order.numel() % 16 == 0
+    assert len(set(order.tolist())) == order.numel()
+    for batch in labels[order].view(-1, 16):
+        assert len(batch.unique()) == classes
+
+
+def test_lone_attacker_batches_hold_n_minus_one_clean_images(model_and_card: tuple) -> None:
+    model, card = model_and_card
+    x, y = images(32)
+    eps = 8 / 255
+    crafted = craft(model, card, x, y, policy="batch", n=8, threat="lone", attack="pgd", eps=eps, steps=3,
+                    gradient="adaptive", generator=make_generator(0))
+    for batch, clean, mask in zip(crafted.images.view(4, 8, -1), x.view(4, 8, -1), crafted.mask.view(4, 8)):
+        identical = (batch == clean).all(dim=1)
+        assert int(identical.sum()) == 7 and int(mask.sum()) == 1
+        assert not identical[mask].any()
+        assert (batch[mask] - clean[mask]).abs().max() <= eps + 1e-6
+    assert torch.equal(crafted.scored, crafted.mask)
+
+
+def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
+    model, card = model_and_card
+    x, y = images(16)
+    crafted = craft(model, card, x, y, policy="batch", n=8, threat="poison:3", attack="pgd", eps=0.1, steps=2,
+                    gradient="adaptive", generator=make_generator(0))
+    assert int(crafted.mask.sum()) == 6 and torch.equal(crafted.scored, ~crafted.mask)
+    assert torch.equal(crafted.images[~crafted.mask], x[~crafted.mask])
+
+
+@pytest.mark.parametrize("threat, gradient", [("whole", "adaptive"), ("lone", "transfer"), ("fraction:0.5", "adaptive"),
+                                              ("lone", "unknown")])
+def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradient: str) -> None:
+    model, card = model_and_card
+    x, y = images(24)
+    reference: dict = {}
+    record = robust_evaluation(model, card, x, y, policy="adaptive:4", n=8, threat=threat, attack="pgd", eps=4 / 255,
+                               steps=2, gradient=gradient, pool=x, frozen_reference=reference)
+    assert record.images == 24 and record.steps == 2 and record.eps_255 == 4
+    assert 0 <= record.robust_accuracy <= 1 and 0 <= record.clean_accuracy <= 1
+    assert (record.clean_batchmates_accuracy is None) == (threat == "whole")
+    assert record.frozen_attack_accuracy == reference[("pgd", 4 / 255, 2)]
+
+
+def test_grouped_predictions_equal_batch_by_batch(model_and_card: tuple) -> None:
+    model, card = model_and_card
+    x, y = images(20)
+    grouped = predictions(model, card, x, "batch", 4)
+    one_by_one = torch.cat([predictions(model, card, x[i:i + 4], "batch", 4) for i in range(0, 20, 4)])
+    assert torch.equal(grouped, one_by_one)
+    assert accuracy(model, card, x, y, "batch", 4) == float((grouped == y).float().mean())
+
+
+def test_choose_policy_picks_min_batch_and_n0() -> None:
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    table = {"frozen": dict.fromkeys(sizes, 0.80),
+             "batch": {1: 0.2, 2: 0.4, 4: 0.6, 8: 0.79, 16: 0.81, 32: 0.83, 64: 0.84},
+             "blend:4": dict.fromkeys(sizes, 0.82), "blend:16": dict.fromkeys(sizes, 0.83)}
+    assert choose_policy(table, robust=True) == ("adaptive:16", None, 16)
+    assert choose_policy(table, robust=False) == ("adaptive:32:blend:16", 16.0, 32)
+    never = dict(table, batch=dict.fromkeys(sizes, 0.1))
+    assert choose_policy(never, robust=True) == ("frozen", None, None)
