@@ -233,6 +233,70 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     )
 
 
+# ----------------------------------------------------------------------------------------- drift evidence
+
+
+def roc_auc(negatives: Tensor, positives: Tensor) -> float:
+    """Area under the ROC curve of a score separating ``positives`` (shifted) from ``negatives`` (clean):
+    the probability that a random positive scores above a random negative (ties count one half)."""
+    negatives, positives = negatives.double().flatten(), positives.double().flatten()
+    above = (positives[:, None] > negatives[None, :]).double().mean()
+    ties = (positives[:, None] == negatives[None, :]).double().mean()
+    return float(above + 0.5 * ties)
+
+
+@torch.no_grad()
+def _drift_of(model: nn.Module, card: ModelCard, x01: Tensor, n: int) -> tuple[dict, Tensor, Tensor]:
+    """Per-layer mean of each measure over batches, the batch scores and the image scores."""
+    from .drift import MEASURES, drift_report
+
+    set_policy(model, card.policy)
+    layers: dict[str, dict[str, list[float]]] = {}
+    batch_scores, image_scores = [], []
+    for part in _chunks(x01.shape[0], n):
+        with batch_groups(model, [n] * ((part.stop - part.start) // n), record=True) as run:
+            model(normalize(x01[part], card.mean, card.std))
+        report = drift_report(run, card.calibration)
+        for name, values in report.layers.items():
+            for measure in MEASURES:
+                layers.setdefault(name, {}).setdefault(measure, []).extend(values[measure])
+        batch_scores += [float("nan") if v is None else v for v in report.batch_score]
+        image_scores += report.image_score or [float("nan")] * (part.stop - part.start)
+    means = {name: {m: sum(v) / len(v) for m, v in measures.items()} for name, measures in layers.items()}
+    return means, torch.tensor(batch_scores), torch.tensor(image_scores)
+
+
+def drift_evidence(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, n: int = 32, eps: float = 8 / 255,
+                   steps: int = 20, severity: int = 3, seed: int = 0) -> dict:
+    """Per-layer drift and ROC AUC of the batch and image scores, clean against adversarial (whole batch and
+    lone attacker, PGD through the deployed model) and corrupted batches (the project's own corruptions)."""
+    from .corruptions import CORRUPTIONS, corrupt
+
+    usable = x01.shape[0] - x01.shape[0] % n
+    x01, labels = x01[:usable], labels[:usable]
+    generator = make_generator(seed, n)
+    shifted: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for threat in ("whole", "lone"):
+        crafted = craft(model, card, x01, labels, policy=card.policy, n=n, threat=threat, attack="pgd", eps=eps,
+                        steps=steps, gradient="adaptive", generator=generator)
+        shifted[f"pgd_{threat}"] = (crafted.images, crafted.mask)
+    for name in CORRUPTIONS:
+        shifted[name] = (corrupt(name, x01, severity, generator=make_generator(seed, 7)), None)
+    clean_layers, clean_batch, clean_image = _drift_of(model, card, x01, n)
+    result = {"n": n, "eps_255": round(eps * 255, 3), "steps": steps, "severity": severity, "policy": card.policy,
+              "images": usable, "layers": {"clean": clean_layers}, "auc": {}}
+    for condition, (images, mask) in shifted.items():
+        layers, batch_scores, image_scores = _drift_of(model, card, images, n)
+        result["layers"][condition] = layers
+        positives = image_scores[mask.cpu()] if mask is not None else image_scores
+        result["auc"][condition] = {
+            "batch_score": roc_auc(clean_batch, batch_scores) if card.calibration is not None else None,
+            "image_score": roc_auc(clean_image, positives) if card.calibration is not None else None,
+            "mean_batch_score": float(batch_scores.mean()), "clean_mean_batch_score": float(clean_batch.mean()),
+        }
+    return result
+
+
 # ----------------------------------------------------------------------------------------- the grid
 
 
@@ -319,6 +383,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=10000, help="test images for clean accuracy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sections", nargs="+", choices=("grid", "drift"), default=["grid", "drift"],
+                        help="the accuracy grid, the drift evidence, or both")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"))
 
 
@@ -340,9 +406,14 @@ def run(args: argparse.Namespace) -> int:
     for name in args.models:
         model, card = load_model(name, device=device)
         started = time.perf_counter()
-        report["models"].append(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
-                                               args.seed))
-        report["models"][-1]["seconds"] = round(time.perf_counter() - started, 1)
+        result = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p}
+        if "grid" in args.sections:
+            result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
+                                         args.seed))
+        if "drift" in args.sections:
+            result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        report["models"].append(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     print(f"wrote {args.out}")

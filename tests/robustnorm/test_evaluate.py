@@ -94,3 +94,35 @@ def test_choose_policy_picks_min_batch_and_n0() -> None:
     assert choose_policy(table, robust=False) == ("adaptive:32:blend:16", 16.0, 32)
     never = dict(table, batch=dict.fromkeys(sizes, 0.1))
     assert choose_policy(never, robust=True) == ("frozen", None, None)
+
+
+def test_roc_auc_reference_values() -> None:
+    from robustnorm.evaluate import roc_auc
+
+    assert roc_auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert roc_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    assert roc_auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5
+
+
+def test_drift_evidence_separates_noise_from_clean(model_and_card: tuple) -> None:
+    from robustnorm import calibrate_drift
+    from robustnorm.data import normalize
+    from robustnorm.evaluate import drift_evidence
+
+    import dataclasses
+
+    card = dataclasses.replace(model_and_card[1])
+    torch.manual_seed(5)
+    model = create_model("resnet20", norm="robustnorm", p=1.0).train()
+    with torch.no_grad():  # running statistics of the clean distribution (uniform pixels)
+        for _ in range(40):
+            model(normalize(torch.rand(32, 3, 32, 32)))
+    model.eval()
+    card.calibration = calibrate_drift(model, normalize(torch.rand(256, 3, 32, 32)), batch_sizes=(8,),
+                                       batches_per_size=16)
+    x, y = images(32)
+    result = drift_evidence(model, card, x, y, n=8, steps=1)
+    assert set(result["auc"]) == {"pgd_whole", "pgd_lone", "gaussian_noise", "gaussian_blur", "contrast", "jpeg"}
+    assert set(result["layers"]["clean"]["bn1"]) == {"mean_shift", "log_var_ratio", "kl"}
+    assert result["layers"]["contrast"]["bn1"]["kl"] > result["layers"]["clean"]["bn1"]["kl"]
+    assert result["auc"]["contrast"]["batch_score"] > 0.9

@@ -1,0 +1,93 @@
+"""Plots for ``robustnorm evaluate`` results: accuracy against batch size per policy, robust accuracy against
+eps per policy and threat model, and per-layer drift per condition.
+
+    python benchmarks/plot_robustness.py benchmarks/results/robustness/robustness.json
+
+Writes PNGs beside the JSON file. Needs matplotlib (``pip install matplotlib``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_clean(report: dict, out: Path) -> Path:
+    models = report["models"]
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        policies = dict.fromkeys(row["policy"] for row in model.get("clean", []))
+        for policy in policies:
+            rows = sorted((r for r in model["clean"] if r["policy"] == policy), key=lambda r: r["n"])
+            axis.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=policy)
+        axis.set(xscale="log", xlabel="batch size n", ylabel="clean top-1 accuracy (%)", title=model["model"])
+        axis.set_xticks([1, 2, 4, 8, 16, 32, 64, 128, 256], labels=["1", "2", "4", "8", "16", "32", "64", "128", "256"])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Clean accuracy against batch size, {report['dataset']}")
+    figure.tight_layout()
+    path = out / "clean_accuracy_vs_batch_size.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_robust(report: dict, out: Path) -> Path:
+    models = report["models"]
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        rows = [r for r in model.get("robust", []) if r["attack"] == "pgd" and r["gradient"] == "adaptive"]
+        series = dict.fromkeys((r["policy"], r["threat"], r["n"]) for r in rows)
+        for policy, threat, n in series:
+            points = sorted((r["eps_255"], r["robust_accuracy"]) for r in rows
+                            if (r["policy"], r["threat"], r["n"]) == (policy, threat, n))
+            if len(points) < 2:
+                continue
+            axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
+                      label=f"{policy}, {threat}, n={n}")
+        axis.set(xlabel="L-inf eps (x/255)", ylabel="robust accuracy (%)", title=f"{model['model']}: PGD, adaptive")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = out / "robust_accuracy_vs_eps.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_drift(report: dict, out: Path) -> Path:
+    models = [m for m in report["models"] if "drift" in m]
+    figure, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for condition, layers in model["drift"]["layers"].items():
+            names = list(layers)
+            axis.plot(range(len(names)), [layers[name]["kl"] for name in names], marker=".", label=condition)
+        axis.set(yscale="log", xlabel="norm layer (forward order)", ylabel="Gaussian KL to population",
+                 title=f"{model['model']}: per-layer drift, n={model['drift']['n']}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = out / "drift_per_layer.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    report = json.loads(args.results.read_text())
+    for path in (plot_clean(report, args.results.parent), plot_robust(report, args.results.parent),
+                 plot_drift(report, args.results.parent)):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
