@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -124,21 +125,28 @@ def _order_classes(names: Iterable[str]) -> tuple[str, ...]:
 def _decode(files: Iterable[tuple[PurePosixPath, bytes]], source: Path) -> ImageDataset:
     from PIL import Image  # optional dependency (the "data" extra); only needed to decode
 
-    samples: list[tuple[str, PurePosixPath, np.ndarray]] = []
-    for relative, payload in files:
-        if len(relative.parts) < 2:
-            logger.warning("%s: skipping %s, which is in no class folder", source, relative)
-            continue
+    def pixels_of(payload: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(payload)) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        if samples and pixels.shape != samples[0][2].shape:
-            raise ValueError(
-                f"{source}: {relative} is {pixels.shape[1]}x{pixels.shape[0]} but {samples[0][1]} is "
-                f"{samples[0][2].shape[1]}x{samples[0][2].shape[0]}; resize the images to one size first"
-            )
-        samples.append((relative.parent.name, relative, pixels))
-    if not samples:
+            return np.asarray(image.convert("RGB"))
+
+    decoded = [(relative, pixels_of(payload)) for relative, payload in files]
+    # Class folders sit at one depth (the top of a folder, or under "train/" in an archive); the most common
+    # depth decides, and stray files elsewhere are skipped rather than becoming classes of their own.
+    depths = Counter(len(relative.parts) for relative, _ in decoded)
+    depth = max(depths, key=lambda d: (depths[d], d)) if depths else 0
+    if depth < 2:
         raise ValueError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) inside class folders")
+    skipped = [str(relative) for relative, _ in decoded if len(relative.parts) != depth]
+    if skipped:
+        logger.warning("%s: skipping %d images outside the class folders: %s", source, len(skipped), skipped[:5])
+    samples = [(relative.parent.name, relative, pixels) for relative, pixels in decoded if len(relative.parts) == depth]
+    first_relative, first_pixels = samples[0][1:]
+    for _, relative, pixels in samples:
+        if pixels.shape != first_pixels.shape:
+            raise ValueError(
+                f"{source}: {relative} is {pixels.shape[1]}x{pixels.shape[0]} but {first_relative} is "
+                f"{first_pixels.shape[1]}x{first_pixels.shape[0]}; resize the images to one size first"
+            )
 
     classes = _order_classes(name for name, _, _ in samples)
     index_of = {name: i for i, name in enumerate(classes)}
@@ -223,9 +231,11 @@ def load_cifar10(split: str, root: str | os.PathLike[str] | None = None, *, cach
 
 
 def make_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from several integers (for example seed, epoch, step) without collisions
-    such as seed 1 / epoch 0 against seed 0 / epoch 1."""
-    seed = int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1, dtype=np.uint64)[0])
+    """A generator seeded from several non-negative integers (for example seed, stream, epoch) without
+    collisions such as seed 1 / epoch 0 against seed 0 / epoch 1."""
+    # The key count goes in too: SeedSequence alone would treat (0,) and (0, 0) as the same entropy.
+    entropy = [len(keys), *(int(key) for key in keys)]
+    seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STATISTICS = ("batch", "blend", "frozen")
-MEASURES = ("mean_shift", "log_var_ratio", "kl")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
                      "invalid", "unauthorized")
 

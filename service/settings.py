@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import robustnorm
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -22,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+import robustnorm
 
 ENV_PREFIX = "ROBUSTNORM_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"

@@ -105,11 +105,11 @@ def test_roc_auc_reference_values() -> None:
 
 
 def test_drift_evidence_separates_noise_from_clean(model_and_card: tuple) -> None:
+    import dataclasses
+
     from robustnorm import calibrate_drift
     from robustnorm.data import normalize
     from robustnorm.evaluate import drift_evidence
-
-    import dataclasses
 
     card = dataclasses.replace(model_and_card[1])
     torch.manual_seed(5)

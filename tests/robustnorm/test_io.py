@@ -76,7 +76,8 @@ def test_refuses_a_card_for_another_architecture(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"labels": []}, "labels"), ({"norm": "layernorm"}, "norm must be one of"), ({"policy": "sometimes"}, "valid forms"),
+    ({"labels": []}, "labels"), ({"norm": "layernorm"}, "norm must be one of"),
+    ({"policy": "sometimes"}, "valid forms"),
     ({"mean": [0.5]}, "one value per input channel"), ({"p": None}, "must record p"),
 ])
 def test_refuses_invalid_cards(tmp_path: Path, change: dict, message: str) -> None:

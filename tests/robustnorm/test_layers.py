@@ -35,10 +35,8 @@ def reference_eval(layer: nn.BatchNorm2d, x: torch.Tensor, policy: str) -> torch
         population_mean = layer.running_mean[c].double()
         population_spread = layer.running_var[c].double()
         batch_mean = values.sum() / values.numel()
-        if robust:
-            batch_spread = values.max() - values.min()
-        else:
-            batch_spread = ((values - batch_mean) ** 2).sum() / values.numel()
+        batch_variance = ((values - batch_mean) ** 2).sum() / values.numel()
+        batch_spread = values.max() - values.min() if robust else batch_variance
         if plan.kind == "frozen":
             mean, spread = population_mean, population_spread
         elif plan.kind == "batch":
