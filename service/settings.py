@@ -36,6 +36,7 @@ BatchKeySource = Literal["none", "api_key", "header"]
 Isolation = Literal["separate", "grouped"]
 Padding = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+EngineKind = Literal["torch", "onnx"]
 
 
 def is_factory_spec(model: str) -> bool:
@@ -46,18 +47,23 @@ def is_factory_spec(model: str) -> bool:
 class Settings(BaseSettings):
     """Everything the service can be configured with. Invalid values fail at start-up, with what to fix."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
+    # An empty variable (ROBUSTNORM_POLICY= in a compose file) means "not set", not an empty value.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True,
                                       protected_namespaces=())
 
     # -- the model -------------------------------------------------------------------------------------
-    model: str = Field(
-        robustnorm.DEFAULT_MODEL,
+    model: str | None = Field(
+        None,
         description="a bundled model name, a directory written by robustnorm.save_model, or 'module:factory' "
-                    "for any PyTorch model with BatchNorm layers (then also --weights and --card)")
+                    "for any PyTorch model with BatchNorm layers (then also --weights and --card); "
+                    "default: the bundled default model")
     weights: Path | None = Field(None, description="safetensors weights for a 'module:factory' model")
     card: Path | None = Field(
         None, description="card JSON for a 'module:factory' model: labels, input_size, mean, std (policy optional)")
     device: str = Field("auto", description="'auto' (the GPU when there is one, else the CPU), 'cpu', 'cuda[:N]'")
+    engine: EngineKind = Field(
+        "torch", description="'torch' (PyTorch) or 'onnx' (ONNX Runtime: TensorRT/CUDA providers on a GPU, else the "
+                             "CPU; the model is exported at start-up, or MODEL is a .onnx file from robustnorm export)")
     policy: str | None = Field(
         None, description="statistics policy overriding the model card's, e.g. 'adaptive:16' or 'blend:16'")
     allow_policy_override: bool = Field(
@@ -145,7 +151,7 @@ class Settings(BaseSettings):
 
     @property
     def is_factory_model(self) -> bool:
-        return is_factory_spec(self.model)
+        return self.model is not None and is_factory_spec(self.model)
 
     @classmethod
     def settings_customise_sources(

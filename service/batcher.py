@@ -1,0 +1,353 @@
+"""The micro-batcher: queued requests become batches; results go back to the requests they belong to.
+
+A request's images are queued as one work item (or, beyond ``max_batch_size`` images, as several items of
+at most ``max_batch_size``), so a request's images stay in one batch where they fit. A batch leaves the
+queue when it is full or its oldest item has waited ``max_wait``; which items it takes is decided by
+:func:`collect_batch`, a pure function of the queue and a monotonic time. Items whose deadline has passed
+are answered 504 and never run. The consumer task is supervised: if it dies, every pending request fails at
+once with a clear error, and so does every later one.
+
+Items with different batch keys never share a batch, except that with ``share_tenants`` the tenants of one
+policy share a forward pass as separate statistics groups (``robustnorm.batch_groups``): batch statistics let
+one request change another's answer, so tenants are isolated either way.
+
+Nothing here knows about HTTP or about models: the batcher is given a coroutine that runs a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from .errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, Unavailable
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What decides which requests may share a forward pass."""
+
+    policy: str  # the effective statistics policy: never mixed within a forward
+    tenant: str | None = None  # None when requests are not isolated by tenant
+
+
+class Queued(Protocol):
+    """What :func:`collect_batch` needs to know about a queued item."""
+
+    @property
+    def key(self) -> BatchKey: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def enqueued_at(self) -> float: ...
+    @property
+    def deadline(self) -> float: ...
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+@dataclass(frozen=True)
+class Collected(Generic[Q]):
+    """What leaves the queue now: a batch to run (possibly empty) and the items past their deadline."""
+
+    batch: list[Q]
+    expired: list[Q]
+    wake_at: float | None  # when to look again if nothing runs now (None: when something is queued)
+
+
+def _compatible(head: BatchKey, other: BatchKey, share_tenants: bool) -> bool:
+    return head.policy == other.policy and (share_tenants or head.tenant == other.tenant)
+
+
+def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wait: float,
+                  share_tenants: bool = False) -> Collected[Q]:
+    """Decide which queued items form the next batch at time ``now`` (oldest first in ``queue``).
+
+    The oldest live item (the head) always goes into the next batch, with the later items that share its
+    key and still fit, in queue order. The batch runs now when it is full (no room left, or a compatible
+    item does not fit) or the head has waited ``max_wait``; otherwise nothing runs and ``wake_at`` says when
+    the head's wait or the first deadline ends. Items past their deadline are returned as ``expired``.
+    """
+    expired = [item for item in queue if item.deadline <= now]
+    live = [item for item in queue if item.deadline > now]
+    if not live:
+        return Collected([], expired, None)
+    head = live[0]
+    batch: list[Q] = []
+    room, full = max_batch_size, False
+    for item in live:
+        if not _compatible(head.key, item.key, share_tenants):
+            continue
+        assert item.size <= max_batch_size, "requests are split into items of at most max_batch_size"
+        if item.size <= room:
+            batch.append(item)
+            room -= item.size
+            if room == 0:
+                full = True
+                break
+        else:
+            full = True  # waiting longer cannot make room for it; smaller later items may still fit
+    head_due = head.enqueued_at + max_wait
+    if full or now >= head_due:
+        return Collected(batch, expired, None)
+    return Collected([], expired, min(head_due, min(item.deadline for item in live)))
+
+
+def group_by_tenant(items: Sequence[Q], share_tenants: bool) -> list[list[Q]]:
+    """Statistics groups of a batch: one per tenant when tenants share a forward pass, else one group."""
+    if not share_tenants:
+        return [list(items)]
+    groups: dict[str | None, list[Q]] = {}
+    for item in items:
+        groups.setdefault(item.key.tenant, []).append(item)
+    return list(groups.values())
+
+
+@dataclass(eq=False)
+class WorkItem(Generic[R]):
+    """Images of one request (or a ``max_batch_size`` chunk of them) waiting for their batch."""
+
+    id: str  # "<request id>:<chunk>": results are routed back by it
+    pixels: torch.Tensor  # (k, C, H, W), normalised
+    key: BatchKey
+    top_k: int
+    enqueued_at: float
+    deadline: float
+    future: asyncio.Future[list[R]] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass(eq=False)
+class Batch(Generic[R]):
+    """A micro-batch: items in statistics groups (consecutive in the batch tensor), all with one policy."""
+
+    id: str
+    policy: str
+    groups: list[list[WorkItem[R]]]
+
+    @property
+    def items(self) -> list[WorkItem[R]]:
+        return [item for group in self.groups for item in group]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Real images per statistics group."""
+        return [sum(item.size for item in group) for group in self.groups]
+
+
+RunBatch = Callable[[Batch[R]], Awaitable[Mapping[str, list[R]]]]
+Collect = Callable[..., Collected[WorkItem[R]]]
+
+
+class MicroBatcher(Generic[R]):
+    """Collects submitted images into batches and runs them one at a time with ``run_batch``.
+
+    ``run_batch`` returns, for each item id of the batch, the item's results (one per image).
+    """
+
+    def __init__(self, run_batch: RunBatch[R], *, max_batch_size: int, max_wait: float, queue_limit: int,
+                 share_tenants: bool = False, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, collect: Collect[R] = collect_batch) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self.queue_limit = queue_limit
+        self.share_tenants = share_tenants
+        self._metrics = metrics
+        self._clock = clock
+        self._collect = collect
+        self._queue: list[WorkItem[R]] = []
+        self._queued_images = 0
+        self._running: list[WorkItem[R]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: str | None = None
+        self._closing = False
+        self._stopping = False
+        self._batch_ids = itertools.count(1)
+        self._instance = secrets.token_hex(3)  # batch ids stay unique across restarts and processes
+        self._batch_seconds = 0.0  # moving average of a batch's run time, for Retry-After
+
+    # -- state -----------------------------------------------------------------------------------------
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done() and self._failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the batching loop stopped, if it died."""
+        return self._failure
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained by one request's worth: the batches ahead, plus a wait."""
+        batches_ahead = math.ceil(self._queued_images / self.max_batch_size) + 1
+        return batches_ahead * self._batch_seconds + self.max_wait
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the batcher is already started")
+        self._task = asyncio.get_running_loop().create_task(self._consume(), name="robustnorm-batcher")
+        self._task.add_done_callback(self._on_consumer_exit)
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new work and wait, up to ``timeout`` seconds, until queued and running work is answered."""
+        self._closing = True
+        self._wakeup.set()
+        until = self._clock() + timeout
+        while (self._queue or self._running) and self.alive and self._clock() < until:
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop the consumer; whatever is still pending fails with 503."""
+        self._closing = self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_pending(lambda: Unavailable("the service is shutting down; retry on another replica"))
+
+    def _on_consumer_exit(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        if task.cancelled():
+            reason = "the batching loop was cancelled"
+            logger.error("%s; failing every pending request", reason)
+        else:
+            error = task.exception()
+            reason = f"the batching loop died ({type(error).__name__}: {error})"
+            logger.error("%s; failing every pending request", reason, exc_info=error)
+        self._failure = reason
+        self._fail_pending(lambda: Unavailable(f"{reason}; the service must be restarted"))
+
+    def _fail_pending(self, make_error: Callable[[], Exception]) -> None:
+        for item in [*self._queue, *self._running]:
+            if not item.future.done():
+                item.future.set_exception(make_error())
+        self._queue.clear()
+        self._set_queued(0)
+
+    # -- producer side ---------------------------------------------------------------------------------
+    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, top_k: int, deadline: float,
+                     request_id: str) -> list[R]:
+        """Queue a request's images and wait for their results (in image order) until ``deadline``.
+
+        Raises :class:`QueueFull` (429), :class:`DeadlineExceeded` (504), :class:`Draining` or
+        :class:`Unavailable` (503), or :class:`InferenceFailed` (500) if the model raised on the batch.
+        """
+        if self._failure is not None:
+            raise Unavailable(f"{self._failure}; the service must be restarted")
+        if self._closing:
+            raise Draining("the service is shutting down and takes no new requests; retry on another replica")
+        if self._task is None:
+            raise Unavailable("the batcher is not started")
+        count = int(pixels.shape[0])
+        if self._queued_images + count > self.queue_limit:
+            raise QueueFull(f"the queue is full ({self._queued_images} of {self.queue_limit} images waiting); "
+                            "retry after the time in Retry-After", retry_after=self.retry_after())
+        now = self._clock()
+        if deadline <= now:
+            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(id=f"{request_id}:{index}", pixels=chunk, key=key, top_k=top_k, enqueued_at=now,
+                          deadline=deadline, future=loop.create_future())
+                 for index, chunk in enumerate(pixels.split(self.max_batch_size))]
+        self._queue.extend(items)
+        self._set_queued(self._queued_images + count)
+        self._wakeup.set()
+        futures = [item.future for item in items]
+        try:
+            per_item = await asyncio.wait_for(asyncio.gather(*futures), timeout=deadline - now)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no answer within the request's deadline "
+                                   f"({deadline - now:.3f} s); the images were dropped") from None
+        finally:
+            for future in futures:  # a failed, timed-out or cancelled request leaves the queue at once
+                future.cancel()
+            self._remove(items)
+        return [result for results in per_item for result in results]
+
+    def _set_queued(self, images: int) -> None:
+        self._queued_images = images
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(images)
+
+    def _remove(self, items: Sequence[WorkItem[R]]) -> None:
+        """Take ``items`` out of the queue (those still in it)."""
+        leaving = {id(item) for item in items}
+        if not any(id(item) in leaving for item in self._queue):
+            return
+        self._queue = [item for item in self._queue if id(item) not in leaving]
+        self._set_queued(sum(item.size for item in self._queue))
+
+    # -- consumer side ---------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._dispatch(batch)
+
+    async def _next_batch(self) -> Batch[R]:
+        while True:
+            self._remove([item for item in self._queue if item.future.done()])  # cancelled by their request
+            now = self._clock()
+            collected = self._collect(self._queue, now, max_batch_size=self.max_batch_size,
+                                      max_wait=self.max_wait, share_tenants=self.share_tenants)
+            if collected.expired:
+                self._remove(collected.expired)
+                for item in collected.expired:
+                    if not item.future.done():
+                        item.future.set_exception(DeadlineExceeded(
+                            "the request's deadline passed while it waited for a batch; its images were dropped"))
+            if collected.batch:
+                self._remove(collected.batch)
+                return Batch(id=f"{self._instance}-{next(self._batch_ids)}", policy=collected.batch[0].key.policy,
+                             groups=group_by_tenant(collected.batch, self.share_tenants))
+            self._wakeup.clear()
+            timeout = None if collected.wake_at is None else max(0.0, collected.wake_at - now)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _dispatch(self, batch: Batch[R]) -> None:
+        self._running = batch.items
+        started = self._clock()
+        if self._metrics is not None:
+            for item in self._running:
+                self._metrics.queue_wait.observe(started - item.enqueued_at)
+        try:
+            results = await self._run_batch(batch)
+        except Exception:
+            logger.exception("batch %s failed on the model", batch.id)
+            for item in self._running:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailed(
+                        f"the model failed on batch {batch.id}; the error is in the service log"))
+        else:
+            for item in self._running:
+                if not item.future.done():  # a request that timed out meanwhile is simply not answered
+                    item.future.set_result(results[item.id])
+        finally:
+            self._running = []
+            elapsed = self._clock() - started
+            self._batch_seconds = elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed

@@ -1,0 +1,162 @@
+"""The HTTP routes of ARCHITECTURE.md: thin handlers over the :class:`~service.predictor.Predictor`."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .deps import MetricsDep, PredictorDep, SettingsDep, TenantDep
+from .engine import GroupReport, ImageOutput
+from .errors import InvalidRequest
+from .inputs import read_images
+from .schemas import (
+    BatchInfo,
+    ErrorResponse,
+    HealthResponse,
+    ImagePrediction,
+    LatestBatch,
+    LayerDrift,
+    ModelResponse,
+    PredictResponse,
+    ReadyResponse,
+    StatsResponse,
+    Timings,
+    TopClass,
+)
+
+router = APIRouter()
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One or more images: multipart file parts, a raw image body, or JSON with base64 strings. "
+                       "JPEG, PNG, WebP, BMP and GIF (first frame) are read.",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}},
+        },
+    }
+}
+
+
+def _batch_info(group: GroupReport) -> BatchInfo:
+    return BatchInfo(id=group.batch_id, group=group.index, size=group.size, policy=group.policy,
+                     statistics=group.statistics, fallback=group.fallback, drift_score=group.batch_score,
+                     inference_seconds=group.inference_seconds)
+
+
+def _prediction(output: ImageOutput) -> ImagePrediction:
+    return ImagePrediction(label=output.label, index=output.index, score=output.score,
+                           top_k=[TopClass(index=t.index, label=t.label, score=t.score) for t in output.top_k],
+                           drift_score=output.drift_score, batch=_batch_info(output.group))
+
+
+@router.post("/predict", status_code=status.HTTP_200_OK, openapi_extra=_PREDICT_BODY,
+             responses=_errors(400, 401, 413, 415, 422, 429, 503, 504))
+async def predict(
+    request: Request,
+    response: Response,
+    predictor: PredictorDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    top_k: Annotated[int | None, Query(ge=1, description="classes listed per image")] = None,
+    policy: Annotated[str | None, Query(description="statistics policy for this request, when the service "
+                                                    "allows overrides (e.g. 'frozen', 'adaptive:8')")] = None,
+    timeout: Annotated[float | None, Query(gt=0, description="seconds this request may take; capped by the "
+                                                             "service's request deadline")] = None,
+) -> PredictResponse:
+    """Classify images. Each image's answer says which batch it ran in and which statistics ran."""
+    started = time.monotonic()
+    deadline = started + min(timeout or settings.request_deadline, settings.request_deadline)
+    supplied_id = request.headers.get("x-request-id", "")
+    request_id = supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex
+    response.headers["X-Request-ID"] = request_id
+
+    predictor.check_ready()
+    effective_policy = predictor.resolve_policy(policy)
+    classes = len(predictor.engine.labels)
+    k = settings.default_top_k if top_k is None else top_k
+    if top_k is not None and top_k > classes:
+        raise InvalidRequest(f"top_k={top_k} but the model knows {classes} classes")
+    images = await read_images(request, settings)
+    pixels = await predictor.decode(images)
+    decoded = time.monotonic()
+    outputs = await predictor.predict(pixels, policy=effective_policy, tenant=tenant, top_k=min(k, classes),
+                                      deadline=deadline, request_id=request_id)
+    forwards = {output.group.batch_id: output.group.inference_seconds for output in outputs}
+    card = predictor.engine.card
+    return PredictResponse(
+        request_id=request_id, model=card.name, version=card.version,
+        predictions=[_prediction(output) for output in outputs],
+        timings=Timings(decode_seconds=decoded - started, inference_seconds=sum(forwards.values()),
+                        total_seconds=time.monotonic() - started),
+    )
+
+
+@router.get("/healthz")
+async def healthz() -> HealthResponse:
+    """The process is alive (it may still be loading the model)."""
+    return HealthResponse()
+
+
+@router.get("/readyz", responses=_errors(503))
+async def readyz(predictor: PredictorDep) -> ReadyResponse:
+    """The model is loaded and warmed up, and the service is not draining."""
+    predictor.check_ready()
+    card = predictor.engine.card
+    return ReadyResponse(model=card.name, version=card.version)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics (names in ARCHITECTURE.md)."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/model", responses=_errors(503))
+async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelResponse:
+    """The model card and how this service runs the model."""
+    engine = predictor.engine
+    card = engine.card
+    return ModelResponse(
+        name=card.name, version=card.version, architecture=card.architecture, norm=card.norm, p=card.p,
+        labels=list(card.labels), input_size=[int(v) for v in card.input_size], mean=list(card.mean),
+        std=list(card.std), card_policy=card.policy, policy=engine.policy,
+        policy_override=settings.allow_policy_override, calibrated=card.calibration is not None,
+        calibration=card.calibration.to_dict() if card.calibration is not None else None,
+        max_batch_size=settings.max_batch_size, batch_key=settings.batch_key, isolation=settings.isolation,
+        device=str(engine.device), padding=list(engine.pad_sizes))
+
+
+@router.get("/v1/stats", responses=_errors(503))
+async def stats(predictor: PredictorDep) -> StatsResponse:
+    """Totals since start and the drift of the latest batch, per normalization layer."""
+    card = predictor.engine.card
+    latest = predictor.latest
+    totals = predictor.totals
+    return StatsResponse(
+        model=card.name, version=card.version, batches=totals.batches, images=totals.images,
+        fallback_groups=totals.fallback_groups, queued_images=predictor.queued_images,
+        latest=None if latest is None else LatestBatch(
+            id=latest.batch_id, group=latest.index, size=latest.size, policy=latest.policy,
+            statistics=latest.statistics, fallback=latest.fallback, drift_score=latest.batch_score,
+            finished_at=datetime.fromtimestamp(latest.finished_at, tz=timezone.utc),
+            layers={name: LayerDrift(**measures) for name, measures in latest.layers.items()}),
+    )

@@ -1,0 +1,130 @@
+"""Typed request and response bodies of the HTTP API (they are what ``/docs`` documents)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+StatisticsRan = Literal["batch", "blend", "frozen"]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable: bad_image, too_large, too_many_images, unsupported_type, "
+                                  "invalid, unauthorized, queue_full, deadline, not_ready, draining, unavailable")
+    message: str = Field(description="what went wrong and what to do about it")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TopClass(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class BatchInfo(BaseModel):
+    """The batch an image ran in: the images whose statistics normalised it."""
+
+    id: str = Field(description="the forward pass; images of several requests share it")
+    group: int = Field(description="statistics group within the forward pass (tenants isolated by groups)")
+    size: int = Field(description="real images in the group: the n the policy saw (padding excluded)")
+    policy: str = Field(description="effective policy of the batch, e.g. 'adaptive:16'")
+    statistics: StatisticsRan = Field(description="the statistics that actually ran")
+    fallback: bool = Field(description="true when an adaptive policy fell back (n below its MIN_BATCH)")
+    drift_score: float | None = Field(description="calibrated batch drift score (null when uncalibrated)")
+    inference_seconds: float
+
+
+class ImagePrediction(BaseModel):
+    label: str
+    index: int
+    score: float
+    top_k: list[TopClass]
+    drift_score: float | None = Field(description="calibrated per-image drift score (null when uncalibrated)")
+    batch: BatchInfo
+
+
+class Timings(BaseModel):
+    decode_seconds: float
+    inference_seconds: float = Field(description="forward passes of the batches the request's images ran in")
+    total_seconds: float
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: str
+    version: str = Field(description="first 12 hex digits of the SHA-256 of the weights")
+    predictions: list[ImagePrediction] = Field(description="one per image, in request order")
+    timings: Timings
+
+
+class PredictJSON(BaseModel):
+    """The JSON form of a prediction request."""
+
+    images: list[str] = Field(min_length=1, description="base64-encoded images (data: URLs accepted)")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    model: str
+    version: str
+
+
+class ModelResponse(BaseModel):
+    """The model card, plus how this service runs the model."""
+
+    name: str
+    version: str
+    architecture: str
+    norm: str
+    p: float | None
+    labels: list[str]
+    input_size: list[int] = Field(description="[channels, height, width]")
+    mean: list[float]
+    std: list[float]
+    card_policy: str = Field(description="the policy the model card recommends")
+    policy: str = Field(description="the policy this service runs (flag > environment > card)")
+    policy_override: bool = Field(description="whether a request may choose its own policy")
+    calibrated: bool = Field(description="whether drift scores are calibrated (else they are null)")
+    calibration: dict[str, Any] | None
+    max_batch_size: int
+    batch_key: str
+    isolation: str
+    device: str
+    padding: list[int] = Field(description="batch sizes batches are padded to (empty: no padding)")
+
+
+class LayerDrift(BaseModel):
+    mean_shift: float | None = None
+    log_var_ratio: float | None = None
+    kl: float | None = None
+
+
+class LatestBatch(BaseModel):
+    id: str
+    group: int
+    size: int
+    policy: str
+    statistics: StatisticsRan
+    fallback: bool
+    drift_score: float | None
+    finished_at: datetime
+    layers: dict[str, LayerDrift] = Field(description="drift per normalization layer, in forward order")
+
+
+class StatsResponse(BaseModel):
+    model: str
+    version: str
+    batches: int = Field(description="forward passes since start")
+    images: int = Field(description="images answered since start")
+    fallback_groups: int = Field(description="statistics groups where an adaptive policy fell back")
+    queued_images: int
+    latest: LatestBatch | None = Field(description="the latest batch (null before the first)")

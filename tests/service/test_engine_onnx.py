@@ -1,0 +1,218 @@
+"""The ONNX Runtime engine answers exactly as the PyTorch engine does: per batch, per group and over HTTP.
+
+The engine-level tests need no data set; the server test starts both engines for real (uvicorn on loopback)
+on the CIFAR-10 test model of ``conftest.py`` and sends each the same requests, one at a time so that every
+request is its own batch, under the card's policy and per-request overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from service_support import MIN_BATCH, LiveServer, Sample, serve
+from test_engine import make_batch
+
+import robustnorm
+from robustnorm.export import export_onnx
+from service.app import create_app
+from service.engine import BatchOutput, TorchEngine
+from service.engine_onnx import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    TENSORRT_PROVIDER,
+    OnnxEngine,
+    choose_providers,
+    create_engine,
+)
+from service.settings import Settings
+
+pytest.importorskip("onnxruntime")
+
+LABELS = [f"class{i}" for i in range(10)]
+ENGINE_POLICY = "adaptive:4"
+TOLERANCE = {"rel": 1e-4, "abs": 1e-5}
+
+
+def assert_same(torch_value: Any, onnx_value: Any, where: str = "") -> None:
+    """Equal structures; floats equal within float32 tolerance (the engines sum in different orders)."""
+    if isinstance(torch_value, dict):
+        assert isinstance(onnx_value, dict) and set(torch_value) == set(onnx_value), where
+        for key in torch_value:
+            assert_same(torch_value[key], onnx_value[key], f"{where}.{key}")
+    elif isinstance(torch_value, (list, tuple)):
+        assert isinstance(onnx_value, (list, tuple)) and len(torch_value) == len(onnx_value), where
+        for i, (a, b) in enumerate(zip(torch_value, onnx_value)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(torch_value, float) and not isinstance(onnx_value, bool):
+        assert onnx_value == pytest.approx(torch_value, **TOLERANCE), where
+    else:
+        assert torch_value == onnx_value, where
+
+
+@pytest.fixture(scope="module", params=["robustnorm", "bn"])
+def saved_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-20 with running statistics and a drift calibration (random images: statistics, not accuracy)."""
+    torch.manual_seed(0)
+    model = robustnorm.create_model("resnet20", norm=request.param, p=0.2)
+    images = torch.randn(48, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        for chunk in images.split(16):
+            model(chunk)
+    model.eval()
+    robustnorm.set_policy(model, ENGINE_POLICY)
+    calibration = robustnorm.calibrate_drift(model, images, batch_sizes=(1, 4, 16), batches_per_size=4)
+    card = robustnorm.ModelCard(name=f"tiny-{request.param}", architecture="resnet20", norm=request.param,
+                                p=0.2 if request.param == "robustnorm" else None, labels=LABELS,
+                                policy=ENGINE_POLICY, calibration=calibration)
+    directory = tmp_path_factory.mktemp("model")
+    robustnorm.save_model(model, card, directory)
+    return directory
+
+
+def comparable(output: BatchOutput) -> dict[str, Any]:
+    """What a batch answers, without timings."""
+    def group(report: Any) -> dict[str, Any]:
+        return {"index": report.index, "size": report.size, "policy": report.policy, "statistics": report.statistics,
+                "fallback": report.fallback, "batch_score": report.batch_score, "layers": report.layers}
+
+    return {
+        "policy": output.policy, "images": output.images, "groups": [group(g) for g in output.groups],
+        "image_scores": output.image_scores, "layers": output.layers,
+        "results": {item: [{"index": a.index, "label": a.label, "score": a.score, "drift_score": a.drift_score,
+                            "top_k": [(t.index, t.label, t.score) for t in a.top_k], "group": a.group.index}
+                           for a in answers] for item, answers in output.results.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def engines(saved_model: Path) -> Iterator[tuple[TorchEngine, OnnxEngine]]:
+    """Both engines on the saved model, chosen by the ``engine`` setting."""
+    torch_engine = create_engine(Settings(model=str(saved_model), device="cpu"))
+    onnx_engine = create_engine(Settings(model=str(saved_model), device="cpu", engine="onnx"))
+    assert isinstance(onnx_engine, OnnxEngine) and not isinstance(torch_engine, OnnxEngine)
+    yield torch_engine, onnx_engine
+    torch_engine.close()
+    onnx_engine.close()
+
+
+def test_engines_answer_alike_for_groups_and_policy_switches(engines: tuple[TorchEngine, OnnxEngine]) -> None:
+    torch_engine, onnx_engine = engines
+    assert onnx_engine.providers == [CPU_PROVIDER] and onnx_engine.pad_sizes == ()
+    assert (onnx_engine.card.name, onnx_engine.card.version) == (torch_engine.card.name, torch_engine.card.version)
+    torch.manual_seed(5)
+    batches = [  # (groups of requests, policy): tenants grouped apart, below and at MIN_BATCH, every policy
+        ([[torch.randn(3, 3, 32, 32), torch.randn(1, 3, 32, 32)], [torch.randn(1, 3, 32, 32)]], ENGINE_POLICY),
+        ([[torch.randn(2, 3, 32, 32)], [torch.randn(7, 3, 32, 32)], [torch.randn(3, 3, 32, 32)]], "adaptive:4:blend:2"),
+        ([[torch.randn(5, 3, 32, 32)]], "frozen"),
+        ([[torch.randn(1, 3, 32, 32)]], "batch"),
+        ([[torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32)]], "blend:4"),
+        ([[torch.randn(2, 3, 32, 32)]], ENGINE_POLICY),
+    ]
+    for groups, policy in batches:
+        expected = torch_engine.forward(make_batch(groups, policy, top_k=5))
+        answered = onnx_engine.forward(make_batch(groups, policy, top_k=5))
+        assert answered.groups[0].batch_score is not None and answered.image_scores is not None
+        assert_same(comparable(expected), comparable(answered), policy)
+
+
+def test_an_exported_onnx_file_serves_with_its_card(saved_model: Path, engines: tuple[TorchEngine, OnnxEngine],
+                                                    tmp_path: Path) -> None:
+    model, card = robustnorm.load_model(saved_model)
+    exported = export_onnx(model, card, tmp_path / "served.onnx", policy="blend:4")
+    engine = create_engine(Settings(model=str(exported.onnx_path), device="cpu", engine="onnx"))
+    try:
+        assert isinstance(engine, OnnxEngine) and engine.policy == "blend:4"  # the card beside the file
+        assert engine.card.version == card.version
+        groups = [[torch.randn(3, 3, 32, 32)]]
+        assert_same(comparable(engines[0].forward(make_batch(groups, "blend:4"))),
+                    comparable(engine.forward(make_batch(groups, "blend:4"))))
+    finally:
+        engine.close()
+
+
+def test_missing_onnx_file_and_engine_setting_fail_clearly(tmp_path: Path) -> None:
+    assert Settings().engine == "torch"
+    with pytest.raises(ValueError, match="engine"):
+        Settings(engine="tensorflow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not found"):
+        create_engine(Settings(model=str(tmp_path / "absent.onnx"), device="cpu", engine="onnx"))
+
+
+def test_providers_follow_the_device_setting() -> None:
+    cpu_only = [CPU_PROVIDER]
+    gpu = [TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER]
+    assert choose_providers("auto", cpu_only, input_size=[3, 32, 32], max_batch_size=8) == (torch.device("cpu"),
+                                                                                            [CPU_PROVIDER])
+    assert choose_providers("cpu", gpu, input_size=[3, 32, 32], max_batch_size=8)[1] == [CPU_PROVIDER]
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):
+        choose_providers("cuda", cpu_only, input_size=[3, 32, 32], max_batch_size=8)
+    with pytest.raises(ValueError, match="mps"):
+        choose_providers("mps", gpu, input_size=[3, 32, 32], max_batch_size=8)
+    device, providers = choose_providers("cuda:1", gpu, input_size=[3, 32, 32], max_batch_size=64)
+    assert device == torch.device("cuda", 1)
+    (trt, trt_options), (cuda, cuda_options), cpu = providers
+    assert (trt, cuda, cpu) == (TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER)
+    assert trt_options["device_id"] == cuda_options["device_id"] == 1
+    assert trt_options["trt_profile_max_shapes"] == "images:64x3x32x32"
+    device, providers = choose_providers("auto", [CUDA_PROVIDER, CPU_PROVIDER], input_size=[3, 32, 32],
+                                         max_batch_size=8)
+    assert device == torch.device("cuda", 0) and [p[0] if isinstance(p, tuple) else p for p in providers] == [
+        CUDA_PROVIDER, CPU_PROVIDER]
+
+
+# -- both engines behind the real server ---------------------------------------------------------------------
+def _settings(model_dir: Path, engine: str) -> Settings:
+    return Settings(model=str(model_dir), device="cpu", engine=engine, max_batch_size=32, max_wait=0.0,
+                    allow_policy_override=True, request_deadline=60)
+
+
+@pytest.fixture(scope="module")
+def torch_server(model_dir: Path) -> Iterator[LiveServer]:
+    yield from serve(create_app(_settings(model_dir, "torch"), registry=_registry()))
+
+
+@pytest.fixture(scope="module")
+def onnx_server(model_dir: Path) -> Iterator[LiveServer]:
+    yield from serve(create_app(_settings(model_dir, "onnx"), registry=_registry()))
+
+
+def _registry() -> Any:
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    """The response without what differs between any two runs: ids and timings."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    for prediction in body["predictions"]:
+        del prediction["batch"]["id"], prediction["batch"]["inference_seconds"]
+    return {"model": body["model"], "version": body["version"], "predictions": body["predictions"]}
+
+
+def test_the_service_answers_identically_with_either_engine(torch_server: LiveServer, onnx_server: LiveServer,
+                                                            cifar_samples: list[Sample]) -> None:
+    requests: list[tuple[int, str | None]] = [(1, None), (3, None), (MIN_BATCH - 1, None), (MIN_BATCH, None),
+                                              (12, None), (2, "frozen"), (5, "batch"), (4, "blend:4"),
+                                              (MIN_BATCH - 1, f"adaptive:{MIN_BATCH}:blend:2")]
+    start = 0
+    for count, policy in requests:  # one request at a time: each is a batch of its own on both servers
+        samples = cifar_samples[start:start + count]
+        start += count
+        files = [("image", (f"{i}.jpg", sample.jpeg, "image/jpeg")) for i, sample in enumerate(samples)]
+        params = {"policy": policy, "top_k": 3} if policy else {"top_k": 3}
+        answers = [_answer(httpx.post(f"{server.url}/predict", files=files, params=params, timeout=60))
+                   for server in (torch_server, onnx_server)]
+        assert {p["batch"]["size"] for p in answers[0]["predictions"]} == {count}
+        assert_same(answers[0], answers[1], f"{count} images, policy {policy}")
+    cards = [httpx.get(f"{server.url}/v1/model").json() for server in (torch_server, onnx_server)]
+    assert cards[0] == cards[1]
+    stats = [httpx.get(f"{server.url}/v1/stats").json() for server in (torch_server, onnx_server)]
+    assert_same(stats[0]["latest"]["layers"], stats[1]["latest"]["layers"], "latest drift")

@@ -1,0 +1,96 @@
+"""``robustnorm-serve``: options, fail-fast errors, and a real process serving a ``module:factory`` model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+from service_support import CIFAR_CLASSES, CIFAR_MEAN, CIFAR_STD, REPO_ROOT, Sample, free_socket, wait_ready
+
+from service.cli import build_parser, main
+from service.settings import Settings
+
+TINY_NET = '''
+from torch import nn
+
+
+def build():
+    """Any PyTorch model with BatchNorm layers."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+'''
+
+
+def test_every_setting_is_an_option_except_api_keys() -> None:
+    options = {option for action in build_parser()._actions for option in action.option_strings}
+    for name in Settings.model_fields:
+        assert (f"--{name.replace('_', '-')}" in options) == (name != "api_keys"), name
+    assert {"--host", "--port", "--model", "--device", "--policy", "--no-allow-policy-override"} <= options
+
+
+def test_invalid_options_exit_with_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--policy", "sometimes"])
+    assert exited.value.code == 2
+    assert "valid forms" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_loaded_fails_before_serving(caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["--model", "no-such-model", "--device", "cpu"]) == 1
+    assert "save_model" in caplog.text
+
+
+def test_serves_a_module_factory_model_with_flag_over_environment_over_card(
+        tmp_path: Path, cifar_samples: list[Sample]) -> None:
+    (tmp_path / "tiny_cli_net.py").write_text(textwrap.dedent(TINY_NET))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tiny_cli_net
+
+        torch.manual_seed(0)
+        save_file(tiny_cli_net.build().state_dict(), str(tmp_path / "weights.safetensors"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    (tmp_path / "card.json").write_text(json.dumps({
+        "name": "tiny-cli-net", "labels": list(CIFAR_CLASSES), "input_size": [3, 32, 32], "mean": list(CIFAR_MEAN),
+        "std": list(CIFAR_STD), "policy": "adaptive:16"}))
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "ROBUSTNORM_POLICY": "batch",
+                   "ROBUSTNORM_MAX_WAIT": "0.001"}
+    command = [sys.executable, "-m", "service", "--model", "tiny_cli_net:build", "--weights", "weights.safetensors",
+               "--card", "card.json", "--device", "cpu", "--port", str(port), "--policy", "adaptive:4",
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, time.monotonic() + 120, lambda: process.poll() is None)
+        card = httpx.get(f"{url}/v1/model").json()
+        assert (card["name"], card["norm"], card["card_policy"], card["policy"]) == (
+            "tiny-cli-net", "bn", "adaptive:16", "adaptive:4")
+        assert card["device"] == "cpu" and card["max_batch_size"] == 32
+        lone = httpx.post(f"{url}/predict", content=cifar_samples[0].jpeg, headers={"content-type": "image/jpeg"})
+        assert lone.status_code == 200, lone.text
+        batch = lone.json()["predictions"][0]["batch"]
+        assert (batch["size"], batch["policy"], batch["statistics"], batch["fallback"]) == (
+            1, "adaptive:4", "blend", True)  # BatchNorm layers fall back to blended statistics
+        files = [("image", (f"{i}.png", s.png, "image/png")) for i, s in enumerate(cifar_samples[:4])]
+        four = httpx.post(f"{url}/predict", files=files)
+        assert {p["batch"]["statistics"] for p in four.json()["predictions"]} == {"batch"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught, as process managers expect.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output, output
