@@ -1,9 +1,10 @@
 """Image data: loading class-folder datasets, splits, subsets, on-device augmentation and batching.
 
 A dataset is a folder, or a ``.tar`` / ``.tar.gz`` archive, of class folders: the class of an image is the
-name of the folder directly above it. Images are decoded once with Pillow into one uint8 tensor
-``(N, 3, H, W)`` and cached as a ``.npz`` file (no pickle) under ``$ROBUSTNORM_CACHE`` or
-``~/.cache/robustnorm``, keyed by the source's path, size and modification time.
+name of the folder directly above it (class folders sit at one depth; stray files elsewhere are skipped).
+Images are decoded once with Pillow into one uint8 tensor ``(N, 3, H, W)`` and cached as a ``.npz`` file (no
+pickle) under ``$ROBUSTNORM_CACHE`` or ``~/.cache/robustnorm``, keyed by the source's path, size and
+modification time.
 
 Everything after loading works on tensors, so it can run on the accelerator: augmentation is vectorised over
 the batch and every random choice takes an explicit ``torch.Generator`` (see :func:`make_generator`).

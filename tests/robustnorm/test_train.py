@@ -1,0 +1,132 @@
+"""The ``train`` subcommand on real CIFAR-10: short runs learn, resume exactly, and DDP equals one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustnorm
+from robustnorm import train
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHORT_RUN = ["--limit-train", "384", "--limit-val", "100", "--batch-size", "64", "--warmup-epochs", "0"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def train_in_process(cifar10: Path, out: Path, *argv: str) -> int:
+    return train.run(parse("--data", str(cifar10), "--out", str(out), "--no-progress", *argv))
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / train.LOG_FILE).read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / train.CHECKPOINT_FILE, weights_only=True)["model"]
+
+
+def test_learning_rate_schedule() -> None:
+    cosine = train.LearningRateSchedule(base_lr=0.1, total_steps=100, warmup_steps=10)
+    assert [cosine(step) for step in (0, 4, 9)] == pytest.approx([0.01, 0.05, 0.1])
+    assert cosine(10) == pytest.approx(0.1) and cosine(55) == pytest.approx(0.05) and cosine(99) < 1e-3
+    step = train.LearningRateSchedule(base_lr=0.1, total_steps=100, kind="step", milestones=(50, 75))
+    assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_options() -> None:
+    args = parse("--out", "x", "--adv-eps", "8/255", "--milestones", "120,80")
+    assert math.isclose(args.adv_eps, 8 / 255) and args.milestones == (80, 120) and args.augment
+    for bad in (["--adv-eps", "2"], ["--adv-eps", "8/0"], ["--norm", "layernorm"]):
+        with pytest.raises(SystemExit):
+            parse("--out", "x", *bad)
+
+
+@pytest.mark.slow
+def test_short_run_learns_saves_a_card_and_resumes_exactly(cifar10: Path, tmp_path: Path, monkeypatch) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train_in_process(cifar10, whole, *SHORT_RUN, "--epochs", "3") == 0
+    log = log_of(whole)
+    assert [row["epoch"] for row in log] == [1, 2, 3]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
+    assert set(log[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_acc", "seconds", "images_per_s"}
+
+    _, card = robustnorm.load_model(whole)
+    assert (card.architecture, card.norm, card.p, card.policy) == ("resnet20", "bn", None, "frozen")
+    assert card.input_size == [3, 32, 32] and card.labels[0] == "airplane" and len(card.mean) == 3
+    assert card.training["seed"] == 0 and card.training["epochs"] == 3
+    assert card.training["final"]["val_acc_frozen"] == log[-1]["val_acc"]
+    assert card.training["arguments"]["epochs"] == 3 and card.training["train_images"] == 384
+
+    # A run stopped after two of three epochs, then resumed: the same weights as three epochs in one go.
+    save_checkpoint = train._Trainer.save_checkpoint
+
+    def stop_after_two(trainer: train._Trainer, epoch: int) -> None:
+        save_checkpoint(trainer, epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train._Trainer, "save_checkpoint", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3")
+    assert train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3") == 2  # refuses to overwrite
+    with pytest.raises(ValueError, match="other settings"):
+        train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3", "--resume", "--seed", "1")
+    assert train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3", "--resume") == 0
+    assert [row["epoch"] for row in log_of(split)] == [1, 2, 3]
+    resumed, uninterrupted = weights(split), weights(whole)
+    assert all(torch.allclose(resumed[key].float(), uninterrupted[key].float(), atol=1e-6) for key in resumed)
+
+
+@pytest.mark.slow
+def test_adversarial_training_leaves_running_statistics_to_the_training_steps(cifar10: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adv"
+    argv = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32", "--epochs", "1"]
+    assert train_in_process(cifar10, out, *argv, "--norm", "robustnorm", "--p", "0.5", "--adv-eps", "8/255",
+                            "--adv-steps", "2") == 0
+    state = weights(out)
+    assert int(state["bn1.num_batches_tracked"]) == 2  # two training steps; the attack forwards were undone
+    _, card = robustnorm.load_model(out)
+    assert (card.norm, card.p) == ("robustnorm", 0.5)
+    adversarial = card.training["adversarial"]
+    assert adversarial == {"eps": pytest.approx(8 / 255), "steps": 2, "step_size": pytest.approx(2 / 255)}
+
+
+def two_process_run(cifar10: Path, out: Path, argv: list[str]) -> None:
+    env = {**os.environ, "ROBUSTNORM_CIFAR10": str(cifar10), "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "robustnorm.train", "--out", str(out), "--no-progress", *argv]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+def test_one_step_on_two_processes_equals_one_process_with_the_whole_batch(
+    norm: str, cifar10: Path, tmp_path: Path
+) -> None:
+    # One step of a global batch of 32: 16 images per rank under torchrun (gloo), or all 32 in one process.
+    # Augmentation stays on: its random draws belong to the global batch, so both runs see the same pixels.
+    argv = ["--norm", norm, "--limit-train", "32", "--limit-val", "16", "--batch-size", "32", "--epochs", "1",
+            "--warmup-epochs", "0"]
+    two_process_run(cifar10, tmp_path / "ddp", argv)
+    assert train_in_process(cifar10, tmp_path / "single", *argv) == 0
+    distributed, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    torch.manual_seed(0)  # the runs' --seed: their initial weights
+    initial = robustnorm.create_model("resnet20", norm=norm).state_dict()
+    assert (single["conv1.weight"] - initial["conv1.weight"]).abs().max() > 1e-3  # a step was taken
+    for key in single:
+        assert torch.allclose(distributed[key].float(), single[key].float(), atol=1e-5), key
