@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from robustnorm.data import find_cifar10
 
 
 def cifar10_dir() -> Path | None:
-    """``$ROBUSTNORM_CIFAR10``, else ``<repo>/../shared/data/cifar10``; None when the archives are absent."""
-    candidates = [os.environ.get("ROBUSTNORM_CIFAR10"), REPO_ROOT.parent / "shared" / "data" / "cifar10"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "test.tar.gz").is_file():
-            return Path(candidate)
-    return None
+    """The CIFAR-10 folder (``$ROBUSTNORM_CIFAR10``, else ``../shared/data/cifar10``) when its archives exist."""
+    found = find_cifar10()
+    return found if found is not None and (found / "test.tar.gz").is_file() else None
 
 
 def require_cifar10() -> Path:
