@@ -64,7 +64,8 @@ def calibrate(model: nn.Module, card: ModelCard, val_x01: torch.Tensor, val_labe
               n0_candidates: tuple[float, ...] = N0_CANDIDATES, batches_per_size: int = 64) -> ModelCard:
     """Measure, choose and record policy, N0 and drift calibration in ``card`` (returned)."""
     robust = card.norm == "robustnorm"
-    policies = ["frozen", "batch"] + [f"blend:{n0:g}" for n0 in n0_candidates]
+    # RobustNorm models fall back to frozen (their tracked statistics): N0 is a BatchNorm-only choice.
+    policies = ["frozen", "batch"] + ([] if robust else [f"blend:{n0:g}" for n0 in n0_candidates])
     table = {policy: {n: accuracy(model, card, val_x01, val_labels, policy, n) for n in sizes} for policy in policies}
     policy, n0, min_batch = choose_policy(table, robust)
     logger.info("chose policy %s (N0=%s, MIN_BATCH=%s)", policy, n0, min_batch)
