@@ -20,9 +20,11 @@ at start-up into a temporary directory. The batching, result routing and threadi
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,11 +104,10 @@ class OnnxEngine(TorchEngine):
     """An exported graph in an ONNX Runtime session, and the thread it runs in."""
 
     def __init__(self, onnx_path: str | Path, card: robustnorm.ModelCard, *, policy: str, max_batch_size: int,
-                 device: str = "cpu", temporary: tempfile.TemporaryDirectory[str] | None = None) -> None:
+                 device: str = "cpu", temporary: tempfile.TemporaryDirectory[str] | None = None,
+                 threads: int = 0) -> None:
         # Not TorchEngine.__init__: there is no PyTorch model here, only what the shared methods read.
         ort = _onnxruntime()
-        from concurrent.futures import ThreadPoolExecutor
-
         self.card = card
         self.policy = canonical_policy(policy)
         self.max_batch_size = max_batch_size
@@ -114,14 +115,16 @@ class OnnxEngine(TorchEngine):
         self.labels = list(card.labels)
         self._temporary = temporary
         self.onnx_path = Path(onnx_path)
+        writable = os.access(self.onnx_path.parent, os.W_OK)  # TensorRT caches its engines beside the graph
         self.device, providers = choose_providers(
             device, ort.get_available_providers(), input_size=card.input_size, max_batch_size=max_batch_size,
-            cache_dir=self.onnx_path.parent)
+            cache_dir=self.onnx_path.parent if writable else None)
         options = ort.SessionOptions()
         # The policy inputs are overridable initializers on purpose; ORT would warn about it at every start.
         options.log_severity_level = 3
         # No busy-waiting between runs: the cores are shared with decoding and the HTTP server.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
         self.session: ort.InferenceSession = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
         self.providers = self.session.get_providers()
         if self.device.type == "cuda" and CUDA_PROVIDER not in self.providers:
@@ -151,8 +154,11 @@ class OnnxEngine(TorchEngine):
                              f"layers but its card says norm={card.norm!r}; use the card written beside it")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OnnxEngine:
-        """A ``.onnx`` file from ``robustnorm export`` as it is; any other model exported at start-up."""
+    def from_settings(cls, settings: Settings, *, threads: int = 0) -> OnnxEngine:
+        """A ``.onnx`` file from ``robustnorm export`` as it is; any other model exported at start-up.
+
+        ``threads`` is ONNX Runtime's intra-op thread count (0: its default).
+        """
         _onnxruntime()  # fail before loading anything when ORT is missing
         model = settings.model or default_model()
         temporary = None
@@ -176,7 +182,7 @@ class OnnxEngine(TorchEngine):
         if settings.pad_batches == "on":
             logger.info("pad_batches=on is ignored by the ONNX engine: ONNX Runtime runs any batch size as it is")
         engine = cls(onnx_path, card, policy=policy, max_batch_size=settings.max_batch_size, device=settings.device,
-                     temporary=temporary)
+                     temporary=temporary, threads=threads)
         logger.info("loaded model %s (version %s, %s norm) in ONNX Runtime %s on %s (%s) with policy %s", card.name,
                     card.version, card.norm, engine._ort.__version__, engine.device, ", ".join(engine.providers),
                     engine.policy)
