@@ -13,5 +13,7 @@ if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
         prometheus docker-compose haproxy >/dev/null
 fi
 bash scripts/setup.sh "service,onnx,test"
+# PyTorch threads that spin while waiting stall for seconds when tests share a few cores with other jobs.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
