@@ -7,6 +7,7 @@ inside the test process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tarfile
@@ -60,7 +61,10 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    pytest.importorskip("locust", reason="locust is not installed: pip install locust")
+    # find_spec, not importorskip: importing locust here would monkey-patch this process with gevent and break
+    # every later test that runs an asyncio server in a thread.
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed: pip install locust")
     root = tmp_path_factory.mktemp("images")
     folder = root / "folder"
     (folder / "cat").mkdir(parents=True)
