@@ -209,6 +209,8 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     started = time.perf_counter()
     generator = make_generator(seed, n, int(eps * 255 * 1000))
     usable = x01.shape[0] - x01.shape[0] % n
+    if usable == 0:
+        raise ValueError(f"{x01.shape[0]} images do not fill one batch of n={n}")
     x01, labels = x01[:usable], labels[:usable]
     crafted = craft(model, card, x01, labels, policy=policy, n=n, threat=threat, attack=attack, eps=eps, steps=steps,
                     gradient=gradient, generator=generator, pool=pool, eot_samples=eot_samples)
