@@ -52,6 +52,7 @@ def plot_robust(report: dict, out: Path) -> Path:
             axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
                       label=f"{policy}, {threat}, n={n}")
         axis.set(xlabel="L-inf eps (x/255)", ylabel="robust accuracy (%)", title=f"{model['model']}: PGD, adaptive")
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
