@@ -44,8 +44,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name in ("clean", "uniform_noise"):
-        images = result[name]["image_scores"]
-        print(f"{name}: batch score {result[name]['batch_score']:.2f}, image scores {min(images):.3f}..{max(images):.3f}")
+        images, batch = result[name]["image_scores"], result[name]["batch_score"]
+        print(f"{name}: batch score {batch:.2f}, image scores {min(images):.3f}..{max(images):.3f}")
     print(f"wrote {args.out}")
 
 
