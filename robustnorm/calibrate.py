@@ -27,7 +27,7 @@ from torch import nn
 from .data import cifar10_train_val, normalize, to_float
 from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
 from .evaluate import accuracy
-from .io import ModelCard, load_model, save_model
+from .io import ModelCard, load_model, model_directory, save_model
 from .layers import set_policy
 
 logger = logging.getLogger(__name__)
@@ -91,13 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .io import _resolve_directory
-
     model, card = load_model(args.model, device=args.device)
     _, val = cifar10_train_val(args.data)
     val = val.subset(torch.arange(min(args.val_images, len(val)))).to(args.device)
     card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size)
-    out = args.out or _resolve_directory(args.model)
+    out = args.out or model_directory(args.model)
     save_model(model, card, out)
     print(f"policy {card.policy}; wrote {out}")
     return 0

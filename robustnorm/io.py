@@ -151,7 +151,8 @@ def list_models() -> list[str]:
                   if (path / CARD_FILE).is_file() and (path / WEIGHTS_FILE).is_file())
 
 
-def _resolve_directory(name_or_path: str | Path) -> Path:
+def model_directory(name_or_path: str | Path) -> Path:
+    """The directory holding a bundled model's or a saved model's card and weights."""
     if str(name_or_path) in list_models():
         return BUNDLED_DIR / str(name_or_path)
     path = Path(name_or_path)
@@ -215,7 +216,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     The card's policy is applied to every norm layer. Raises :class:`ModelLoadError` (a ``ValueError``)
     with what to fix when the card and weights do not match.
     """
-    directory = _resolve_directory(name_or_path)
+    directory = model_directory(name_or_path)
     card = read_card(directory / CARD_FILE)
     model = build_model(card)
     _check_norm_kind(model, card)

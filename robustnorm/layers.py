@@ -143,7 +143,7 @@ class _PolicyNorm(nn.BatchNorm2d):
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
         scale, shift = self._affine(*self._population(_compute_dtype(x)))
-        return (x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype))
+        return _apply_affine(x, scale, shift)
 
     def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], batch_weights: list[float],
                           stats: GroupStatistics) -> Tensor:
@@ -174,6 +174,11 @@ class _PolicyNorm(nn.BatchNorm2d):
         if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
+
+
+def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with per-channel ``scale`` and ``shift`` of shape (C,), in ``x``'s dtype."""
+    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
 def _batch_weight(plan: Policy, n: int) -> float:
@@ -236,7 +241,7 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
             self.running_mean.mul_(1 - factor).add_(factor * mean)
             self.running_var.mul_(1 - factor).add_(factor * unbiased)
         scale, shift = self._affine(mean, variance)
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        return _apply_affine(x, scale, shift)
 
 
 class RobustNorm2d(_PolicyNorm):
@@ -285,7 +290,7 @@ class RobustNorm2d(_PolicyNorm):
             self.running_mean.mul_(1 - factor).add_(factor * mean)
             self.running_var.mul_(1 - factor).add_(factor * value_range)
         scale, shift = self._affine(mean, value_range)
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        return _apply_affine(x, scale, shift)
 
 
 def _all_reduce_extremum(local: Tensor, group: object | None, largest: bool) -> Tensor:
