@@ -17,7 +17,7 @@ statistic. Every policy is differentiable with respect to the input, batch stati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -274,8 +274,14 @@ class RobustNorm2d(_PolicyNorm):
         return maximum - minimum
 
     def _forward_train(self, x: Tensor) -> Tensor:
+        synchronised = _sync_enabled(self)
+        if not synchronised and x.is_contiguous(memory_format=torch.channels_last):
+            out, mean, value_range = _RangeNormalize.apply(x, self.weight, self.bias, self.p, self.eps)
+            self._update_running(mean, value_range)
+            return out
+        # The generic autograd graph: other memory layouts, and synchronised statistics (DDP).
         values = x.to(_compute_dtype(x))
-        if _sync_enabled(self):
+        if synchronised:
             count_local = torch.tensor([values.numel() / values.shape[1]], device=x.device, dtype=values.dtype)
             sums = _all_reduce_sum(torch.cat([values.sum(dim=(0, 2, 3)), count_local]), self.sync_group)
             mean = sums[:-1] / sums[-1]
@@ -285,12 +291,109 @@ class RobustNorm2d(_PolicyNorm):
             mean = values.mean(dim=(0, 2, 3))
             maximum, minimum = values.amax(dim=(0, 2, 3)), values.amin(dim=(0, 2, 3))
         value_range = maximum - minimum
-        with torch.no_grad():
-            factor = self._momentum_factor()
-            self.running_mean.mul_(1 - factor).add_(factor * mean)
-            self.running_var.mul_(1 - factor).add_(factor * value_range)
+        self._update_running(mean, value_range)
         scale, shift = self._affine(mean, value_range)
         return _apply_affine(x, scale, shift)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, value_range: Tensor) -> None:
+        factor = self._momentum_factor()
+        self.running_mean.mul_(1 - factor).add_(factor * mean.detach())
+        self.running_var.mul_(1 - factor).add_(factor * value_range.detach())
+
+
+_WIDE_COLUMNS = 256  # a CPU reduction or broadcast over the rows of an (M, C) matrix vectorises poorly for small C
+
+
+def _wide_rows(x: Tensor) -> tuple[Tensor, int]:
+    """``x`` (N, C, H, W) as an (M / k, k * C) matrix in the statistics dtype, and ``k``.
+
+    Column ``j`` holds channel ``j % C``. Folding k rows into one keeps the matrix wide, so that per-column
+    reductions and affine maps vectorise on CPUs (measured several times faster than on (M, C) for C = 16).
+    A view when ``x`` is channels-last in memory and already in the statistics dtype.
+    """
+    n, c, h, w = x.shape
+    count = n * h * w
+    fold = 1
+    while 2 * fold * c <= _WIDE_COLUMNS and count % (2 * fold) == 0:
+        fold *= 2
+    rows = x.permute(0, 2, 3, 1).reshape(count // fold, fold * c)
+    return rows.to(_compute_dtype(x)), fold
+
+
+def _wide_view(x: Tensor, fold: int) -> Tensor:
+    """The (M / k, k * C) view of a channels-last ``x``, to write results into."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).view(n * h * w // fold, fold * c)
+
+
+def _fold_sum(columns: Tensor, fold: int) -> Tensor:
+    return columns.view(fold, -1).sum(dim=0)
+
+
+class _RangeNormalize(torch.autograd.Function):
+    """RobustNorm's training normalisation for channels-last inputs, with a hand-written backward.
+
+    Forward: per channel over (N, H, W), ``y = weight * (x - mean) / (range ** p + eps) + bias`` with the
+    batch mean and range, computed in float32 (float64 for float64 inputs), ``y`` in ``x``'s dtype and
+    channels-last. Returns ``(y, mean, range)``; only ``y`` is differentiable. Against the generic autograd
+    graph of the same expression this made a bf16 ResNet-20 training step on one CPU core 2x faster (the
+    graph converted dtypes back and forth, reduced over strided dims and kept full-size intermediates).
+    The range's gradient goes to one element holding the maximum and one holding the minimum (a valid
+    subgradient; ``amax`` would split it over ties); a channel whose range is 0 passes none.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, p: float,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        c = x.shape[1]
+        wide, fold = _wide_rows(x)
+        channels = torch.arange(c, device=x.device)
+        maximum, slot_max = wide.amax(dim=0).view(fold, c).max(dim=0)
+        minimum, slot_min = wide.amin(dim=0).view(fold, c).min(dim=0)
+        column_max, column_min = slot_max * c + channels, slot_min * c + channels
+        row_max, row_min = wide[:, column_max].argmax(dim=0), wide[:, column_min].argmin(dim=0)
+        mean = _fold_sum(wide.sum(dim=0), fold) / wide.shape[0] / fold
+        value_range = maximum - minimum
+        denominator = value_range.pow(p) + eps
+        scale = 1.0 / denominator if weight is None else weight.to(wide.dtype) / denominator
+        shift = -mean * scale if bias is None else bias.to(wide.dtype) - mean * scale
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.addcmul(shift.repeat(fold), wide, scale.repeat(fold), out=_wide_view(out, fold))
+        ctx.save_for_backward(x, weight, mean, value_range, denominator, scale,
+                              torch.stack([row_max, row_min]), torch.stack([column_max, column_min]))
+        ctx.p, ctx.fold, ctx.has_bias = p, fold, bias is not None
+        ctx.mark_non_differentiable(mean, value_range)
+        return out, mean, value_range
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor, *_: object) -> tuple[Tensor | None, ...]:
+        x, weight, mean, value_range, denominator, scale, rows, columns = ctx.saved_tensors
+        fold = ctx.fold
+        grad_wide, _ = _wide_rows(grad)
+        x_wide, _ = _wide_rows(x)
+        count = x_wide.shape[0] * fold
+        grad_sum = _fold_sum(grad_wide.sum(dim=0), fold)
+        # sum over (N, H, W) of grad * (x - mean), per channel
+        grad_centered = _fold_sum((grad_wide * x_wide).sum(dim=0), fold) - mean * grad_sum
+        # y = w * (x - mean) / d + b with d = range ** p + eps: d(loss) / d(range)
+        weight_value = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        slope = torch.where(value_range > 0, ctx.p * value_range.clamp_min(1e-30).pow(ctx.p - 1),
+                            torch.zeros_like(value_range))
+        grad_range = -weight_value * grad_centered / denominator.square() * slope
+        # the direct path and the mean's share, then the range's share on the two extreme elements
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_x_wide = _wide_view(grad_x, fold)
+        torch.addcmul((-scale * grad_sum / count).repeat(fold), grad_wide, scale.repeat(fold), out=grad_x_wide)
+        grad_x_wide.index_put_((rows.flatten(), columns.flatten()),
+                               torch.cat([grad_range, -grad_range]).to(grad_x.dtype), accumulate=True)
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (grad_centered / denominator).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_sum.to(weight.dtype if weight is not None else mean.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def _all_reduce_extremum(local: Tensor, group: object | None, largest: bool) -> Tensor:

@@ -131,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_FILE}")
     runtime.add_argument("--seed", type=int, default=0, help="default %(default)s")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    runtime.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                         help="bf16 autocast for convolutions and matmuls (statistics stay float32); auto: bf16 "
+                         "on CUDA, fp32 on the CPU, where bf16 pays only with native support (AVX-512 BF16, AMX)")
     runtime.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar on stderr (default: when stderr is a terminal)")
 
@@ -254,6 +257,7 @@ class _Trainer:
         self.args, self.processes = args, processes
         device = processes.device
         self.cuda = device.type == "cuda"
+        self.bf16 = args.precision == "bf16" or (args.precision == "auto" and self.cuda)
 
         train_set, val_set = cifar10_train_val(args.data)
         # The split is in seeded random order, so a prefix is a random sample that mixes the classes.
@@ -274,9 +278,12 @@ class _Trainer:
         torch.manual_seed(args.seed)  # identical initial weights on every rank and in every resumed run
         norm_kwargs = {"p": args.p} if args.norm == "robustnorm" else {}
         self.model = create_model(args.arch, norm=args.norm, num_classes=len(train_set.classes), **norm_kwargs)
-        self.model.to(device)
-        if self.cuda:
-            self.model.to(memory_format=torch.channels_last)
+        # Channels-last suits cuDNN and oneDNN's bf16 kernels (a bf16 CPU step measured 1.3x faster than NCHW)
+        # and takes RobustNorm's fast training path; fp32 CPU runs stay NCHW, whose sums match the float64
+        # checks of distributed training to 1e-5.
+        self.channels_last = self.cuda or self.bf16
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.to(device=device, memory_format=layout)
         self.network: nn.Module = self.model
         if processes.world_size > 1:
             enable_sync(self.model)
@@ -295,12 +302,12 @@ class _Trainer:
         )
 
     def autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+        return torch.autocast(self.processes.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def prepare(self, x01: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels to the network's input: normalised, channels-last on CUDA."""
+        """[0, 1] pixels to the network's input: normalised, in the model's memory format."""
         x = normalize(x01, CIFAR10_MEAN, CIFAR10_STD)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def config(self) -> dict[str, Any]:
         return {key: getattr(self.args, key) for key in _RESUME_MUST_MATCH}
