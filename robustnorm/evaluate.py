@@ -34,6 +34,7 @@ from .data import balanced_subset, load_cifar10, make_generator, normalize, to_f
 from .grouping import batch_groups
 from .io import ModelCard, load_model
 from .layers import set_policy
+from .policy import parse_policy
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class RobustRecord:
     eps_255: float
     steps: int
     gradient: str
-    images: int
+    images: int  # in the attacked batches, attackers and clean batchmates together
+    scored_images: int  # whose predictions robust_accuracy counts
     robust_accuracy: float  # on the attacker's images (poison: on the victims)
     clean_batchmates_accuracy: float | None  # accuracy of the untouched images of the same batches
     clean_accuracy: float  # same images, same policy and batch size, no attack
@@ -154,6 +156,43 @@ def _unknown_batchmates_sampler(model: nn.Module, card: ModelCard, policy: str, 
     return sample
 
 
+def _attackers_per_batch(threat: str, n: int) -> int:
+    if threat == "whole":
+        return n
+    if threat == "lone":
+        return 1
+    if threat.startswith("fraction:"):
+        return max(1, round(float(threat.split(":")[1]) * n))
+    if threat.startswith("poison:"):
+        return int(threat.split(":")[1])
+    raise ValueError(f"unknown threat model {threat!r}; use whole, lone, fraction:F or poison:K")
+
+
+def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Tensor, n: int, k: int,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Batches of ``n`` that each hold ``k`` consecutive images of ``x01`` (the attackers) and ``n - k`` clean
+    batchmates drawn from ``pool`` (distinct within a batch), in random positions.
+
+    Returns ``(images, labels, mask)`` with ``mask`` marking the ``x01`` images; a remainder of ``x01`` that
+    does not fill ``k`` is left out. Every image of ``x01`` is thus attacked in a batch of its own size, so a
+    lone attacker is scored on as many images as the whole-batch threat model.
+    """
+    batches = x01.shape[0] // k
+    if batches == 0 or k > n:
+        raise ValueError(f"cannot place {k} attackers per batch of {n} with {x01.shape[0]} images")
+    if n - k > pool.shape[0]:
+        raise ValueError(f"the pool of {pool.shape[0]} clean images cannot fill batches of {n}")
+    draw_on = generator.device
+    mates = torch.rand(batches, pool.shape[0], generator=generator, device=draw_on).argsort(dim=1)[:, : n - k]
+    positions = torch.rand(batches, n, generator=generator, device=draw_on).argsort(dim=1)
+    source = torch.cat([torch.arange(batches * k, device=draw_on).view(batches, k),
+                        mates + x01.shape[0]], dim=1)  # index into cat(x01, pool)
+    order = source.gather(1, positions).flatten().to(x01.device)
+    images = torch.cat([x01, pool])[order]
+    all_labels = torch.cat([labels, pool_labels])[order]
+    return images, all_labels, order < x01.shape[0]
+
+
 @dataclass
 class Crafted:
     """Adversarial batches: ``images`` (whole batches of n), which images the attacker perturbed (``mask``)
@@ -166,68 +205,102 @@ class Crafted:
 
 def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int, threat: str,
           attack: str, eps: float, steps: int, gradient: str, generator: torch.Generator,
-          pool: Tensor | None = None, eot_samples: int = 4) -> Crafted:
-    """Attack consecutive batches of ``n`` images of ``x01`` (its length a multiple of ``n``)."""
+          pool: Tensor | None = None, eot_samples: int = 4, attackers: Tensor | None = None) -> Crafted:
+    """Attack consecutive batches of ``n`` images of ``x01`` (its length a multiple of ``n``).
+
+    ``attackers`` (bool per image) says which images the attacker controls, as :func:`assemble_batches`
+    returns it; by default the threat model draws them at random positions in every batch.
+    """
     adversarial = torch.empty_like(x01)
     masks, scored_masks = [], []
+    frozen_here = parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen"
     for part in _chunks(x01.shape[0], n):
         x, y = x01[part], labels[part]
         groups = x.shape[0] // n
-        mask, loss_mask = _threat_masks(threat, groups, n, generator)
+        if attackers is None:
+            mask, loss_mask = _threat_masks(threat, groups, n, generator)
+        else:
+            mask = attackers[part]
+            loss_mask = ~mask if threat.startswith("poison:") else None
         mask = mask.to(x.device)
         loss_mask = loss_mask.to(x.device) if loss_mask is not None else None
-        if gradient == "unknown":
-            if threat != "lone" or pool is None:
-                raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
+        if gradient not in ("adaptive", "transfer", "unknown"):
+            raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
+        if attack not in ("fgsm", "pgd"):
+            raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
+        if gradient == "unknown" and (threat != "lone" or pool is None):
+            raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
+        if loss_mask is None and (gradient == "transfer" or frozen_here):
+            # The attack's forward ignores batchmates (frozen statistics): attack the attackers' images alone,
+            # n times cheaper than through whole batches and the same attack (for ``unknown`` too).
+            x_adv = x.clone()
+            x_adv[mask] = _attack(deployed_forward(model, card, "frozen", 1), x[mask], y[mask], attack, eps, steps,
+                                  generator)
+        elif gradient == "unknown":
             sampler = _unknown_batchmates_sampler(model, card, policy, n, pool, groups)
             x_adv = x.clone()
             x_adv[mask] = attacks.pgd(sampler, x[mask], y[mask], eps, steps=steps, generator=generator,
                                       eot_forward_samples=eot_samples)
         else:
-            if gradient not in ("adaptive", "transfer"):
-                raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
-            forward = (deployed_forward(model, card, policy, n) if gradient == "adaptive"
-                       else deployed_forward(model, card, "frozen", 1))
-            if attack == "fgsm":
-                x_adv = attacks.fgsm(forward, x, y, eps, mask=mask, loss_mask=loss_mask)
-            elif attack == "pgd":
-                x_adv = attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask,
-                                    generator=generator)
-            else:
-                raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
+            x_adv = _attack(deployed_forward(model, card, policy, n), x, y, attack, eps, steps, generator,
+                            mask=mask, loss_mask=loss_mask)
         adversarial[part] = x_adv
         masks.append(mask)
         scored_masks.append(loss_mask if loss_mask is not None else mask)
     return Crafted(adversarial, torch.cat(masks), torch.cat(scored_masks))
 
 
+def _attack(forward: attacks.Forward, x: Tensor, y: Tensor, attack: str, eps: float, steps: int,
+            generator: torch.Generator, mask: Tensor | None = None, loss_mask: Tensor | None = None) -> Tensor:
+    if attack == "fgsm":
+        return attacks.fgsm(forward, x, y, eps, mask=mask, loss_mask=loss_mask)
+    return attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask, generator=generator)
+
+
 def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int,
                       threat: str, attack: str, eps: float, steps: int, gradient: str, seed: int = 0,
-                      pool: Tensor | None = None, eot_samples: int = 4,
+                      pool: Tensor | None = None, pool_labels: Tensor | None = None, eot_samples: int = 4,
                       frozen_reference: dict | None = None) -> RobustRecord:
-    """One cell of the robustness grid on ``x01`` (truncated to whole batches of ``n``)."""
+    """One cell of the robustness grid.
+
+    Under ``whole`` the images of ``x01`` form consecutive batches of ``n`` (a partial last batch is left
+    out). Under the other threat models every image of ``x01`` is an attacker (``poison``: a poisoner) in a
+    batch completed with clean images drawn from ``pool``, so each cell scores about as many images as
+    ``x01`` holds; the frozen reference attacks the same ``x01`` images.
+    """
     started = time.perf_counter()
     generator = make_generator(seed, n, int(eps * 255 * 1000))
-    usable = x01.shape[0] - x01.shape[0] % n
-    if usable == 0:
-        raise ValueError(f"{x01.shape[0]} images do not fill one batch of n={n}")
-    x01, labels = x01[:usable], labels[:usable]
-    crafted = craft(model, card, x01, labels, policy=policy, n=n, threat=threat, attack=attack, eps=eps, steps=steps,
-                    gradient=gradient, generator=generator, pool=pool, eot_samples=eot_samples)
-    correct = predictions(model, card, crafted.images, policy, n) == labels
-    clean_correct = predictions(model, card, x01, policy, n) == labels
+    attackers = None
+    if threat == "whole":
+        usable = x01.shape[0] - x01.shape[0] % n
+        if usable == 0:
+            raise ValueError(f"{x01.shape[0]} images do not fill one batch of n={n}")
+        own_x01, own_labels = x01[:usable], labels[:usable]
+        batch_x01, batch_labels = own_x01, own_labels
+    else:
+        if pool is None or pool_labels is None:
+            raise ValueError(f"threat {threat!r} needs a pool of clean batchmates (pool, pool_labels)")
+        k = _attackers_per_batch(threat, n)
+        batch_x01, batch_labels, attackers = assemble_batches(x01, labels, pool, pool_labels, n, k, generator)
+        own_x01, own_labels = batch_x01[attackers], batch_labels[attackers]
+    crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack, eps=eps,
+                    steps=steps, gradient=gradient, generator=generator, pool=pool, eot_samples=eot_samples,
+                    attackers=attackers)
+    correct = predictions(model, card, crafted.images, policy, n) == batch_labels
+    clean_correct = predictions(model, card, batch_x01, policy, n) == batch_labels
     batchmates = ~crafted.mask & ~crafted.scored
-    key = (attack, eps, steps)
+    key = (attack, eps, steps, own_x01.shape[0])
     frozen_accuracy = None
     if frozen_reference is not None:
         if key not in frozen_reference:
             frozen_reference[key] = robust_evaluation(
-                model, card, x01, labels, policy="frozen", n=1, threat="whole", attack=attack, eps=eps, steps=steps,
-                gradient="adaptive", seed=seed).robust_accuracy
+                model, card, own_x01, own_labels, policy="frozen", n=1, threat="whole", attack=attack, eps=eps,
+                steps=steps, gradient="adaptive", seed=seed).robust_accuracy
         frozen_accuracy = frozen_reference[key]
     return RobustRecord(
         model=card.name, policy=policy, n=n, threat=threat, attack=attack, eps=eps, eps_255=round(eps * 255, 3),
-        steps=steps if attack == "pgd" else 1, gradient=gradient, images=usable,
+        steps=steps if attack == "pgd" else 1, gradient=gradient, images=batch_x01.shape[0],
+        scored_images=int(crafted.scored.sum()),
         robust_accuracy=float(correct[crafted.scored].float().mean()),
         clean_batchmates_accuracy=float(correct[batchmates].float().mean()) if batchmates.any() else None,
         clean_accuracy=float(clean_correct[crafted.scored].float().mean()),
@@ -335,8 +408,10 @@ def _policies(card: ModelCard) -> list[str]:
 
 
 def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
-                   robust_labels: Tensor, grid: Grid, seed: int = 0) -> dict:
-    """Run the whole grid for one model; returns a JSON-ready dict."""
+                   robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
+                   pool_labels: Tensor | None = None) -> dict:
+    """Run the whole grid for one model; returns a JSON-ready dict. ``pool``: clean batchmates for the
+    threat models with clean images in the batch (default: the robust subset itself)."""
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
     clean_policies = _policies(card) + [f"blend:{n0:g}" for n0 in grid.blend_n0]
@@ -362,11 +437,12 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
               for policy in _policies(card) for threat in grid.extra_threats]
     cells += [(policy, grid.extra_size, "lone", "pgd", max(grid.robust_eps_255), "unknown")
               for policy in _policies(card)]
-    pool = robust_x01  # batchmates for the unknown-batchmates attacker are drawn from the robust subset
+    if pool is None or pool_labels is None:
+        pool, pool_labels = robust_x01, robust_labels
     for policy, n, threat, attack, eps_255, gradient in dict.fromkeys(cells):
         record = robust_evaluation(model, card, robust_x01, robust_labels, policy=policy, n=n, threat=threat,
                                    attack=attack, eps=eps_255 / 255, steps=grid.steps, gradient=gradient, seed=seed,
-                                   pool=pool, frozen_reference=frozen_reference)
+                                   pool=pool, pool_labels=pool_labels, frozen_reference=frozen_reference)
         results["robust"].append(asdict(record))
         logger.info("robust %s", results["robust"][-1])
     return results
@@ -401,6 +477,11 @@ def run(args: argparse.Namespace) -> int:
     test = test.to(device)
     test_x01 = to_float(test.images)
     robust_x01, robust_labels = test_x01[robust_index.to(device)], test.labels[robust_index.to(device)]
+    # clean batchmates for the lone attacker, fractions and poisoning: the test images outside the subset
+    outside = torch.ones(len(test), dtype=torch.bool)
+    outside[robust_index] = False
+    pool_index = outside.nonzero().squeeze(1).to(device)
+    pool_x01, pool_labels = test_x01[pool_index], test.labels[pool_index]
     grid = GRIDS[args.grid]
     report = {"dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid, "grid_spec": asdict(grid),
               "device": str(device), "torch": torch.__version__, "seed": args.seed,
@@ -411,7 +492,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p}
         if "grid" in args.sections:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
-                                         args.seed))
+                                         args.seed, pool=pool_x01, pool_labels=pool_labels))
         if "drift" in args.sections:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
         result["seconds"] = round(time.perf_counter() - started, 1)

@@ -68,12 +68,33 @@ def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradien
     model, card = model_and_card
     x, y = images(24)
     reference: dict = {}
+    pool, pool_labels = images(40)
     record = robust_evaluation(model, card, x, y, policy="adaptive:4", n=8, threat=threat, attack="pgd", eps=4 / 255,
-                               steps=2, gradient=gradient, pool=x, frozen_reference=reference)
-    assert record.images == 24 and record.steps == 2 and record.eps_255 == 4
+                               steps=2, gradient=gradient, pool=pool[24:], pool_labels=pool_labels[24:],
+                               frozen_reference=reference)
+    attackers = {"whole": 24, "lone": 24, "fraction:0.5": 24}[threat]  # every image of x is scored
+    batches = {"whole": 3, "lone": 24, "fraction:0.5": 6}[threat]
+    assert record.scored_images == attackers and record.images == 8 * batches
+    assert record.steps == 2 and record.eps_255 == 4
     assert 0 <= record.robust_accuracy <= 1 and 0 <= record.clean_accuracy <= 1
     assert (record.clean_batchmates_accuracy is None) == (threat == "whole")
-    assert record.frozen_attack_accuracy == reference[("pgd", 4 / 255, 2)]
+    assert record.frozen_attack_accuracy == reference[("pgd", 4 / 255, 2, 24)]
+
+
+def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_batchmates() -> None:
+    from robustnorm.evaluate import assemble_batches
+
+    x, y = images(12)
+    pool, pool_labels = torch.rand(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    batch, labels, mask = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
+    assert batch.shape[0] == 12 * 8 and mask.view(12, 8).sum(dim=1).eq(1).all()
+    assert torch.equal(batch[mask], x) and torch.equal(labels[mask], y)  # each attacker once, in order
+    pool_rows = pool.flatten(1)
+    for group in batch[~mask].view(12, 7, -1):
+        matches = (group[:, None] == pool_rows[None]).all(dim=2)
+        assert matches.any(dim=1).all() and len(set(matches.float().argmax(dim=1).tolist())) == 7  # distinct
+    with pytest.raises(ValueError, match="cannot fill"):
+        assemble_batches(x, y, pool[:3], pool_labels[:3], n=8, k=1, generator=make_generator(0))
 
 
 def test_grouped_predictions_equal_batch_by_batch(model_and_card: tuple) -> None:
