@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,6 +121,7 @@ class RobustRecord:
     clean_accuracy: float  # same images, same policy and batch size, no attack
     frozen_attack_accuracy: float | None  # frozen model, same attack, same images (whole batch)
     seconds: float
+    same_as: str | None = None  # the policy whose identical computation this cell reuses (same statistics at n)
 
 
 def _threat_masks(threat: str, groups: int, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -169,11 +170,12 @@ def _attackers_per_batch(threat: str, n: int) -> int:
 
 
 def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Tensor, n: int, k: int,
-                     generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+                     generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batches of ``n`` that each hold ``k`` consecutive images of ``x01`` (the attackers) and ``n - k`` clean
     batchmates drawn from ``pool`` (distinct within a batch), in random positions.
 
-    Returns ``(images, labels, mask)`` with ``mask`` marking the ``x01`` images; a remainder of ``x01`` that
+    Returns ``(images, labels, mask, source)``: ``mask`` marks the ``x01`` images and ``source`` gives, for
+    each of them in batch order, its index in ``x01``; a remainder of ``x01`` that
     does not fill ``k`` is left out. Every image of ``x01`` is thus attacked in a batch of its own size, so a
     lone attacker is scored on as many images as the whole-batch threat model.
     """
@@ -190,7 +192,14 @@ def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Ten
     order = source.gather(1, positions).flatten().to(x01.device)
     images = torch.cat([x01, pool])[order]
     all_labels = torch.cat([labels, pool_labels])[order]
-    return images, all_labels, order < x01.shape[0]
+    mask = order < x01.shape[0]
+    return images, all_labels, mask, order[mask]
+
+
+def _ignores_batchmates(card: ModelCard, policy: str, n: int, gradient: str) -> bool:
+    """Whether the attack's forward is the frozen model image by image: transfer gradients, or a policy
+    that runs frozen statistics for batches of ``n``."""
+    return gradient == "transfer" or parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen"
 
 
 @dataclass
@@ -213,7 +222,7 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
     """
     adversarial = torch.empty_like(x01)
     masks, scored_masks = [], []
-    frozen_here = parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen"
+    ignores_batchmates = _ignores_batchmates(card, policy, n, gradient)
     for part in _chunks(x01.shape[0], n):
         x, y = x01[part], labels[part]
         groups = x.shape[0] // n
@@ -230,7 +239,7 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
             raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
         if gradient == "unknown" and (threat != "lone" or pool is None):
             raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
-        if loss_mask is None and (gradient == "transfer" or frozen_here):
+        if loss_mask is None and ignores_batchmates:
             # The attack's forward ignores batchmates (frozen statistics): attack the attackers' images alone,
             # n times cheaper than through whole batches and the same attack (for ``unknown`` too).
             x_adv = x.clone()
@@ -257,46 +266,73 @@ def _attack(forward: attacks.Forward, x: Tensor, y: Tensor, attack: str, eps: fl
     return attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask, generator=generator)
 
 
+class PerImageAttacks:
+    """Adversarial versions of a subset's images, each crafted against the ``frozen`` model on its own.
+
+    Shared by every cell whose attack ignores batchmates (``transfer`` gradients, and any gradient while
+    the deployed policy runs frozen statistics at that batch size) and by the frozen reference accuracy, so
+    each (attack, eps, steps) is crafted once per model. One instance per model and subset.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, Tensor] = {}
+
+    def get(self, model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, attack: str, eps: float,
+            steps: int, seed: int) -> Tensor:
+        key = (card.name, attack, eps, steps, x01.shape[0])
+        if key not in self._store:
+            generator = make_generator(seed, 1, int(eps * 255 * 1000))
+            forward = deployed_forward(model, card, "frozen", 1)
+            self._store[key] = torch.cat([_attack(forward, x01[part], labels[part], attack, eps, steps, generator)
+                                          for part in _chunks(x01.shape[0], 1)])
+        return self._store[key]
+
+
 def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int,
                       threat: str, attack: str, eps: float, steps: int, gradient: str, seed: int = 0,
                       pool: Tensor | None = None, pool_labels: Tensor | None = None, eot_samples: int = 4,
-                      frozen_reference: dict | None = None) -> RobustRecord:
+                      per_image: PerImageAttacks | None = None) -> RobustRecord:
     """One cell of the robustness grid.
 
     Under ``whole`` the images of ``x01`` form consecutive batches of ``n`` (a partial last batch is left
     out). Under the other threat models every image of ``x01`` is an attacker (``poison``: a poisoner) in a
     batch completed with clean images drawn from ``pool``, so each cell scores about as many images as
-    ``x01`` holds; the frozen reference attacks the same ``x01`` images.
+    ``x01`` holds. ``frozen_attack_accuracy`` is the frozen model's accuracy on the same attackers' images
+    under the same attack crafted against it.
     """
     started = time.perf_counter()
+    per_image = per_image if per_image is not None else PerImageAttacks()
     generator = make_generator(seed, n, int(eps * 255 * 1000))
-    attackers = None
     if threat == "whole":
         usable = x01.shape[0] - x01.shape[0] % n
         if usable == 0:
             raise ValueError(f"{x01.shape[0]} images do not fill one batch of n={n}")
-        own_x01, own_labels = x01[:usable], labels[:usable]
-        batch_x01, batch_labels = own_x01, own_labels
+        batch_x01, batch_labels = x01[:usable], labels[:usable]
+        attackers = torch.ones(usable, dtype=torch.bool, device=x01.device)
+        source = torch.arange(usable, device=x01.device)
     else:
         if pool is None or pool_labels is None:
             raise ValueError(f"threat {threat!r} needs a pool of clean batchmates (pool, pool_labels)")
         k = _attackers_per_batch(threat, n)
-        batch_x01, batch_labels, attackers = assemble_batches(x01, labels, pool, pool_labels, n, k, generator)
-        own_x01, own_labels = batch_x01[attackers], batch_labels[attackers]
-    crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack, eps=eps,
-                    steps=steps, gradient=gradient, generator=generator, pool=pool, eot_samples=eot_samples,
-                    attackers=attackers)
+        batch_x01, batch_labels, attackers, source = assemble_batches(x01, labels, pool, pool_labels, n, k,
+                                                                      generator)
+    poisoning = threat.startswith("poison:")
+    if not poisoning and _ignores_batchmates(card, policy, n, gradient):
+        adversarial = per_image.get(model, card, x01, labels, attack, eps, steps, seed)
+        images = batch_x01.clone()
+        images[attackers] = adversarial[source]
+        crafted = Crafted(images, attackers, attackers)
+    else:
+        crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack,
+                        eps=eps, steps=steps, gradient=gradient, generator=generator, pool=pool,
+                        eot_samples=eot_samples, attackers=attackers)
     correct = predictions(model, card, crafted.images, policy, n) == batch_labels
     clean_correct = predictions(model, card, batch_x01, policy, n) == batch_labels
     batchmates = ~crafted.mask & ~crafted.scored
-    key = (attack, eps, steps, own_x01.shape[0])
     frozen_accuracy = None
-    if frozen_reference is not None:
-        if key not in frozen_reference:
-            frozen_reference[key] = robust_evaluation(
-                model, card, own_x01, own_labels, policy="frozen", n=1, threat="whole", attack=attack, eps=eps,
-                steps=steps, gradient="adaptive", seed=seed).robust_accuracy
-        frozen_accuracy = frozen_reference[key]
+    if not poisoning:
+        frozen_images = per_image.get(model, card, x01, labels, attack, eps, steps, seed)[source]
+        frozen_accuracy = accuracy(model, card, frozen_images, labels[source], "frozen", 1)
     return RobustRecord(
         model=card.name, policy=policy, n=n, threat=threat, attack=attack, eps=eps, eps_255=round(eps * 255, 3),
         steps=steps if attack == "pgd" else 1, gradient=gradient, images=batch_x01.shape[0],
@@ -407,13 +443,59 @@ def _policies(card: ModelCard) -> list[str]:
     return list(dict.fromkeys(["frozen", "batch", card.policy]))
 
 
+def _cell_key(record: dict) -> tuple:
+    return (record["policy"], record["n"], record["threat"], record["attack"], record["eps_255"], record["gradient"])
+
+
 def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
                    robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
-                   pool_labels: Tensor | None = None) -> dict:
-    """Run the whole grid for one model; returns a JSON-ready dict. ``pool``: clean batchmates for the
-    threat models with clean images in the batch (default: the robust subset itself)."""
+                   pool_labels: Tensor | None = None, previous: dict | None = None,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole grid for one model; returns a JSON-ready dict.
+
+    ``pool``: clean batchmates for the threat models with clean images in the batch (default: the robust
+    subset itself). ``previous``: an earlier, interrupted result for the same model and version, whose
+    sections and robust cells are kept rather than recomputed. ``on_progress(results)`` runs after every
+    robust cell, so a caller can save partial results.
+    """
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
+    if previous is not None:
+        for section in ("clean", "skewed", "robust"):
+            results[section] = list(previous.get(section, []))
+    if not results["clean"]:
+        _clean_sections(model, card, test_x01, test_labels, grid, seed, results)
+    done = {_cell_key(record): record for record in results["robust"]}
+    per_image = PerImageAttacks()
+    if pool is None or pool_labels is None:
+        pool, pool_labels = robust_x01, robust_labels
+    robust = card.norm == "robustnorm"
+    for policy, n, threat, attack, eps_255, gradient in _robust_cells(card, grid):
+        key = (policy, n, threat, attack, round(eps_255, 3), gradient)
+        if key in done:
+            continue
+        # A policy that resolves to the same statistics at n as a cell already run is that cell again.
+        resolved = str(parse_policy(policy).resolve(n, robust))
+        twin = next((record for other, record in done.items() if other[1:] == key[1:]
+                     and str(parse_policy(other[0]).resolve(n, robust)) == resolved), None)
+        if twin is not None:
+            record = dict(twin, policy=policy, seconds=0.0, same_as=twin.get("same_as") or twin["policy"])
+        else:
+            record = asdict(robust_evaluation(
+                model, card, robust_x01, robust_labels, policy=policy, n=n, threat=threat, attack=attack,
+                eps=eps_255 / 255, steps=grid.steps, gradient=gradient, seed=seed, pool=pool, pool_labels=pool_labels,
+                per_image=per_image))
+        results["robust"].append(record)
+        done[key] = record
+        logger.info("robust %s", record)
+        if on_progress is not None:
+            on_progress(results)
+    return results
+
+
+def _clean_sections(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, grid: Grid, seed: int,
+                    results: dict) -> None:
+    """Clean accuracy per policy and batch size, and on label-skewed batches, into ``results``."""
     clean_policies = _policies(card) + [f"blend:{n0:g}" for n0 in grid.blend_n0]
     for policy in dict.fromkeys(clean_policies):
         for n in grid.clean_sizes:
@@ -423,12 +505,18 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     for classes in grid.skew_classes:
         for n in grid.skew_sizes:
             order = skewed_order(test_labels, n, classes, seed).to(test_labels.device)
+            if order.numel() == 0:
+                logger.warning("skipped skewed batches of %d with %d classes: too few test images", n, classes)
+                continue
             for policy in _policies(card):
                 results["skewed"].append({"policy": policy, "n": n, "classes_per_batch": classes,
                                           "images": int(order.numel()),
                                           "accuracy": accuracy(model, card, test_x01[order], test_labels[order],
                                                                policy, n)})
-    frozen_reference: dict = {}
+
+
+def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str, float, str]]:
+    """(policy, n, threat, attack, eps in 1/255, gradient) of every robust cell, without repeats."""
     cells = [(policy, n, threat, "pgd", eps, gradient) for policy in _policies(card) for n in grid.robust_sizes
              for eps in grid.robust_eps_255 for threat in grid.robust_threats for gradient in grid.robust_gradients]
     cells += [(card.policy, grid.sweep_size, "whole", attack, eps, "adaptive") for attack in ("fgsm", "pgd")
@@ -437,15 +525,7 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
               for policy in _policies(card) for threat in grid.extra_threats]
     cells += [(policy, grid.extra_size, "lone", "pgd", max(grid.robust_eps_255), "unknown")
               for policy in _policies(card)]
-    if pool is None or pool_labels is None:
-        pool, pool_labels = robust_x01, robust_labels
-    for policy, n, threat, attack, eps_255, gradient in dict.fromkeys(cells):
-        record = robust_evaluation(model, card, robust_x01, robust_labels, policy=policy, n=n, threat=threat,
-                                   attack=attack, eps=eps_255 / 255, steps=grid.steps, gradient=gradient, seed=seed,
-                                   pool=pool, pool_labels=pool_labels, frozen_reference=frozen_reference)
-        results["robust"].append(asdict(record))
-        logger.info("robust %s", results["robust"][-1])
-    return results
+    return list(dict.fromkeys(cells))
 
 
 # ----------------------------------------------------------------------------------------- command line
@@ -464,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=("grid", "drift"), default=["grid", "drift"],
                         help="the accuracy grid, the drift evidence, or both")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep what --out already holds for the same models, data and grid, and run only the "
+                        "rest (the file is rewritten after every robust cell)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -486,21 +569,42 @@ def run(args: argparse.Namespace) -> int:
     report = {"dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid, "grid_spec": asdict(grid),
               "device": str(device), "torch": torch.__version__, "seed": args.seed,
               "robust_images": int(robust_index.numel()), "test_images": len(test), "models": []}
+    earlier = _resumable(args.out, report) if args.resume else {}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_suffix(".partial")
+        partial.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+        partial.replace(args.out)
+
     for name in args.models:
         model, card = load_model(name, device=device)
         started = time.perf_counter()
+        previous = earlier.get((card.name, card.version), {})
         result = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p}
+        report["models"].append(result)
         if "grid" in args.sections:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
-                                         args.seed, pool=pool_x01, pool_labels=pool_labels))
+                                         args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
+                                         on_progress=lambda partial, into=result: (into.update(partial), save())))
         if "drift" in args.sections:
-            result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
-        result["seconds"] = round(time.perf_counter() - started, 1)
-        report["models"].append(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+            result["drift"] = previous.get("drift") or drift_evidence(model, card, robust_x01, robust_labels,
+                                                                      steps=grid.steps, seed=args.seed)
+        result["seconds"] = round(time.perf_counter() - started + previous.get("seconds", 0.0), 1)
+        save()
     print(f"wrote {args.out}")
     return 0
+
+
+def _resumable(path: Path, report: dict) -> dict[tuple[str, str], dict]:
+    """Per (model, version), what an earlier run with the same data, grid and seed left in ``path``."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = ("dataset", "grid", "grid_spec", "seed", "robust_images", "test_images")
+    if any(earlier.get(key) != json.loads(json.dumps(report[key])) for key in same):
+        raise ValueError(f"--resume: {path} holds results for other data or another grid; choose another --out")
+    return {(result["model"], result["version"]): result for result in earlier.get("models", [])}
 
 
 def _json_default(value: object) -> object:

@@ -8,8 +8,8 @@
 #
 # Knobs: EPOCHS (default 60), BATCH (128), GRID (core), ROBUST_IMAGES (2000), LIMIT_TRAIN (unset = 45,000),
 # VAL_IMAGES (5,000), TEST_IMAGES (10,000).
-# A stage that stops at the time limit resumes from its checkpoints when called again (train) or redoes its
-# work (calibrate, evaluate). Dry run on a CPU: EPOCHS=1 LIMIT_TRAIN=512 VAL_IMAGES=256 GRID=smoke
+# A stage that stops at the time limit resumes when called again: train from its checkpoints, evaluate from the
+# cells already in robustness.json (written after every cell); calibrate redoes its work. Dry run on a CPU: EPOCHS=1 LIMIT_TRAIN=512 VAL_IMAGES=256 GRID=smoke
 # ROBUST_IMAGES=40 TEST_IMAGES=200 ART_N=8 ...
 set -euo pipefail
 stage="${1:?usage: issue3.sh train|calibrate|evaluate}"
@@ -50,7 +50,7 @@ evaluate)
         IFS=: read -r short _ _ <<<"$spec"
         dirs+=("$out/$short")
     done
-    "$py" -m robustnorm.cli evaluate --models "${dirs[@]}" --grid "${GRID:-core}" \
+    "$py" -m robustnorm.cli evaluate --models "${dirs[@]}" --grid "${GRID:-core}" --resume \
         --robust-images "${ROBUST_IMAGES:-2000}" ${TEST_IMAGES:+--test-images "$TEST_IMAGES"} --out "$out/robustness/robustness.json"
     if "$py" -c "import art" 2>/dev/null; then
         "$py" benchmarks/crosscheck_art.py --models "${dirs[0]}" "${dirs[1]}" "${dirs[2]}" \

@@ -67,18 +67,18 @@ def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
 def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradient: str) -> None:
     model, card = model_and_card
     x, y = images(24)
-    reference: dict = {}
     pool, pool_labels = images(40)
     record = robust_evaluation(model, card, x, y, policy="adaptive:4", n=8, threat=threat, attack="pgd", eps=4 / 255,
-                               steps=2, gradient=gradient, pool=pool[24:], pool_labels=pool_labels[24:],
-                               frozen_reference=reference)
+                               steps=2, gradient=gradient, pool=pool[24:], pool_labels=pool_labels[24:])
     attackers = {"whole": 24, "lone": 24, "fraction:0.5": 24}[threat]  # every image of x is scored
     batches = {"whole": 3, "lone": 24, "fraction:0.5": 6}[threat]
     assert record.scored_images == attackers and record.images == 8 * batches
     assert record.steps == 2 and record.eps_255 == 4
     assert 0 <= record.robust_accuracy <= 1 and 0 <= record.clean_accuracy <= 1
     assert (record.clean_batchmates_accuracy is None) == (threat == "whole")
-    assert record.frozen_attack_accuracy == reference[("pgd", 4 / 255, 2, 24)]
+    frozen = robust_evaluation(model, card, x, y, policy="frozen", n=1, threat="whole", attack="pgd", eps=4 / 255,
+                               steps=2, gradient="adaptive")
+    assert record.frozen_attack_accuracy == frozen.robust_accuracy == frozen.frozen_attack_accuracy
 
 
 def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_batchmates() -> None:
@@ -86,13 +86,16 @@ def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_ba
 
     x, y = images(12)
     pool, pool_labels = torch.rand(20, 3, 32, 32), torch.randint(0, 10, (20,))
-    batch, labels, mask = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
+    batch, labels, mask, source = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
     assert batch.shape[0] == 12 * 8 and mask.view(12, 8).sum(dim=1).eq(1).all()
+    assert torch.equal(source, torch.arange(12))
     assert torch.equal(batch[mask], x) and torch.equal(labels[mask], y)  # each attacker once, in order
     pool_rows = pool.flatten(1)
     for group in batch[~mask].view(12, 7, -1):
         matches = (group[:, None] == pool_rows[None]).all(dim=2)
         assert matches.any(dim=1).all() and len(set(matches.float().argmax(dim=1).tolist())) == 7  # distinct
+    batch, labels, mask, source = assemble_batches(x, y, pool, pool_labels, n=8, k=3, generator=make_generator(0))
+    assert sorted(source.tolist()) == list(range(12)) and torch.equal(batch[mask], x[source])
     with pytest.raises(ValueError, match="cannot fill"):
         assemble_batches(x, y, pool[:3], pool_labels[:3], n=8, k=1, generator=make_generator(0))
 
@@ -147,3 +150,48 @@ def test_drift_evidence_separates_noise_from_clean(model_and_card: tuple) -> Non
     assert set(result["layers"]["clean"]["bn1"]) == {"mean_shift", "log_var_ratio", "kl"}
     assert result["layers"]["contrast"]["bn1"]["kl"] > result["layers"]["clean"]["bn1"]["kl"]
     assert result["auc"]["contrast"]["batch_score"] > 0.9
+
+
+def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10: object, tmp_path: object) -> None:
+    import json
+
+    from robustnorm.cli import main as cli
+
+    out = tmp_path / "robustness.json"
+    argv = ["evaluate", "--models", "cifar10-resnet20-robustnorm-preview", "--grid", "smoke", "--robust-images", "10",
+            "--test-images", "200", "--sections", "grid", "--device", "cpu", "--data", str(cifar10), "--out", str(out)]
+    assert cli(argv) == 0
+    first = json.loads(out.read_text())["models"][0]
+    cells = {(r["policy"], r["n"], r["threat"], r["attack"], r["eps_255"], r["gradient"]) for r in first["robust"]}
+    assert len(cells) == len(first["robust"]) > 10
+    for record in first["robust"]:
+        n = record["n"]
+        if record["threat"] == "whole":  # consecutive batches of the subset
+            assert record["scored_images"] == record["images"] == 10 - 10 % n
+        if record["threat"] == "lone":  # every subset image attacks once, each in its own batch of n
+            assert record["scored_images"] == 10 and record["images"] == 10 * n
+        assert record["frozen_attack_accuracy"] is not None or record["threat"].startswith("poison")
+    assert cli([*argv, "--resume"]) == 0
+    again = json.loads(out.read_text())["models"][0]
+    assert again["robust"] == first["robust"] and again["clean"] == first["clean"]
+
+
+def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import Grid, evaluate_model
+
+    model, card = model_and_card  # policy adaptive:4 on RobustNorm: frozen below 4 images, batch from 4
+    x, y = images(16)
+    pool, pool_labels = images(40)
+    grid = Grid(clean_sizes=(1, 8), blend_n0=(), skew_sizes=(), skew_classes=(), robust_sizes=(1, 8),
+                robust_eps_255=(8,), robust_threats=("whole", "lone"), robust_gradients=("adaptive",), sweep_size=8,
+                sweep_eps_255=(8,), extra_size=8, extra_threats=(), steps=2)
+    results = evaluate_model(model, card, x, y, x, y, grid, pool=pool[16:], pool_labels=pool_labels[16:])
+    cells = {(r["policy"], r["n"], r["threat"], r["eps_255"], r["attack"], r["gradient"]): r for r in results["robust"]}
+    for (policy, n, *rest), record in cells.items():
+        if policy != "adaptive:4" or record["attack"] == "fgsm":  # FGSM runs for the card's policy only
+            assert record["same_as"] is None
+            continue
+        twin = "frozen" if n < 4 else "batch"
+        assert record["same_as"] == twin and record["seconds"] == 0
+        original = cells[(twin, n, *rest)]
+        assert record["robust_accuracy"] == original["robust_accuracy"] and original["seconds"] > 0
