@@ -195,11 +195,24 @@ def _sync_enabled(layer: _PolicyNorm) -> bool:
             and torch.distributed.get_world_size(layer.sync_group) > 1)
 
 
-def _all_reduce_sum(tensor: Tensor, group: object | None) -> Tensor:
-    """Differentiable sum over ranks: the gradient of each rank's share is the sum of all ranks' gradients."""
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the ranks' gradients (each rank's share feeds every rank's loss)."""
 
-    return all_reduce(tensor, group=group)
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: object | None) -> Tensor:
+        ctx.group = group
+        reduced = tensor.clone()
+        torch.distributed.all_reduce(reduced, group=group)
+        return reduced
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def _all_reduce_sum(tensor: Tensor, group: object | None) -> Tensor:
+    """Differentiable sum over ranks (``torch.distributed.nn.functional.all_reduce`` is deprecated)."""
+    return _AllReduceSum.apply(tensor, group)
 
 
 class AdaptiveBatchNorm2d(_PolicyNorm):
