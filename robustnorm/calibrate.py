@@ -32,7 +32,7 @@ from .layers import set_policy
 
 logger = logging.getLogger(__name__)
 
-N0_CANDIDATES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+N0_CANDIDATES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)  # 1024: nearly frozen
 SMALL_BATCH = 32
 
 

@@ -59,6 +59,7 @@ evaluate)
     if "$py" -c "import matplotlib" 2>/dev/null; then
         "$py" benchmarks/plot_robustness.py "$out/robustness/robustness.json"
     fi
+    "$py" benchmarks/headline.py "$out/robustness/robustness.json"
     ;;
 *)
     echo "unknown stage $stage: use train, calibrate or evaluate" >&2

@@ -1,0 +1,52 @@
+"""The headline table's verdicts follow their stated rules on hand-made results."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "headline.py"
+spec = importlib.util.spec_from_file_location("headline", SCRIPT)
+headline = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(headline)
+
+
+def record(policy: str, robust: float, frozen_attack: float = 0.0, clean: float = 0.9, threat: str = "whole") -> dict:
+    return {"policy": policy, "n": 128, "threat": threat, "gradient": "adaptive", "attack": "pgd", "eps_255": 8.0,
+            "robust_accuracy": robust, "clean_accuracy": clean, "frozen_attack_accuracy": frozen_attack}
+
+
+def report(bn_cells: list[dict], rn_cells: list[dict], auc: float = 0.95) -> dict:
+    drift = {"n": 32, "eps_255": 8.0, "auc": {"pgd_whole": {"batch_score": auc}, "pgd_lone": {"batch_score": 0.5}}}
+    return {"models": [{"model": "bn", "policy": "frozen", "p": None, "robust": bn_cells, "drift": drift,
+                        "clean": [{"policy": "frozen", "n": 128, "accuracy": 0.9}]},
+                       {"model": "rn", "policy": "frozen", "p": 1.0, "robust": rn_cells,
+                        "clean": [{"policy": "frozen", "n": 128, "accuracy": 0.89}]}],
+            "robust_images": 2000, "test_images": 10000, "dataset": "d", "device": "cpu", "torch": "t"}
+
+
+def verdicts(text: str, claim: str) -> list[str]:
+    return [line.split("|")[4].strip() for line in text.splitlines() if line.startswith(f"| {claim} |")]
+
+
+def test_claim_b_needs_half_of_the_lost_accuracy_back() -> None:
+    # frozen loses 90 points; batch recovering 46 of them is "much", 40 is not
+    enough = headline.headline(report([record("frozen", 0.0), record("batch", 0.46)], []))
+    too_little = headline.headline(report([record("frozen", 0.0), record("batch", 0.40)], []))
+    assert verdicts(enough, "B") == ["reproduces"] and verdicts(too_little, "B") == ["does not reproduce"]
+
+
+def test_a_weak_attack_is_not_judged() -> None:
+    cells = [record("frozen", 0.3, frozen_attack=0.3), record("batch", 0.8, frozen_attack=0.3)]
+    assert verdicts(headline.headline(report(cells, [])), "B") == ["attack too weak to judge"]
+
+
+def test_claim_c_compares_the_two_networks_cell_by_cell() -> None:
+    bn = [record("frozen", 0.01), record("batch", 0.20)]
+    rn = [record("frozen", 0.10), record("batch", 0.22)]
+    assert verdicts(headline.headline(report(bn, rn)), "C") == ["reproduces", "does not reproduce"]
+
+
+def test_claim_a_uses_the_batch_drift_auc() -> None:
+    assert verdicts(headline.headline(report([], [], auc=0.95)), "A") == ["reproduces", "does not reproduce"]
+    assert verdicts(headline.headline(report([], [], auc=0.7)), "A")[0] == "does not reproduce"
