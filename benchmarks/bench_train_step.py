@@ -1,0 +1,86 @@
+"""Time one ResNet-20 training step (batch 128) per norm layer, precision and memory layout.
+
+    python benchmarks/bench_train_step.py --threads 1 --out benchmarks/results/train_step_cpu.json
+
+Measures forward, loss, backward and SGD step on random images, after warm-up, as the median of ``--repeats``
+timed steps. Records the machine's load average so that figures taken beside other work can be read as such:
+compare rows of one file, not across files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from robustnorm import create_model
+
+VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+
+
+def time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = create_model("resnet20", norm=norm, **({"p": 1.0} if norm == "robustnorm" else {})).to(device).train()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.rand(128, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    y = torch.randint(0, 10, (128,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step_cpu.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for norm in ("bn", "robustnorm"):
+        for precision, channels_last in VARIANTS:
+            seconds = time_step(norm, precision, channels_last, args.repeats, device)
+            rows.append({"norm": norm, "precision": precision, "channels_last": channels_last,
+                         "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
+            print(rows[-1], flush=True)
+    result = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "load_average_at_end": os.getloadavg(), "batch": 128, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
