@@ -186,12 +186,16 @@ class TorchEngine:
         started = time.perf_counter()
         shape = tuple(int(v) for v in self.card.input_size)
         for size in self.pad_sizes or sorted({1, self.max_batch_size}):
-            self._infer(torch.randn(size, *shape), [size], self.policy)
+            self.infer(torch.randn(size, *shape), [size], self.policy)
         logger.info("warm-up done in %.2f s", time.perf_counter() - started)
 
-    def _infer(self, pixels: torch.Tensor, sizes: Sequence[int], policy: str
+    def infer(self, pixels: torch.Tensor, sizes: Sequence[int], policy: str
                ) -> tuple[torch.Tensor, robustnorm.GroupRun, robustnorm.DriftReport, int]:
-        """Probabilities of the real images, what ran, and the drift report, for one grouped forward."""
+        """Probabilities of the real images, what ran, and the drift report, for one grouped forward.
+
+        The engine's one model-facing step: batching, padding sizes, threads and reporting stay in this class,
+        and an engine for another runtime (:class:`service.engine_onnx.OnnxEngine`) overrides only this.
+        """
         images = sum(sizes)
         padded = self.padded_size(images)
         if padded > pixels.shape[0]:
@@ -218,7 +222,7 @@ class TorchEngine:
         items = batch.items
         sizes = batch.sizes
         started = time.perf_counter()
-        probabilities, run, report, padded = self._infer(torch.cat([item.pixels for item in items]), sizes,
+        probabilities, run, report, padded = self.infer(torch.cat([item.pixels for item in items]), sizes,
                                                          batch.policy)
         k = min(max(item.top_k for item in items), len(self.labels))
         top_scores, top_indices = (t.cpu().tolist() for t in probabilities.topk(k, dim=1))

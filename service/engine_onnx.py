@@ -14,7 +14,7 @@ the host); the CPU provider everywhere else, through IO binding too.
 Selected with the ``engine`` setting (``onnx``). ``model`` may be a ``.onnx`` file from ``robustnorm export``
 (its card beside it, ``NAME.card.json``); any other model (bundled, directory, ``module:factory``) is exported
 at start-up into a temporary directory. The batching, result routing and threading are the PyTorch engine's
-(:class:`~service.engine.TorchEngine`, whose model-facing step ``_infer`` this class replaces).
+(:class:`~service.engine.TorchEngine`, whose model-facing step ``infer`` this class replaces).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ class OnnxEngine(TorchEngine):
         self.session.run_with_iobinding(binding)
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
 
-    def _infer(self, pixels: torch.Tensor, sizes: Sequence[int], policy: str
+    def infer(self, pixels: torch.Tensor, sizes: Sequence[int], policy: str
                ) -> tuple[torch.Tensor, robustnorm.GroupRun, robustnorm.DriftReport, int]:
         """Probabilities of the real images, what ran, and the drift report: one graph run per group."""
         images = sum(sizes)
