@@ -17,7 +17,7 @@ FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}
 
 def bundled(name: str) -> tuple[torch.nn.Module, robustnorm.ModelCard]:
     if name not in robustnorm.list_models():
-        pytest.skip(f"{name} is not bundled yet: its GPU training run (issue 3) has not landed")
+        pytest.skip(f"{name} is not bundled yet: its training run (issue 3) has not landed")
     return robustnorm.load_model(name)
 
 
