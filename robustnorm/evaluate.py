@@ -18,6 +18,7 @@ same attack on the same images, so that gradient masking cannot pass for robustn
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -196,6 +197,16 @@ def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Ten
     return images, all_labels, mask, order[mask]
 
 
+def _check_cell(threat: str, attack: str, gradient: str, pool: Tensor | None) -> None:
+    _attackers_per_batch(threat, 2)  # raises on an unknown threat model
+    if gradient not in ("adaptive", "transfer", "unknown"):
+        raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
+    if gradient == "unknown" and (threat != "lone" or pool is None):
+        raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
+
+
 def _ignores_batchmates(card: ModelCard, policy: str, n: int, gradient: str) -> bool:
     """Whether the attack's forward is the frozen model image by image: transfer gradients, or a policy
     that runs frozen statistics for batches of ``n``."""
@@ -222,6 +233,7 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
     """
     adversarial = torch.empty_like(x01)
     masks, scored_masks = [], []
+    _check_cell(threat, attack, gradient, pool)
     ignores_batchmates = _ignores_batchmates(card, policy, n, gradient)
     for part in _chunks(x01.shape[0], n):
         x, y = x01[part], labels[part]
@@ -233,12 +245,6 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
             loss_mask = ~mask if threat.startswith("poison:") else None
         mask = mask.to(x.device)
         loss_mask = loss_mask.to(x.device) if loss_mask is not None else None
-        if gradient not in ("adaptive", "transfer", "unknown"):
-            raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
-        if attack not in ("fgsm", "pgd"):
-            raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
-        if gradient == "unknown" and (threat != "lone" or pool is None):
-            raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
         if loss_mask is None and ignores_batchmates:
             # The attack's forward ignores batchmates (frozen statistics): attack the attackers' images alone,
             # n times cheaper than through whole batches and the same attack (for ``unknown`` too).
@@ -251,8 +257,9 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
             x_adv[mask] = attacks.pgd(sampler, x[mask], y[mask], eps, steps=steps, generator=generator,
                                       eot_forward_samples=eot_samples)
         else:
-            x_adv = _attack(deployed_forward(model, card, policy, n), x, y, attack, eps, steps, generator,
-                            mask=mask, loss_mask=loss_mask)
+            forward = (deployed_forward(model, card, "frozen", 1) if gradient == "transfer"
+                       else deployed_forward(model, card, policy, n))
+            x_adv = _attack(forward, x, y, attack, eps, steps, generator, mask=mask, loss_mask=loss_mask)
         adversarial[part] = x_adv
         masks.append(mask)
         scored_masks.append(loss_mask if loss_mask is not None else mask)
@@ -301,6 +308,7 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     under the same attack crafted against it.
     """
     started = time.perf_counter()
+    _check_cell(threat, attack, gradient, pool)
     per_image = per_image if per_image is not None else PerImageAttacks()
     generator = make_generator(seed, n, int(eps * 255 * 1000))
     if threat == "whole":
@@ -566,49 +574,78 @@ def run(args: argparse.Namespace) -> int:
     pool_index = outside.nonzero().squeeze(1).to(device)
     pool_x01, pool_labels = test_x01[pool_index], test.labels[pool_index]
     grid = GRIDS[args.grid]
-    report = {"dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid, "grid_spec": asdict(grid),
-              "device": str(device), "torch": torch.__version__, "seed": args.seed,
+    report = {"format": RESULTS_FORMAT, "dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid,
+              "grid_spec": asdict(grid), "device": str(device), "torch": torch.__version__, "seed": args.seed,
               "robust_images": int(robust_index.numel()), "test_images": len(test), "models": []}
-    earlier = _resumable(args.out, report) if args.resume else {}
+    if args.resume:  # keep every earlier model entry; those run again are replaced in place
+        report["models"] = _resumable(args.out, report)
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = args.out.with_suffix(".partial")
-        partial.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+        partial.write_text(json.dumps(_without_nan(report), indent=1, allow_nan=False) + "\n")
         partial.replace(args.out)
 
     for name in args.models:
         model, card = load_model(name, device=device)
         started = time.perf_counter()
-        previous = earlier.get((card.name, card.version), {})
-        result = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p}
-        report["models"].append(result)
+        result = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
+                  "card_digest": _card_digest(card)}
+        index = next((i for i, entry in enumerate(report["models"]) if entry["model"] == card.name), None)
+        previous = report["models"][index] if index is not None else {}
+        if previous.get("card_digest") != result["card_digest"]:
+            previous = {}  # other weights, policy or calibration: nothing earlier applies
+        result.update({key: value for key, value in previous.items() if key not in result})
+        if index is None:
+            report["models"].append(result)
+        else:
+            report["models"][index] = result
+        spent = previous.get("seconds", 0.0)
+
+        def progress(partial: dict, into: dict = result, since: float = started, before: float = spent) -> None:
+            into.update(partial)
+            into["seconds"] = round(time.perf_counter() - since + before, 1)
+            save()
+
         if "grid" in args.sections:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
                                          args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
-                                         on_progress=lambda partial, into=result: (into.update(partial), save())))
-        if "drift" in args.sections:
-            result["drift"] = previous.get("drift") or drift_evidence(model, card, robust_x01, robust_labels,
-                                                                      steps=grid.steps, seed=args.seed)
-        result["seconds"] = round(time.perf_counter() - started + previous.get("seconds", 0.0), 1)
-        save()
+                                         on_progress=progress))
+        if "drift" in args.sections and "drift" not in result:
+            result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
+        progress({})
     print(f"wrote {args.out}")
     return 0
 
 
-def _resumable(path: Path, report: dict) -> dict[tuple[str, str], dict]:
-    """Per (model, version), what an earlier run with the same data, grid and seed left in ``path``."""
+RESULTS_FORMAT = 2  # 2: lone attackers, fractions and poisoning score every subset image (scored_images)
+
+
+def _card_digest(card: ModelCard) -> str:
+    """What the results of a model depend on besides the data: its weights, policy and calibration."""
+    text = json.dumps([card.version, card.policy, card.calibration and asdict(card.calibration)], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _resumable(path: Path, report: dict) -> list[dict]:
+    """The model entries an earlier run with the same format, data, grid and seed left in ``path``."""
     if not path.is_file():
-        return {}
+        return []
     earlier = json.loads(path.read_text())
-    same = ("dataset", "grid", "grid_spec", "seed", "robust_images", "test_images")
+    same = ("format", "dataset", "grid", "grid_spec", "seed", "robust_images", "test_images")
     if any(earlier.get(key) != json.loads(json.dumps(report[key])) for key in same):
-        raise ValueError(f"--resume: {path} holds results for other data or another grid; choose another --out")
-    return {(result["model"], result["version"]): result for result in earlier.get("models", [])}
+        raise ValueError(f"--resume: {path} holds results for another format, other data or another grid; "
+                         "choose another --out")
+    return list(earlier.get("models", []))
 
 
-def _json_default(value: object) -> object:
+def _without_nan(value: object) -> object:
+    """``value`` with every NaN float replaced by None (strict JSON has no NaN)."""
     if isinstance(value, float) and math.isnan(value):
         return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(item) for item in value]
+    return value

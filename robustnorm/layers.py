@@ -375,7 +375,7 @@ class _RangeNormalize(torch.autograd.Function):
         torch.addcmul(shift.repeat(fold), wide, scale.repeat(fold), out=_wide_view(out, fold))
         ctx.save_for_backward(x, weight, mean, value_range, denominator, scale,
                               torch.stack([row_max, row_min]), torch.stack([column_max, column_min]))
-        ctx.p, ctx.fold, ctx.has_bias = p, fold, bias is not None
+        ctx.p, ctx.fold, ctx.bias_dtype = p, fold, bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, value_range)
         return out, mean, value_range
 
@@ -404,8 +404,8 @@ class _RangeNormalize(torch.autograd.Function):
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = (grad_centered / denominator).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_sum.to(weight.dtype if weight is not None else mean.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_sum.to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None
 
 

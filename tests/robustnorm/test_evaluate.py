@@ -195,3 +195,19 @@ def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card
         assert record["same_as"] == twin and record["seconds"] == 0
         original = cells[(twin, n, *rest)]
         assert record["robust_accuracy"] == original["robust_accuracy"] and original["seconds"] > 0
+
+
+def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: object) -> None:
+    import json
+
+    from robustnorm.evaluate import RESULTS_FORMAT, _resumable, _without_nan
+
+    report = {"format": RESULTS_FORMAT, "dataset": "d", "grid": "core", "grid_spec": {"steps": 20}, "seed": 0,
+              "robust_images": 2000, "test_images": 10000, "models": [{"model": "a"}]}
+    path = tmp_path / "robustness.json"
+    path.write_text(json.dumps(report))
+    assert _resumable(path, report) == [{"model": "a"}]
+    path.write_text(json.dumps(dict(report, format=1)))  # lone attackers scored one per subset batch
+    with pytest.raises(ValueError, match="another format"):
+        _resumable(path, report)
+    assert _without_nan({"a": [float("nan"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}

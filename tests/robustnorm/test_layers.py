@@ -244,7 +244,7 @@ def test_robustnorm_channels_last_bf16_training_gradients_match_float64() -> Non
     (layer(x).float() * upstream).sum().backward()
     reference = copy.deepcopy(layer).double()
     reference.weight.grad = None
-    x64 = x.detach().double().requires_grad_()  # NCHW float64: the generic graph
+    x64 = x.detach().double().contiguous().requires_grad_()  # NCHW float64: the generic graph
     (reference(x64) * upstream.double()).sum().backward()
     # bf16 ties at the extremes are resolved differently (one element vs split): compare elsewhere
     values = x.detach()
