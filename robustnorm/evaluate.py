@@ -458,13 +458,15 @@ def _cell_key(record: dict) -> tuple:
 def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
                    robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
                    pool_labels: Tensor | None = None, previous: dict | None = None,
-                   on_progress: Callable[[dict], None] | None = None) -> dict:
+                   on_progress: Callable[[dict], None] | None = None, max_cell_images: int | None = None) -> dict:
     """Run the whole grid for one model; returns a JSON-ready dict.
 
     ``pool``: clean batchmates for the threat models with clean images in the batch (default: the robust
     subset itself). ``previous``: an earlier, interrupted result for the same model and version, whose
     sections and robust cells are kept rather than recomputed. ``on_progress(results)`` runs after every
-    robust cell, so a caller can save partial results.
+    robust cell, so a caller can save partial results. ``max_cell_images``: leave out the cells whose attack
+    runs more images per step than this (lone attackers and EOT at large n), to be filled in later with
+    ``--resume`` on faster hardware; left-out cells are logged, never reported.
     """
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
@@ -481,6 +483,10 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     for policy, n, threat, attack, eps_255, gradient in _robust_cells(card, grid):
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
         if key in done:
+            continue
+        cost = _cell_images(card, policy, n, threat, gradient, robust_x01.shape[0])
+        if max_cell_images is not None and cost > max_cell_images:
+            logger.info("left out %s: %d images per attack step > --max-cell-images %d", key, cost, max_cell_images)
             continue
         # A policy that resolves to the same statistics at n as a cell already run is that cell again.
         resolved = str(parse_policy(policy).resolve(n, robust))
@@ -523,6 +529,16 @@ def _clean_sections(model: nn.Module, card: ModelCard, test_x01: Tensor, test_la
                                                                policy, n)})
 
 
+def _cell_images(card: ModelCard, policy: str, n: int, threat: str, gradient: str, subset: int,
+                 eot_samples: int = 4) -> int:
+    """Images one attack step of a cell runs through the model (per-image attacks: the subset once)."""
+    if not threat.startswith("poison:") and _ignores_batchmates(card, policy, n, gradient):
+        return subset
+    k = _attackers_per_batch(threat, n)
+    images = (subset // k) * n
+    return images * eot_samples if gradient == "unknown" else images
+
+
 def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str, float, str]]:
     """(policy, n, threat, attack, eps in 1/255, gradient) of every robust cell, without repeats."""
     cells = [(policy, n, threat, "pgd", eps, gradient) for policy in _policies(card) for n in grid.robust_sizes
@@ -552,6 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=("grid", "drift"), default=["grid", "drift"],
                         help="the accuracy grid, the drift evidence, or both")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"))
+    parser.add_argument("--max-cell-images", type=int, default=None, metavar="N",
+                        help="leave out cells whose attack runs more than N images per step (e.g. 20000 on a CPU: "
+                        "lone attackers at large n); fill them in later with --resume")
     parser.add_argument("--resume", action="store_true",
                         help="keep what --out already holds for the same models, data and grid, and run only the "
                         "rest (the file is rewritten after every robust cell)")
@@ -610,7 +629,7 @@ def run(args: argparse.Namespace) -> int:
         if "grid" in args.sections:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
                                          args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
-                                         on_progress=progress))
+                                         on_progress=progress, max_cell_images=args.max_cell_images))
         if "drift" in args.sections and "drift" not in result:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
         progress({})

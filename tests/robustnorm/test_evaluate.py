@@ -174,6 +174,20 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
     assert cli([*argv, "--resume"]) == 0
     again = json.loads(out.read_text())["models"][0]
     assert again["robust"] == first["robust"] and again["clean"] == first["clean"]
+    # a cheap pass that leaves out the costly cells, then the rest with --resume, gives the same cells
+    cheap_out = tmp_path / "cheap.json"
+    cheap = [*argv[:-1], str(cheap_out), "--max-cell-images", "20"]
+    assert cli(cheap) == 0
+    left = json.loads(cheap_out.read_text())["models"][0]["robust"]
+    missing = cells - {(r["policy"], r["n"], r["threat"], r["attack"], r["eps_255"], r["gradient"]) for r in left}
+    # batch statistics at n = 8: the lone attacker (10 x 8 images) and its EOT variant (x 4) cost more than 20
+    assert missing == {("batch", 8, "lone", "pgd", 8.0, "adaptive"), ("batch", 8, "lone", "pgd", 8.0, "unknown")}
+    assert cli([*argv[:-1], str(cheap_out), "--resume"]) == 0
+    filled = json.loads(cheap_out.read_text())["models"][0]["robust"]
+    def timeless(records: list[dict]) -> list[str]:
+        return sorted(str({key: value for key, value in r.items() if key != "seconds"}) for r in records)
+
+    assert timeless(filled) == timeless(again["robust"])  # the same attacks, the same numbers
 
 
 def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card: tuple) -> None:
