@@ -130,3 +130,19 @@ def test_one_step_on_two_processes_equals_one_process_with_the_whole_batch(
     assert (single["conv1.weight"] - initial["conv1.weight"]).abs().max() > 1e-3  # a step was taken
     for key in single:
         assert torch.allclose(distributed[key].float(), single[key].float(), atol=1e-5), key
+
+
+def test_init_from_starts_at_the_saved_weights_and_records_them(cifar10: Path, tmp_path: Path) -> None:
+    base = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32"]
+    assert train_in_process(cifar10, tmp_path / "first", *base, "--epochs", "1") == 0
+    first_model, first_card = robustnorm.load_model(tmp_path / "first")
+    # zero epochs of a second cycle: the saved model is the starting one, bit for bit
+    assert train_in_process(cifar10, tmp_path / "again", *base, "--epochs", "0",
+                            "--init-from", str(tmp_path / "first")) == 0
+    again_model, again_card = robustnorm.load_model(tmp_path / "again")
+    first, again = first_model.state_dict(), again_model.state_dict()
+    assert all(torch.equal(again[key], first[key]) for key in first)
+    assert again_card.training["init_from"]["version"] == first_card.version
+    with pytest.raises(ValueError, match="not resnet20/robustnorm"):
+        train_in_process(cifar10, tmp_path / "other", *base, "--epochs", "1", "--norm", "robustnorm",
+                         "--init-from", str(tmp_path / "first"))
