@@ -326,7 +326,9 @@ class _Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def config(self) -> dict[str, Any]:
-        return {key: getattr(self.args, key) for key in _RESUME_MUST_MATCH}
+        # plain values only: checkpoints load with weights_only=True
+        return {key: str(value) if isinstance(value := getattr(self.args, key), Path) else value
+                for key in _RESUME_MUST_MATCH}
 
     def validate(self) -> float:
         """Validation accuracy with ``frozen`` statistics (the card's policy)."""

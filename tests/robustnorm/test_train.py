@@ -146,3 +146,23 @@ def test_init_from_starts_at_the_saved_weights_and_records_them(cifar10: Path, t
     with pytest.raises(ValueError, match="not resnet20/robustnorm"):
         train_in_process(cifar10, tmp_path / "other", *base, "--epochs", "1", "--norm", "robustnorm",
                          "--init-from", str(tmp_path / "first"))
+
+
+def test_a_second_cycle_resumes_from_its_checkpoint(cifar10: Path, tmp_path: Path, monkeypatch) -> None:
+    base = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32"]
+    assert train_in_process(cifar10, tmp_path / "first", *base, "--epochs", "1") == 0
+    second = [*base, "--epochs", "2", "--init-from", str(tmp_path / "first")]
+    assert train_in_process(cifar10, tmp_path / "whole", *second) == 0
+    save_checkpoint = train._Trainer.save_checkpoint
+
+    def stop_after_one(trainer: train._Trainer, epoch: int) -> None:
+        save_checkpoint(trainer, epoch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._Trainer, "save_checkpoint", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(cifar10, tmp_path / "split", *second)
+    monkeypatch.setattr(train._Trainer, "save_checkpoint", save_checkpoint)
+    assert train_in_process(cifar10, tmp_path / "split", *second, "--resume") == 0  # checkpoint config loads
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.allclose(whole[key].float(), split[key].float(), atol=1e-6) for key in whole)
