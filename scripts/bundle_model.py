@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from robustnorm.data import load_cifar10, to_float
+from robustnorm.data import balanced_subset, load_cifar10, to_float
 from robustnorm.evaluate import accuracy
 from robustnorm.io import BUNDLED_DIR, load_model, save_model
 from robustnorm.train import LOG_FILE
+
+FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}  # as tests/robustnorm/test_bundled.py
 
 
 def _command(card_command: str) -> str:
@@ -36,7 +38,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="training output directory (model.safetensors, card.json, log.jsonl)")
     parser.add_argument("name", help="bundled name, e.g. cifar10-resnet20-bn")
-    parser.add_argument("--calibrate-command", required=True, help="the robustnorm calibrate command that was run")
+    parser.add_argument("--calibrate-command", help="the robustnorm calibrate command that was run (to bundle)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="measure and print the test figures and the floor check, bundle nothing")
     parser.add_argument("--machine", default="a 2-core CPU (AMD EPYC, AVX-512 BF16)", help="where it was trained")
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
@@ -45,8 +49,20 @@ def main() -> int:
     test = load_cifar10("test", args.data)
     x01, labels = to_float(test.images), test.labels
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # batches must mix classes
+    floor_subset = balanced_subset(labels, 100, seed=0)  # tests/robustnorm/test_bundled.py's 1,000 images
     figures = {"images": len(test), "frozen_n1": accuracy(model, card, x01, labels, "frozen", 1),
-               f"{card.policy}_n128": accuracy(model, card, x01[order], labels[order], card.policy, 128)}
+               f"{card.policy}_n128": accuracy(model, card, x01[order], labels[order], card.policy, 128),
+               "batch_n128": accuracy(model, card, x01[order], labels[order], "batch", 128),
+               "floor_subset_frozen": accuracy(model, card, x01[floor_subset], labels[floor_subset], "frozen", 100)}
+    floor = FLOORS.get(args.name)
+    if args.check_only:
+        print(json.dumps({"run": str(args.run), "name": args.name, "floor": floor, **figures,
+                          "meets_floor": floor is not None and figures["floor_subset_frozen"] >= floor}))
+        return 0
+    if args.calibrate_command is None:
+        parser.error("--calibrate-command is required to bundle")
+    if floor is not None and figures["floor_subset_frozen"] < floor:
+        parser.error(f"{args.run} reaches {figures['floor_subset_frozen']:.4f} on the floor subset, below {floor}")
     card.evaluation["test"] = {key: round(value, 4) if isinstance(value, float) else value
                                for key, value in figures.items()}
     card.training["trained_as"] = card.name
