@@ -498,6 +498,8 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
         card = save_model(trainer.model, trainer.card, out)
         logger.info("saved %s (version %s) to %s: validation accuracy %.4f (frozen statistics)",
                     card.name, card.version, out, final["val_acc_frozen"])
+    if processes.world_size > 1:
+        dist.barrier()  # every rank tears its process group down together, after rank 0 has saved
     return 0
 
 
