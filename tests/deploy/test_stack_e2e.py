@@ -173,6 +173,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         wait_until(all_up, 30, "every scrape target up")
         wait_http_ok(haproxy, f"http://{lb}/readyz", timeout=15)
+
+        def every_server_up() -> bool:  # HAProxy's own view: traffic must be able to reach every replica
+            lines = httpx.get(f"http://{lb_stats}/stats;csv", timeout=5).text.splitlines()
+            header = lines[0].lstrip("# ").split(",")
+            rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line.startswith("replicas,")]
+            servers = [row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")]
+            return len(servers) == REPLICAS and all(row["status"].startswith("UP") for row in servers)
+
+        wait_until(every_server_up, 60, "HAProxy reports every replica UP")
         yield Stack(replicas=[f"http://{address}" for address in replicas], lb=f"http://{lb}", prometheus=api,
                     processes=processes, workdir=workdir)
     finally:
