@@ -480,11 +480,12 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     if pool is None or pool_labels is None:
         pool, pool_labels = robust_x01, robust_labels
     robust = card.norm == "robustnorm"
-    for policy, n, threat, attack, eps_255, gradient in _robust_cells(card, grid):
+    subset = robust_x01.shape[0]
+    for policy, n, threat, attack, eps_255, gradient in _in_cost_order(card, _robust_cells(card, grid), subset):
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
         if key in done:
             continue
-        cost = _cell_images(card, policy, n, threat, gradient, robust_x01.shape[0])
+        cost = _cell_images(card, policy, n, threat, gradient, subset)
         if max_cell_images is not None and cost > max_cell_images:
             logger.info("left out %s: %d images per attack step > --max-cell-images %d", key, cost, max_cell_images)
             continue
@@ -537,6 +538,21 @@ def _cell_images(card: ModelCard, policy: str, n: int, threat: str, gradient: st
     k = _attackers_per_batch(threat, n)
     images = (subset // k) * n
     return images * eot_samples if gradient == "unknown" else images
+
+
+def _in_cost_order(card: ModelCard, cells: list[tuple[str, int, str, str, float, str]],
+                   subset: int) -> list[tuple[str, int, str, str, float, str]]:
+    """``cells`` cheapest first, so that a run cut off by a time limit has done as many cells as it could:
+    by images per attack step, then the cells that reuse per-image attacks, then the largest n and eps
+    (the headline's cells). Stable, so a policy's twin still follows the cell it copies. Every cell draws
+    its own random numbers, so the order changes no figure."""
+
+    def cost(cell: tuple[str, int, str, str, float, str]) -> tuple:
+        policy, n, threat, _, eps_255, gradient = cell
+        reuses = not threat.startswith("poison:") and _ignores_batchmates(card, policy, n, gradient)
+        return _cell_images(card, policy, n, threat, gradient, subset), not reuses, -n, -eps_255
+
+    return sorted(cells, key=cost)
 
 
 def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str, float, str]]:

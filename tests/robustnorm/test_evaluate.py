@@ -211,6 +211,22 @@ def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card
         assert record["robust_accuracy"] == original["robust_accuracy"] and original["seconds"] > 0
 
 
+def test_cells_run_cheapest_first_and_twins_follow_the_cell_they_copy(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import GRIDS, _cell_images, _in_cost_order, _robust_cells
+
+    _, card = model_and_card  # adaptive:4 on RobustNorm
+    cells = _robust_cells(card, GRIDS["core"])
+    ordered = _in_cost_order(card, cells, 2000)
+    assert sorted(ordered) == sorted(cells)
+    costs = [_cell_images(card, policy, n, threat, gradient, 2000) for policy, n, threat, _, _, gradient in ordered]
+    assert costs == sorted(costs) and costs[0] <= 2000 and costs[-1] == 2000 * 128  # lone at n = 128 last
+    position = {cell: i for i, cell in enumerate(ordered)}
+    for policy, n, *rest in ordered:
+        twin = ("batch", n, *rest)
+        if policy == card.policy and n >= 4 and twin in position:  # adaptive:4 runs batch statistics from n = 4
+            assert position[twin] < position[(policy, n, *rest)]
+
+
 def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: object) -> None:
     import json
 
