@@ -16,6 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .runtime import retain_freed_memory
+
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 _SUBCOMMANDS = {
     "train": ("robustnorm.train", "train a model on an image archive"),
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()  # CPU forwards and backwards about twice as fast (robustnorm/runtime.py)
     return int(args.handler(args) or 0)
 
 

@@ -98,11 +98,12 @@ class _PolicyNorm(nn.BatchNorm2d):
         image_mean = real.mean(dim=(2, 3))
         mean = _group_reduce(image_mean, sizes, "mean")
         segments = _segments(sizes, x.device)
-        spread = self._group_spread(real, mean[segments], sizes)
+        spread = self._group_spread(real, image_mean, mean[segments], sizes)
         counts = torch.tensor(sizes, device=x.device)
         return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean)
 
-    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        """Spread of each group; ``image_mean`` is each image's channel mean, ``group_mean`` its group's."""
         raise NotImplementedError
 
     # -- forward ----------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class _PolicyNorm(nn.BatchNorm2d):
         segments = torch.full((x.shape[0],), len(sizes), device=x.device, dtype=torch.long)
         segments[: sum(sizes)] = _segments(sizes, x.device)
         scale, shift = scale[segments].to(x.dtype), shift[segments].to(x.dtype)
-        return x * scale[:, :, None, None] + shift[:, :, None, None]
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # one pass over x
 
     def _affine(self, mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel ``scale`` and ``shift`` with ``y = x * scale + shift``."""
@@ -178,7 +179,7 @@ class _PolicyNorm(nn.BatchNorm2d):
 
 def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` with per-channel ``scale`` and ``shift`` of shape (C,), in ``x``'s dtype."""
-    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+    return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
 
 
 def _batch_weight(plan: Policy, n: int) -> float:
@@ -227,8 +228,8 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
     def _denominator(self, spread: Tensor) -> Tensor:
         return torch.sqrt(spread + self.eps)
 
-    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        deviation = (real - mean_per_image[:, :, None, None]).square().mean(dim=(2, 3))
+    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        deviation = (real - group_mean[:, :, None, None]).square().mean(dim=(2, 3))  # two passes: accurate
         return _group_reduce(deviation, sizes, "mean")
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
@@ -281,7 +282,7 @@ class RobustNorm2d(_PolicyNorm):
     def _denominator(self, spread: Tensor) -> Tensor:
         return spread.pow(self.p) + self.eps
 
-    def _group_spread(self, real: Tensor, mean_per_image: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
         maximum = _group_reduce(real.amax(dim=(2, 3)), sizes, "amax")
         minimum = _group_reduce(real.amin(dim=(2, 3)), sizes, "amin")
         return maximum - minimum

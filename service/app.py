@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import robustnorm
+from robustnorm.runtime import retain_freed_memory
 
 from .errors import ServiceError
 from .metrics import Metrics
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        retain_freed_memory()  # CPU inference about twice as fast (robustnorm/runtime.py)
         predictor = Predictor(settings, metrics, engine_factory)
         await predictor.start()  # a model that cannot be loaded stops the start-up here
         app.state.predictor = predictor
