@@ -28,6 +28,7 @@ from art.estimators.classification import PyTorchClassifier
 import robustnorm
 from robustnorm.data import balanced_subset, load_cifar10, to_float
 from robustnorm.evaluate import predictions, robust_evaluation
+from robustnorm.runtime import retain_freed_memory
 
 
 def art_robust_accuracy(model: torch.nn.Module, card: robustnorm.ModelCard, x01: torch.Tensor, labels: torch.Tensor,
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/crosscheck_art.json"))
     args = parser.parse_args()
+    retain_freed_memory()
     device = torch.device(args.device)
     test = load_cifar10("test", args.data)
     subset = test.subset(balanced_subset(test.labels, args.images // len(test.classes), seed=1)).to(device)

@@ -21,6 +21,7 @@ import torch
 from robustnorm.data import balanced_subset, load_cifar10, to_float
 from robustnorm.evaluate import accuracy
 from robustnorm.io import BUNDLED_DIR, load_model, save_model
+from robustnorm.runtime import retain_freed_memory
 from robustnorm.train import LOG_FILE
 
 FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}  # as tests/robustnorm/test_bundled.py
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--machine", default="a 2-core CPU (AMD EPYC, AVX-512 BF16)", help="where it was trained")
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
+    retain_freed_memory()
 
     model, card = load_model(args.run)
     test = load_cifar10("test", args.data)
