@@ -35,6 +35,22 @@ def _command(card_command: str) -> str:
     return shlex.join(words)
 
 
+def _earlier_cycles(training: dict) -> list[tuple[Path, dict]]:
+    """The runs this one started from (``--init-from``), first cycle first, each as (directory, training
+    record); each must still hold the weights the next cycle started from (same version)."""
+    cycles: list[tuple[Path, dict]] = []
+    init = training.get("init_from")
+    while init:
+        run = Path(init["path"])
+        card = json.loads((run / "card.json").read_text())
+        if card["version"] != init["version"]:
+            raise SystemExit(f"{run} now holds version {card['version']}, not the {init['version']} that the next "
+                             "cycle started from; bundle from the original runs")
+        cycles.insert(0, (run, card["training"]))
+        init = card["training"].get("init_from")
+    return cycles
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="training output directory (model.safetensors, card.json, log.jsonl)")
@@ -72,14 +88,25 @@ def main() -> int:
     out = BUNDLED_DIR / args.name
     if out.exists():
         shutil.rmtree(out)
+    earlier = _earlier_cycles(card.training)
     card = save_model(model, card, out)
     shutil.copy(args.run / LOG_FILE, out / "train_log.jsonl")
+    logs = []
+    for cycle, (run, _) in enumerate(earlier, start=1):
+        shutil.copy(run / LOG_FILE, out / f"train_log_cycle{cycle}.jsonl")
+        logs.append(f"`train_log_cycle{cycle}.jsonl`")
+    commands = [_command(training["command"]) for _, training in earlier] + [_command(card.training["command"])]
+    resumed = any("--resume" in command.split() for command in commands)
     final = card.training.get("final", {})
     (out / "COMMAND.md").write_text(
         f"# {args.name}\n\nTrained on {args.machine}, PyTorch {torch.__version__}, as `{card.training['trained_as']}`, "
-        f"with:\n\n```bash\n{_command(card.training['command'])}\n{args.calibrate_command}\n"
+        f"with:\n\n```bash\n" + "\n".join(commands) + f"\n{args.calibrate_command}\n"
         f"python {shlex.join(sys.argv)}\n```\n\n"
-        f"`train_log.jsonl` is the training log (one line per epoch). Validation accuracy (frozen, "
+        + (f"Training ran in {len(commands)} cycles, each from the weights of the one before (`--init-from`); "
+           f"their logs are {', '.join(logs)} and `train_log.jsonl` (the last). " if earlier else "")
+        + ("`--resume` marks a run continued from its last epoch's checkpoint after a session ended; without it "
+           "the same command trains the run in one go. " if resumed else "")
+        + f"`train_log.jsonl` is the training log (one line per epoch). Validation accuracy (frozen, "
         f"{card.training.get('val_images')} images held out from training): "
         f"{final.get('val_acc_frozen', float('nan')):.4f}. Calibrated policy "
         f"`{card.policy}` (`evaluation.calibration` in `card.json`). CIFAR-10 test set (10,000 JPEG q75 images): "
