@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    retain_freed_memory()  # CPU forwards and backwards about twice as fast (robustnorm/runtime.py)
+    retain_freed_memory()  # CPU forwards and backwards 2-3x faster on large batches (robustnorm/runtime.py)
     return int(args.handler(args) or 0)
 
 

@@ -4,8 +4,9 @@ PyTorch allocates a new buffer for nearly every activation and gradient. With gl
 settings, buffers of more than a few megabytes are mapped from the kernel on allocation and returned to it on
 free, so every forward pass pays for fresh, zero-filled pages. Asking malloc to keep up to a limit of freed
 memory in its heap removes that cost. Measured on this project's 2-core CPU machine (ResNet-20, batches of
-128, one thread, 1,024 images per call, beside two training runs): `frozen` forward 241 -> 557 images/s,
-`batch` forward and backward 82 -> 139 images/s (`python benchmarks/bench_allocator.py`).
+128, one thread, 1,024 images per call, beside a training run and an evaluation; `python
+benchmarks/bench_allocator.py` -> `benchmarks/results/allocator_cpu_1thread.json`): `frozen` forward 257 -> 600
+images/s, `batch` forward and backward (an attack step) 63 -> 198 images/s.
 
 The price is resident memory: up to the limit of freed memory stays with the process instead of going back
 to the system. ``ROBUSTNORM_RETAIN_FREED_MEMORY=0`` turns it off; another value sets the limit in MiB.

@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        retain_freed_memory()  # CPU inference about twice as fast (robustnorm/runtime.py)
+        retain_freed_memory()  # no page faults on fresh activation buffers (robustnorm/runtime.py)
         predictor = Predictor(settings, metrics, engine_factory)
         await predictor.start()  # a model that cannot be loaded stops the start-up here
         app.state.predictor = predictor
