@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02            # first cycle: 60 epochs, lr 0.1 cosine, seed 0
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle2     # second cycle from the first: lr 0.05, seed 1
+#   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle3     # third cycle from the second: lr 0.05, seed 2
 #
-# Writes runs/cpu/SHORT (or SHORT2) and SHORT.train.txt; continues from the checkpoint when one exists, so
+# Writes runs/cpu/SHORT (SHORT2, SHORT3) and SHORT.train.txt; continues from the checkpoint when one exists, so
 # a run cut off by the end of a session is started again with the same command.
 set -euo pipefail
 short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2]}"
@@ -15,13 +16,18 @@ rn02) args=(--norm robustnorm --p 0.2 --name cifar10-resnet20-robustnorm-p0.2) ;
 *) echo "unknown run $short: use bn, rn10 or rn02" >&2; exit 2 ;;
 esac
 out="runs/cpu/$short"
-if [ "${2:-}" = cycle2 ]; then
-    [ -f "$out/model.safetensors" ] || { echo "$out has no finished first cycle" >&2; exit 2; }
-    args+=(--init-from "$out" --lr 0.05 --warmup-epochs 0 --seed 1)
-    out="runs/cpu/${short}2"
-else
-    args+=(--seed 0)
-fi
+case "${2:-}" in
+"") args+=(--seed 0) ;;
+cycle2 | cycle3)
+    cycle="${2#cycle}"
+    from="$out"
+    [ "$cycle" = 3 ] && from="runs/cpu/${short}2"
+    [ -f "$from/model.safetensors" ] || { echo "$from has no finished cycle $((cycle - 1))" >&2; exit 2; }
+    args+=(--init-from "$from" --lr 0.05 --warmup-epochs 0 --seed $((cycle - 1)))
+    out="runs/cpu/${short}${cycle}"
+    ;;
+*) echo "unknown cycle ${2}: use cycle2 or cycle3" >&2; exit 2 ;;
+esac
 [ -f "$out/checkpoint.pt" ] && args+=(--resume)
 mkdir -p runs/cpu
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 "${PYTHON:-.venv/bin/python}" -m robustnorm.cli train "${args[@]}" \
