@@ -543,14 +543,14 @@ def _cell_images(card: ModelCard, policy: str, n: int, threat: str, gradient: st
 def _in_cost_order(card: ModelCard, cells: list[tuple[str, int, str, str, float, str]],
                    subset: int) -> list[tuple[str, int, str, str, float, str]]:
     """``cells`` cheapest first, so that a run cut off by a time limit has done as many cells as it could:
-    by images per attack step, then the cells that reuse per-image attacks, then the largest n and eps
-    (the headline's cells). Stable, so a policy's twin still follows the cell it copies. Every cell draws
-    its own random numbers, so the order changes no figure."""
+    first the cells that reuse per-image attacks (one attack per eps, then forwards only), then by images
+    per attack step, then the largest n and eps (the headline's cells). Stable, so a policy's twin still
+    follows the cell it copies. Every cell draws its own random numbers, so the order changes no figure."""
 
     def cost(cell: tuple[str, int, str, str, float, str]) -> tuple:
         policy, n, threat, _, eps_255, gradient = cell
         reuses = not threat.startswith("poison:") and _ignores_batchmates(card, policy, n, gradient)
-        return _cell_images(card, policy, n, threat, gradient, subset), not reuses, -n, -eps_255
+        return not reuses, _cell_images(card, policy, n, threat, gradient, subset), -n, -eps_255
 
     return sorted(cells, key=cost)
 

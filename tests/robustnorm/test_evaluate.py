@@ -212,14 +212,18 @@ def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card
 
 
 def test_cells_run_cheapest_first_and_twins_follow_the_cell_they_copy(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import GRIDS, _cell_images, _in_cost_order, _robust_cells
+    from robustnorm.evaluate import GRIDS, _cell_images, _ignores_batchmates, _in_cost_order, _robust_cells
 
     _, card = model_and_card  # adaptive:4 on RobustNorm
     cells = _robust_cells(card, GRIDS["core"])
     ordered = _in_cost_order(card, cells, 2000)
     assert sorted(ordered) == sorted(cells)
+    reuses = [_ignores_batchmates(card, policy, n, gradient) and not threat.startswith("poison")
+              for policy, n, threat, _, _, gradient in ordered]
+    assert reuses == sorted(reuses, reverse=True) and reuses[0]  # per-image attacks, forwards only: first
     costs = [_cell_images(card, policy, n, threat, gradient, 2000) for policy, n, threat, _, _, gradient in ordered]
-    assert costs == sorted(costs) and costs[0] <= 2000 and costs[-1] == 2000 * 128  # lone at n = 128 last
+    rest = costs[reuses.index(False):]
+    assert rest == sorted(rest) and rest[0] <= 2000 and rest[-1] == 2000 * 128  # lone at n = 128 last
     position = {cell: i for i, cell in enumerate(ordered)}
     for policy, n, *rest in ordered:
         twin = ("batch", n, *rest)
