@@ -122,7 +122,7 @@ class RobustRecord:
     clean_accuracy: float  # same images, same policy and batch size, no attack
     frozen_attack_accuracy: float | None  # frozen model, same attack, same images (whole batch)
     seconds: float
-    same_as: str | None = None  # the policy whose identical computation this cell reuses (same statistics at n)
+    same_as: str | None = None  # the cell whose identical computation this one reuses (its policy; and gradient)
 
 
 def _threat_masks(threat: str, groups: int, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -479,7 +479,6 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     per_image = PerImageAttacks()
     if pool is None or pool_labels is None:
         pool, pool_labels = robust_x01, robust_labels
-    robust = card.norm == "robustnorm"
     subset = robust_x01.shape[0]
     for policy, n, threat, attack, eps_255, gradient in _in_cost_order(card, _robust_cells(card, grid), subset):
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
@@ -489,12 +488,11 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
         if max_cell_images is not None and cost > max_cell_images:
             logger.info("left out %s: %d images per attack step > --max-cell-images %d", key, cost, max_cell_images)
             continue
-        # A policy that resolves to the same statistics at n as a cell already run is that cell again.
-        resolved = str(parse_policy(policy).resolve(n, robust))
-        twin = next((record for other, record in done.items() if other[1:] == key[1:]
-                     and str(parse_policy(other[0]).resolve(n, robust)) == resolved), None)
+        twin = next((record for other, record in done.items() if _same_computation(card, other, key)), None)
         if twin is not None:
-            record = dict(twin, policy=policy, seconds=0.0, same_as=twin.get("same_as") or twin["policy"])
+            copied = twin.get("same_as") or (twin["policy"] if twin["gradient"] == gradient
+                                             else f"{twin['policy']}, {twin['gradient']} gradient")
+            record = dict(twin, policy=policy, gradient=gradient, seconds=0.0, same_as=copied)
         else:
             record = asdict(robust_evaluation(
                 model, card, robust_x01, robust_labels, policy=policy, n=n, threat=threat, attack=attack,
@@ -506,6 +504,20 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
         if on_progress is not None:
             on_progress(results)
     return results
+
+
+def _same_computation(card: ModelCard, done: tuple, cell: tuple) -> bool:
+    """Whether ``cell`` repeats ``done`` (both ``(policy, n, threat, attack, eps_255, gradient)``): a policy that
+    resolves to the same statistics at n, and the same gradient, or any gradients when both attacks ignore
+    batchmates (then every gradient is the per-image attack on the frozen model)."""
+    robust = card.norm == "robustnorm"
+    n, threat = cell[1], cell[2]
+    if done[1:5] != cell[1:5] or (str(parse_policy(done[0]).resolve(n, robust))
+                                  != str(parse_policy(cell[0]).resolve(n, robust))):
+        return False
+    if done[5] == cell[5]:
+        return True
+    return not threat.startswith("poison:") and all(_ignores_batchmates(card, c[0], n, c[5]) for c in (done, cell))
 
 
 def _clean_sections(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, grid: Grid, seed: int,

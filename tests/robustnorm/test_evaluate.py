@@ -197,11 +197,18 @@ def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card
     x, y = images(16)
     pool, pool_labels = images(40)
     grid = Grid(clean_sizes=(1, 8), blend_n0=(), skew_sizes=(), skew_classes=(), robust_sizes=(1, 8),
-                robust_eps_255=(8,), robust_threats=("whole", "lone"), robust_gradients=("adaptive",), sweep_size=8,
-                sweep_eps_255=(8,), extra_size=8, extra_threats=(), steps=2)
+                robust_eps_255=(8,), robust_threats=("whole", "lone"), robust_gradients=("adaptive", "transfer"),
+                sweep_size=8, sweep_eps_255=(8,), extra_size=8, extra_threats=(), steps=2)
     results = evaluate_model(model, card, x, y, x, y, grid, pool=pool[16:], pool_labels=pool_labels[16:])
     cells = {(r["policy"], r["n"], r["threat"], r["eps_255"], r["attack"], r["gradient"]): r for r in results["robust"]}
     for (policy, n, *rest), record in cells.items():
+        frozen_at_n = policy == "frozen" or (policy == "adaptive:4" and n < 4)
+        if record["gradient"] != "adaptive" and frozen_at_n:
+            # frozen statistics: the adaptive attack is the per-image frozen attack, as transfer and unknown are
+            twin = "frozen" if policy == "frozen" else "frozen, adaptive gradient"
+            assert record["same_as"] in ("frozen, adaptive gradient", twin) and record["seconds"] == 0
+            assert record["robust_accuracy"] == cells[("frozen", n, *rest[:-1], "adaptive")]["robust_accuracy"]
+            continue
         if policy != "adaptive:4" or record["attack"] == "fgsm":  # FGSM runs for the card's policy only
             assert record["same_as"] is None
             continue
