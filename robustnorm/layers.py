@@ -179,7 +179,7 @@ class _PolicyNorm(nn.BatchNorm2d):
 
 def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` with per-channel ``scale`` and ``shift`` of shape (C,), in ``x``'s dtype."""
-    return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
 def _batch_weight(plan: Policy, n: int) -> float:
