@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,7 +36,7 @@ def measure(model_name: str, policy: str, n: int, images: int, repeats: int, thr
     y = torch.randint(0, card.num_classes, (images,), generator=generator)
     forward = deployed_forward(model, card, policy, n)
 
-    def best(step: object) -> float:
+    def best(step: Callable[[], None]) -> float:
         step()  # warm-up
         times = []
         for _ in range(repeats):

@@ -8,7 +8,7 @@
 # Writes runs/cpu/SHORT (SHORT2, SHORT3) and SHORT.train.txt; continues from the checkpoint when one exists, so
 # a run cut off by the end of a session is started again with the same command.
 set -euo pipefail
-short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2]}"
+short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3]}"
 case "$short" in
 bn) args=(--norm bn --name cifar10-resnet20-bn) ;;
 rn10) args=(--norm robustnorm --p 1.0 --name cifar10-resnet20-robustnorm-p1.0) ;;
