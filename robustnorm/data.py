@@ -328,6 +328,28 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, 
     ]
 
 
+def cutout_centres(n: int, height: int, width: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Random ``(n, 2)`` int64 centres (row, column) for :func:`cutout`, uniform over the image, drawn on the
+    generator's device, then moved to ``device``."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    rows = torch.randint(0, height, (n,), generator=generator, device=draw_on)
+    columns = torch.randint(0, width, (n,), generator=generator, device=draw_on)
+    return torch.stack([rows, columns], dim=1).to(device or draw_on)
+
+
+def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square of each image around its centre, clipped at the borders (DeVries and
+    Taylor 2017: "Improved Regularization of Convolutional Neural Networks with Cutout")."""
+    height, width = images.shape[2:]
+    centres = centres.to(images.device)
+    start = centres - size // 2  # (n, 2): the square's first row and column, possibly outside the image
+    rows = torch.arange(height, device=images.device)[None, :] - start[:, :1]
+    columns = torch.arange(width, device=images.device)[None, :] - start[:, 1:]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((columns >= 0) & (columns < size))[:, None, :]
+    return images.masked_fill(inside[:, None], 0)
+
+
 def random_crop_flip(
     images: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4
 ) -> torch.Tensor:

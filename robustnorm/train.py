@@ -48,6 +48,8 @@ from .data import (
     cifar10_train_val,
     crop_flip,
     crop_flip_params,
+    cutout,
+    cutout_centres,
     iterate_batches,
     make_generator,
     normalize,
@@ -61,9 +63,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 INPUT_SIZE = (3, 32, 32)
 # Streams of random numbers drawn from --seed; each is seeded with (seed, stream, epoch or step).
-_SHUFFLE, _AUGMENT, _ATTACK = 1, 2, 3
+_SHUFFLE, _AUGMENT, _ATTACK, _CUTOUT = 1, 2, 3, 4
 # A resumed run must train the same model on the same data order as the run it continues.
-_RESUME_MUST_MATCH = ("arch", "norm", "p", "seed", "batch_size", "limit_train", "augment", "init_from")
+# Settings added after checkpoints were written without them, with the value those runs had.
+_ADDED_SINCE = {"cutout": 0}
+_RESUME_MUST_MATCH = ("arch", "norm", "p", "seed", "batch_size", "limit_train", "augment", "cutout", "init_from")
 
 
 def _pixel_fraction(text: str) -> float:
@@ -106,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-val", type=int, metavar="N", help="validate on the first N validation images only")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="random crop (4-pixel zero padding) and horizontal flip (default on)")
+    data.add_argument("--cutout", type=int, default=0, metavar="SIZE",
+                      help="also zero a random SIZE x SIZE square of each training image (Cutout; 16 is usual "
+                      "for CIFAR-10; default 0: off)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=160, help="default %(default)s")
@@ -288,6 +295,8 @@ class _Trainer:
         # and takes RobustNorm's fast training path; fp32 CPU runs stay NCHW, whose sums match the float64
         # checks of distributed training to 1e-5.
         self.channels_last = self.cuda or self.bf16
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its convolution algorithms
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(device=device, memory_format=layout)
         self.network: nn.Module = self.model
@@ -351,8 +360,9 @@ class _Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
         state = torch.load(path, map_location=self.processes.device, weights_only=True)
-        differences = {key: (value, state["config"].get(key)) for key, value in self.config().items()
-                       if value != state["config"].get(key)}
+        saved = {**_ADDED_SINCE, **state["config"]}
+        differences = {key: (value, saved.get(key)) for key, value in self.config().items()
+                       if value != saved.get(key)}
         if differences:
             raise ValueError(f"--resume: {path} was trained with other settings (now, then): {differences}")
         self.model.load_state_dict(state["model"])
@@ -388,12 +398,17 @@ class _Trainer:
             lr = self.schedule(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            # Augmentation is drawn for the whole global batch and sliced, so any number of ranks sees the
+            # same images.
+            share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
             if args.augment:
-                # Drawn for the whole global batch and sliced, so any number of ranks sees the same images.
                 offsets, flips = crop_flip_params(args.batch_size, make_generator(args.seed, _AUGMENT, step),
                                                   device=processes.device)
-                share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
                 images = crop_flip(images, offsets[share], flips[share])
+            if args.cutout:
+                centres = cutout_centres(args.batch_size, *images.shape[2:],
+                                         make_generator(args.seed, _CUTOUT, step), device=processes.device)
+                images = cutout(images, centres[share], args.cutout)
             x01 = to_float(images)
             if args.adv_eps > 0:
                 x01 = self.adversarial(x01, labels, step)
@@ -493,8 +508,10 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
             "train_acc": record.get("train_acc"),
             "train_loss": record.get("train_loss"),
         }
+        device = torch.cuda.get_device_name(processes.device) if trainer.cuda else "cpu"
         trainer.card.training.update(processes=processes.world_size, train_images=len(trainer.train_set),
-                                     val_images=len(trainer.val_set), final=final)
+                                     val_images=len(trainer.val_set), final=final, torch=torch.__version__,
+                                     device=device)
         card = save_model(trainer.model, trainer.card, out)
         logger.info("saved %s (version %s) to %s: validation accuracy %.4f (frozen statistics)",
                     card.name, card.version, out, final["val_acc_frozen"])

@@ -98,8 +98,9 @@ def main() -> int:
     commands = [_command(training["command"]) for _, training in earlier] + [_command(card.training["command"])]
     resumed = any("--resume" in command.split() for command in commands)
     final = card.training.get("final", {})
+    trained_with = card.training.get("torch", torch.__version__)  # cards from before the field: this machine's
     (out / "COMMAND.md").write_text(
-        f"# {args.name}\n\nTrained on {args.machine}, PyTorch {torch.__version__}, as `{card.training['trained_as']}`, "
+        f"# {args.name}\n\nTrained on {args.machine}, PyTorch {trained_with}, as `{card.training['trained_as']}`, "
         f"with:\n\n```bash\n" + "\n".join(commands) + f"\n{args.calibrate_command}\n"
         f"python {shlex.join(sys.argv)}\n```\n\n"
         + (f"Training ran in {len(commands)} cycles, each from the weights of the one before (`--init-from`); "

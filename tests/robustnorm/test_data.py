@@ -19,6 +19,8 @@ from robustnorm.data import (
     balanced_subset,
     crop_flip,
     crop_flip_params,
+    cutout,
+    cutout_centres,
     iterate_batches,
     load_cifar10,
     load_images,
@@ -223,6 +225,34 @@ def test_random_crop_flip_is_reproducible(test_set: ImageDataset) -> None:
     assert torch.equal(first, random_crop_flip(images, make_generator(9)))
     assert not torch.equal(first, random_crop_flip(images, make_generator(10)))
     assert first.shape == images.shape and first.dtype == torch.uint8
+
+
+def reference_cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """The obvious per-image loop: zero rows and columns [centre - size // 2, centre - size // 2 + size)."""
+    out = images.clone()
+    height, width = images.shape[2:]
+    for i, (row, column) in enumerate(centres.tolist()):
+        top, left = row - size // 2, column - size // 2
+        out[i, :, max(0, top) : max(0, min(height, top + size)), max(0, left) : max(0, min(width, left + size))] = 0
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 8, 16])
+def test_cutout_matches_a_per_image_reference(test_set: ImageDataset, size: int) -> None:
+    images = test_set.images[:64]
+    centres = cutout_centres(64, 32, 32, make_generator(3))
+    assert centres.min() == 0 and centres.max() == 31  # corners included: squares get clipped
+    expected = reference_cutout(images, centres, size)
+    assert torch.equal(cutout(images, centres, size), expected)
+    assert torch.equal(cutout(to_float(images), centres, size), to_float(expected))
+
+
+def test_cutout_zeroes_the_whole_square_inside_and_a_clipped_one_at_a_corner(test_set: ImageDataset) -> None:
+    images = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    out = cutout(images, torch.tensor([[16, 16], [0, 31]]), 16)
+    assert (out[0, :, 8:24, 8:24] == 0).all() and int((out[0] == 0).sum()) == 3 * 16 * 16
+    assert (out[1, :, 0:8, 23:32] == 0).all() and int((out[1] == 0).sum()) == 3 * 8 * 9
+    assert torch.equal(cutout(test_set.images[:4], torch.zeros(4, 2, dtype=torch.long), 0), test_set.images[:4])
 
 
 def test_iterate_batches_covers_everything_once(test_set: ImageDataset) -> None:

@@ -114,14 +114,17 @@ def two_process_run(cifar10: Path, out: Path, argv: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+# Cutout's zeroed squares change the float32 rounding of the split sums: 1.4e-5 measured, against 3e-2 when
+# the ranks were (deliberately, once) given the wrong slice of the squares.
+@pytest.mark.parametrize(("norm", "extra", "atol"), [("bn", [], 1e-5), ("robustnorm", [], 1e-5),
+                                                     ("bn", ["--cutout", "8"], 1e-4)])
 def test_one_step_on_two_processes_equals_one_process_with_the_whole_batch(
-    norm: str, cifar10: Path, tmp_path: Path
+    norm: str, extra: list[str], atol: float, cifar10: Path, tmp_path: Path
 ) -> None:
     # One step of a global batch of 32: 16 images per rank under torchrun (gloo), or all 32 in one process.
     # Augmentation stays on: its random draws belong to the global batch, so both runs see the same pixels.
     argv = ["--norm", norm, "--limit-train", "32", "--limit-val", "16", "--batch-size", "32", "--epochs", "1",
-            "--warmup-epochs", "0"]
+            "--warmup-epochs", "0", *extra]
     two_process_run(cifar10, tmp_path / "ddp", argv)
     assert train_in_process(cifar10, tmp_path / "single", *argv) == 0
     distributed, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
@@ -130,7 +133,7 @@ def test_one_step_on_two_processes_equals_one_process_with_the_whole_batch(
     assert (single["conv1.weight"] - initial["conv1.weight"]).abs().max() > 1e-3  # a step was taken
     for key in single:
         difference = (distributed[key].float() - single[key].float()).abs().max()
-        assert torch.allclose(distributed[key].float(), single[key].float(), atol=1e-5), (key, float(difference))
+        assert torch.allclose(distributed[key].float(), single[key].float(), atol=atol), (key, float(difference))
 
 
 def test_init_from_starts_at_the_saved_weights_and_records_them(cifar10: Path, tmp_path: Path) -> None:
