@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -458,7 +458,8 @@ def _cell_key(record: dict) -> tuple:
 def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
                    robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
                    pool_labels: Tensor | None = None, previous: dict | None = None,
-                   on_progress: Callable[[dict], None] | None = None, max_cell_images: int | None = None) -> dict:
+                   on_progress: Callable[[dict], None] | None = None, max_cell_images: int | None = None,
+                   only_sizes: Sequence[int] | None = None, only_threats: Sequence[str] | None = None) -> dict:
     """Run the whole grid for one model; returns a JSON-ready dict.
 
     ``pool``: clean batchmates for the threat models with clean images in the batch (default: the robust
@@ -466,7 +467,8 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     sections and robust cells are kept rather than recomputed. ``on_progress(results)`` runs after every
     robust cell, so a caller can save partial results. ``max_cell_images``: leave out the cells whose attack
     runs more images per step than this (lone attackers and EOT at large n), to be filled in later with
-    ``--resume`` on faster hardware; left-out cells are logged, never reported.
+    ``--resume`` on faster hardware; left-out cells are logged, never reported. ``only_sizes`` and
+    ``only_threats`` likewise leave out the robust cells of other batch sizes or threat models.
     """
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
@@ -483,6 +485,8 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     for policy, n, threat, attack, eps_255, gradient in _in_cost_order(card, _robust_cells(card, grid), subset):
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
         if key in done:
+            continue
+        if (only_sizes and n not in only_sizes) or (only_threats and threat not in only_threats):
             continue
         cost = _cell_images(card, policy, n, threat, gradient, subset)
         if max_cell_images is not None and cost > max_cell_images:
@@ -599,6 +603,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cell-images", type=int, default=None, metavar="N",
                         help="leave out cells whose attack runs more than N images per step (e.g. 20000 on a CPU: "
                         "lone attackers at large n); fill them in later with --resume")
+    parser.add_argument("--only-sizes", type=int, nargs="+", metavar="N",
+                        help="run only the robust cells of these batch sizes (the rest later, with --resume)")
+    parser.add_argument("--only-threats", nargs="+", metavar="THREAT",
+                        help="run only the robust cells of these threat models, e.g. whole lone fraction:0.1")
     parser.add_argument("--resume", action="store_true",
                         help="keep what --out already holds for the same models, data and grid, and run only the "
                         "rest (the file is rewritten after every robust cell)")
@@ -626,6 +634,10 @@ def run(args: argparse.Namespace) -> int:
               "robust_images": int(robust_index.numel()), "test_images": len(test), "models": []}
     if args.resume:  # keep every earlier model entry; those run again are replaced in place
         report["models"] = _resumable(args.out, report)
+        if report["models"]:  # where the earlier cells ran, as well as this run's device
+            earlier = json.loads(args.out.read_text())
+            devices = [*earlier["device"].split(" + "), f"{device} (torch {torch.__version__})"]
+            report["device"] = " + ".join(dict.fromkeys(devices))
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -657,7 +669,8 @@ def run(args: argparse.Namespace) -> int:
         if "grid" in args.sections:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
                                          args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
-                                         on_progress=progress, max_cell_images=args.max_cell_images))
+                                         on_progress=progress, max_cell_images=args.max_cell_images,
+                                         only_sizes=args.only_sizes, only_threats=args.only_threats))
         if "drift" in args.sections and "drift" not in result:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
         progress({})

@@ -188,6 +188,13 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
         return sorted(str({key: value for key, value in r.items() if key != "seconds"}) for r in records)
 
     assert timeless(filled) == timeless(again["robust"])  # the same attacks, the same numbers
+    # --only-sizes / --only-threats run a slice of the robust cells, with the same numbers
+    only_out, size = tmp_path / "only.json", min(cell[1] for cell in cells)
+    assert cli([*argv[:-1], str(only_out), "--only-sizes", str(size), "--only-threats", "whole"]) == 0
+    kept = json.loads(only_out.read_text())["models"][0]["robust"]
+    assert {(r["n"], r["threat"]) for r in kept} == {(size, "whole")}
+    assert len(kept) == sum(1 for cell in cells if cell[1] == size and cell[2] == "whole")
+    assert set(timeless(kept)) <= set(timeless(again["robust"]))
 
 
 def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card: tuple) -> None:
