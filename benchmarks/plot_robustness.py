@@ -38,23 +38,33 @@ def plot_clean(report: dict, out: Path) -> Path:
     return path
 
 
+THREATS = ("whole", "lone")  # one panel each; fractions and poisoning run at one eps only (see headline.md)
+SIZE_STYLES = {1: (":", "v"), 8: ("-.", "s"), 32: ("--", "^"), 128: ("-", "o")}
+
+
 def plot_robust(report: dict, out: Path) -> Path:
+    """One row per model, one panel per threat model; colour: policy, line style and marker: batch size."""
     models = report["models"]
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for axis, model in zip(axes[0], models):
+    figure, axes = plt.subplots(len(models), len(THREATS), figsize=(6.5 * len(THREATS), 4.5 * len(models)),
+                                squeeze=False)
+    for row, model in zip(axes, models):
         rows = [r for r in model.get("robust", []) if r["attack"] == "pgd" and r["gradient"] == "adaptive"]
-        series = dict.fromkeys((r["policy"], r["threat"], r["n"]) for r in rows)
-        for policy, threat, n in series:
-            points = sorted((r["eps_255"], r["robust_accuracy"]) for r in rows
-                            if (r["policy"], r["threat"], r["n"]) == (policy, threat, n))
-            if len(points) < 2:
-                continue
-            axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
-                      label=f"{policy}, {threat}, n={n}")
-        axis.set(xlabel="L-inf eps (x/255)", ylabel="robust accuracy (%)", title=f"{model['model']}: PGD, adaptive")
-        axis.set_ylim(bottom=0)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        policies = list(dict.fromkeys(r["policy"] for r in rows))
+        colours = {policy: f"C{i}" for i, policy in enumerate(policies)}
+        for axis, threat in zip(row, THREATS):
+            for policy in policies:
+                for n, (line, marker) in SIZE_STYLES.items():
+                    points = sorted((r["eps_255"], r["robust_accuracy"]) for r in rows
+                                    if (r["policy"], r["threat"], r["n"]) == (policy, threat, n))
+                    if points:
+                        axis.plot([p[0] for p in points], [100 * p[1] for p in points], linestyle=line,
+                                  marker=marker, color=colours[policy], label=f"{policy}, n={n}")
+            axis.set(xlabel="L-inf eps (x/255)", ylabel="robust accuracy (%)", xticks=[1, 2, 4, 8],
+                     title=f"{model['model']}: PGD-20, {threat} batch, adaptive gradient")
+            axis.set_ylim(bottom=-1)
+            axis.grid(alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     path = out / "robust_accuracy_vs_eps.png"
     figure.savefig(path, dpi=110)
