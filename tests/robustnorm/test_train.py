@@ -170,3 +170,17 @@ def test_a_second_cycle_resumes_from_its_checkpoint(cifar10: Path, tmp_path: Pat
     assert train_in_process(cifar10, tmp_path / "split", *second, "--resume") == 0  # checkpoint config loads
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.allclose(whole[key].float(), split[key].float(), atol=1e-6) for key in whole)
+
+
+def test_a_checkpoint_from_before_cutout_resumes_and_a_changed_cutout_does_not(cifar10: Path, tmp_path: Path) -> None:
+    base = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32", "--epochs", "2"]
+    out = tmp_path / "run"
+    assert train_in_process(cifar10, out, *base[:-1], "1") == 0
+    checkpoint = out / train.CHECKPOINT_FILE
+    state = torch.load(checkpoint, weights_only=True)
+    del state["config"]["cutout"]  # as written before --cutout existed
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="cutout"):
+        train_in_process(cifar10, out, *base, "--cutout", "8", "--resume")
+    assert train_in_process(cifar10, out, *base, "--resume") == 0
+    assert [row["epoch"] for row in log_of(out)] == [1, 2]
