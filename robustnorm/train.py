@@ -82,6 +82,16 @@ def _pixel_fraction(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _epoch_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(sorted(int(item) for item in text.split(",") if item.strip()))
@@ -110,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-val", type=int, metavar="N", help="validate on the first N validation images only")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="random crop (4-pixel zero padding) and horizontal flip (default on)")
-    data.add_argument("--cutout", type=int, default=0, metavar="SIZE",
+    data.add_argument("--cutout", type=_non_negative_int, default=0, metavar="SIZE",
                       help="also zero a random SIZE x SIZE square of each training image (Cutout; 16 is usual "
                       "for CIFAR-10; default 0: off)")
 

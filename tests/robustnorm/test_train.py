@@ -49,7 +49,9 @@ def test_learning_rate_schedule() -> None:
 def test_options() -> None:
     args = parse("--out", "x", "--adv-eps", "8/255", "--milestones", "120,80")
     assert math.isclose(args.adv_eps, 8 / 255) and args.milestones == (80, 120) and args.augment
-    for bad in (["--adv-eps", "2"], ["--adv-eps", "8/0"], ["--norm", "layernorm"]):
+    assert parse("--out", "x").cutout == 0 and parse("--out", "x", "--cutout", "16").cutout == 16
+    for bad in (["--adv-eps", "2"], ["--adv-eps", "8/0"], ["--norm", "layernorm"], ["--cutout", "-1"],
+                ["--cutout", "a"]):
         with pytest.raises(SystemExit):
             parse("--out", "x", *bad)
 
