@@ -11,8 +11,9 @@ headline = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(headline)
 
 
-def record(policy: str, robust: float, frozen_attack: float = 0.0, clean: float = 0.9, threat: str = "whole") -> dict:
-    return {"policy": policy, "n": 128, "threat": threat, "gradient": "adaptive", "attack": "pgd", "eps_255": 8.0,
+def record(policy: str, robust: float, frozen_attack: float = 0.0, clean: float = 0.9, threat: str = "whole",
+           gradient: str = "adaptive") -> dict:
+    return {"policy": policy, "n": 128, "threat": threat, "gradient": gradient, "attack": "pgd", "eps_255": 8.0,
             "robust_accuracy": robust, "clean_accuracy": clean, "frozen_attack_accuracy": frozen_attack}
 
 
@@ -50,3 +51,15 @@ def test_claim_c_compares_the_two_networks_cell_by_cell() -> None:
 def test_claim_a_uses_the_batch_drift_auc() -> None:
     assert verdicts(headline.headline(report([], [], auc=0.95)), "A") == ["reproduces", "does not reproduce"]
     assert verdicts(headline.headline(report([], [], auc=0.7)), "A")[0] == "does not reproduce"
+
+
+def test_an_adaptive_attack_weaker_than_a_transferred_one_is_judged_by_the_stronger() -> None:
+    # RobustNorm under batch keeps 30% against its adaptive gradient but 1% against the frozen model's
+    bn = [record("frozen", 0.0), record("batch", 0.01)]
+    rn = [record("frozen", 0.0), record("batch", 0.30), record("batch", 0.01, gradient="transfer")]
+    text = headline.headline(report(bn, rn))
+    assert verdicts(text, "C") == ["does not reproduce", "does not reproduce"]
+    batch_row = next(line for line in text.splitlines() if line.startswith("| C | batch, whole, adaptive"))
+    assert "RobustNorm 1.0 (transfer gradient stronger) vs BatchNorm 1.0 |" in batch_row
+    # without the transferred cell the adaptive figure stands, and would count
+    assert verdicts(headline.headline(report(bn, rn[:2])), "C") == ["does not reproduce", "reproduces"]
