@@ -1,0 +1,74 @@
+"""How RobustNorm's power p changes robustness, on models trained alike: a few whole-batch PGD cells each.
+
+    python benchmarks/compare_p.py --models runs/gpu1/runs/bn runs/gpu1/runs/rn02 runs/gpu1/runs/rn10 \
+        --out benchmarks/results/robustness/compare_p.json
+
+The full grid (``robustnorm evaluate``) costs hours per model on a CPU; this runs only the cells that compare
+the networks: whole batches of n = 128 from the same 2,000 fixed test images as the grid (``--seed`` 0), PGD-20
+at each eps, under ``frozen`` and ``batch``, with the adaptive gradient and the one transferred from the
+frozen model. Each policy's "strongest" figure is the lower of the two, as in the headline table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import robustnorm
+from robustnorm.data import balanced_subset, load_cifar10, make_generator, to_float
+from robustnorm.evaluate import PerImageAttacks, accuracy, robust_evaluation
+from robustnorm.runtime import retain_freed_memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="bundled names or model directories")
+    parser.add_argument("--eps-255", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/compare_p.json"))
+    args = parser.parse_args()
+    retain_freed_memory()
+    # the grid's test order and robust subset (robustnorm evaluate with the same --seed)
+    test = load_cifar10("test", args.data)
+    test = test.subset(torch.randperm(len(test), generator=make_generator(args.seed)))
+    subset = balanced_subset(test.labels, args.images // len(test.classes), seed=args.seed + 1)
+    test_x01 = to_float(test.images)
+    x01, labels = test_x01[subset], test.labels[subset]
+    rows = []
+    for name in args.models:
+        model, card = robustnorm.load_model(name)
+        row = {"model": name, "norm": card.norm, "p": card.p, "epochs": card.training.get("epochs"),
+               "clean_frozen": accuracy(model, card, test_x01, test.labels, "frozen", 1),
+               "clean_batch_n128": accuracy(model, card, test_x01, test.labels, "batch", args.n), "cells": []}
+        per_image = PerImageAttacks()
+        for eps_255 in args.eps_255:
+            for policy in ("frozen", "batch"):
+                for gradient in ("adaptive", "transfer"):
+                    if policy == "frozen" and gradient == "transfer":
+                        continue  # the same attack as the adaptive one
+                    started = time.perf_counter()
+                    record = robust_evaluation(model, card, x01, labels, policy=policy, n=args.n, threat="whole",
+                                               attack="pgd", eps=eps_255 / 255, steps=args.steps, gradient=gradient,
+                                               seed=args.seed, per_image=per_image)
+                    cell = {key: value for key, value in asdict(record).items() if key != "model"}
+                    cell["seconds"] = round(time.perf_counter() - started, 1)
+                    row["cells"].append(cell)
+                    print(json.dumps({"model": name, **cell}), flush=True)
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"images": int(subset.numel()), "n": args.n, "steps": args.steps,
+                                        "threat": "whole", "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
