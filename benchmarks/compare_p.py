@@ -46,7 +46,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         model, card = robustnorm.load_model(name)
-        row = {"model": name, "norm": card.norm, "p": card.p, "epochs": card.training.get("epochs"),
+        row = {"model": name, "name": card.name, "version": card.version, "norm": card.norm, "p": card.p,
+               "epochs": card.training.get("epochs"),
                "clean_frozen": accuracy(model, card, test_x01, test.labels, "frozen", 1),
                "clean_batch_n128": accuracy(model, card, test_x01, test.labels, "batch", args.n), "cells": []}
         per_image = PerImageAttacks()
