@@ -3,8 +3,7 @@
 Runs one batch of clean CIFAR-10 test images and one batch of uniform-noise images through the model under its
 card's policy, with recording on, and writes both scores per batch and per image.
 
-    python benchmarks/drift_probe.py --model cifar10-resnet20-robustnorm-preview \
-        --out benchmarks/results/drift_probe_preview.json
+    python benchmarks/drift_probe.py --model cifar10-resnet20-robustnorm --out benchmarks/results/drift_probe.json
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default=robustnorm.list_models()[0] if robustnorm.list_models() else None)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/drift_probe_preview.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/drift_probe.json"))
     args = parser.parse_args()
     model, card = robustnorm.load_model(args.model)
     test = load_cifar10("test", args.data)

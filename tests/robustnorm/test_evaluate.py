@@ -158,7 +158,7 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
     from robustnorm.cli import main as cli
 
     out = tmp_path / "robustness.json"
-    argv = ["evaluate", "--models", "cifar10-resnet20-robustnorm-preview", "--grid", "smoke", "--robust-images", "10",
+    argv = ["evaluate", "--models", "cifar10-resnet20-robustnorm", "--grid", "smoke", "--robust-images", "10",
             "--test-images", "200", "--sections", "grid", "--device", "cpu", "--data", str(cifar10), "--out", str(out)]
     assert cli(argv) == 0
     first = json.loads(out.read_text())["models"][0]
