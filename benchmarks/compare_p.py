@@ -17,11 +17,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 import robustnorm
-from robustnorm.data import balanced_subset, load_cifar10, make_generator, to_float
-from robustnorm.evaluate import PerImageAttacks, accuracy, robust_evaluation
+from robustnorm.data import load_cifar10, to_float
+from robustnorm.evaluate import PerImageAttacks, accuracy, evaluation_images, robust_evaluation
 from robustnorm.runtime import retain_freed_memory
 
 
@@ -39,8 +37,7 @@ def main() -> None:
     retain_freed_memory()
     # the grid's test order and robust subset (robustnorm evaluate with the same --seed)
     test = load_cifar10("test", args.data)
-    test = test.subset(torch.randperm(len(test), generator=make_generator(args.seed)))
-    subset = balanced_subset(test.labels, args.images // len(test.classes), seed=args.seed + 1)
+    test, subset = evaluation_images(test, len(test), args.images, args.seed)
     test_x01 = to_float(test.images)
     x01, labels = test_x01[subset], test.labels[subset]
     rows = []

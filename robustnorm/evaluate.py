@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import attacks
-from .data import balanced_subset, load_cifar10, make_generator, normalize, to_float
+from .data import ImageDataset, balanced_subset, load_cifar10, make_generator, normalize, to_float
 from .grouping import batch_groups
 from .io import ModelCard, load_model
 from .layers import set_policy
@@ -612,14 +612,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rest (the file is rewritten after every robust cell)")
 
 
+def evaluation_images(test: ImageDataset, test_images: int, robust_images: int,
+                      seed: int) -> tuple[ImageDataset, Tensor]:
+    """The test images for clean accuracy, in the grid's order, and the indices (into them) of the fixed,
+    class-balanced subset that robust cells attack; the same for every caller with the same ``seed``."""
+    if test_images < len(test):
+        test = test.subset(balanced_subset(test.labels, test_images // len(test.classes), seed=seed))
+    else:  # a fixed shuffle: the archive is ordered by class, and batches must mix classes
+        test = test.subset(torch.randperm(len(test), generator=make_generator(seed)))
+    return test, balanced_subset(test.labels, robust_images // len(test.classes), seed=seed + 1)
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    test = load_cifar10("test", args.data)
-    if args.test_images < len(test):
-        test = test.subset(balanced_subset(test.labels, args.test_images // len(test.classes), seed=args.seed))
-    else:  # a fixed shuffle: the archive is ordered by class, and batches must mix classes
-        test = test.subset(torch.randperm(len(test), generator=make_generator(args.seed)))
-    robust_index = balanced_subset(test.labels, args.robust_images // len(test.classes), seed=args.seed + 1)
+    test, robust_index = evaluation_images(load_cifar10("test", args.data), args.test_images, args.robust_images,
+                                           args.seed)
     test = test.to(device)
     test_x01 = to_float(test.images)
     robust_x01, robust_labels = test_x01[robust_index.to(device)], test.labels[robust_index.to(device)]
