@@ -15,6 +15,12 @@ Written to ``--out`` (by rank 0 only): ``log.jsonl`` (one JSON line per epoch), 
 every epoch; continue with ``--resume``), and at the end the model (``robustnorm.save_model``: weights and
 a card with policy ``frozen``; calibration is a separate command).
 
+``--swa-epochs K`` ends the run with stochastic weight averaging (Izmailov et al. 2018, "Averaging Weights Leads
+to Wider Optima"): the schedule anneals to ``--swa-lr`` by epoch EPOCHS - K and holds it for the last K epochs,
+the weights at the end of each of those epochs are averaged, and since an average of weights has no running
+statistics of its own, one more pass over the augmented training images (no gradient steps) recomputes them
+as a plain mean over its batches. The saved model is the average.
+
 Every random choice (initialisation, shuffling, augmentation, attack starts) comes from ``--seed`` and the
 epoch or step, so a resumed run repeats exactly what an uninterrupted one would have done.
 """
@@ -63,7 +69,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 INPUT_SIZE = (3, 32, 32)
 # Streams of random numbers drawn from --seed; each is seeded with (seed, stream, epoch or step).
-_SHUFFLE, _AUGMENT, _ATTACK, _CUTOUT = 1, 2, 3, 4
+_SHUFFLE, _AUGMENT, _ATTACK, _CUTOUT, _STATISTICS = 1, 2, 3, 4, 5
 # A resumed run must train the same model on the same data order as the run it continues.
 # Settings added after checkpoints were written without them, with the value those runs had.
 _ADDED_SINCE = {"cutout": 0}
@@ -140,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--milestones", type=_epoch_list, help="step schedule: epochs at which the learning "
                        "rate is multiplied by --gamma (default: half and three quarters of --epochs)")
     optim.add_argument("--gamma", type=float, default=0.1, help="default %(default)s")
+    optim.add_argument("--swa-epochs", type=_non_negative_int, default=0, metavar="K",
+                       help="stochastic weight averaging: hold --swa-lr for the last K epochs, average the weights "
+                       "at their ends and recompute the running statistics for the average (default 0: off)")
+    optim.add_argument("--swa-lr", type=float, metavar="LR",
+                       help="the learning rate held while weights are averaged; the cosine schedule anneals to it "
+                       "(default: a fifth of --lr)")
 
     adversarial = parser.add_argument_group("adversarial training (PGD, Madry et al. 2018)")
     adversarial.add_argument("--adv-eps", type=_pixel_fraction, default=0.0,
@@ -164,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class LearningRateSchedule:
-    """Per-step learning rate: linear warm-up to ``base_lr``, then cosine decay to 0 or step decay."""
+    """Per-step learning rate: linear warm-up to ``base_lr``, then cosine decay to ``floor`` (0 unless
+    weights are averaged) or step decay; from step ``hold_from`` on (weight averaging), ``floor`` itself."""
 
     base_lr: float
     total_steps: int
@@ -172,13 +185,18 @@ class LearningRateSchedule:
     kind: str = "cosine"
     milestones: tuple[int, ...] = ()  # steps at which a step schedule multiplies the rate by gamma
     gamma: float = 0.1
+    floor: float = 0.0
+    hold_from: int | None = None
 
     def __call__(self, step: int) -> float:
+        end = self.total_steps if self.hold_from is None else self.hold_from
+        if step >= end and self.hold_from is not None:
+            return self.floor
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.kind == "cosine":
-            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            return 0.5 * self.base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+            progress = (step - self.warmup_steps) / max(1, end - self.warmup_steps)
+            return self.floor + 0.5 * (self.base_lr - self.floor) * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.base_lr * self.gamma ** sum(step >= milestone for milestone in self.milestones)
 
 
@@ -268,6 +286,44 @@ def _save_atomically(state: dict[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
+class _WeightAverage:
+    """The running mean of a model's parameters at the ends of epochs ``first_epoch`` onwards (0-based)."""
+
+    def __init__(self, model: nn.Module, first_epoch: int) -> None:
+        self.first_epoch = first_epoch
+        self.count = 0
+        self.average = {name: torch.zeros_like(value, dtype=torch.float32)
+                        for name, value in model.named_parameters()}
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        self.count += 1
+        for name, value in model.named_parameters():
+            self.average[name].add_(value.float() - self.average[name], alpha=1 / self.count)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        if self.count == 0:
+            raise ValueError("no weights were averaged: --swa-epochs needs at least one epoch to run")
+        for name, value in model.named_parameters():
+            value.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_epoch": self.first_epoch, "count": self.count, "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any] | None, epochs_done: int, path: Path) -> None:
+        expected = max(0, epochs_done - self.first_epoch)
+        found = 0 if state is None else int(state["count"])
+        if found != expected or (state is not None and int(state["first_epoch"]) != self.first_epoch):
+            raise ValueError(f"--resume: {path} holds an average of {found} epochs, but averaging from epoch "
+                             f"{self.first_epoch + 1} after {epochs_done} epochs needs {expected}: resume with "
+                             "the --epochs and --swa-epochs it was started with")
+        if state is not None:
+            self.count = found
+            for name in self.average:
+                self.average[name].copy_(state["average"][name])
+
+
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -317,6 +373,10 @@ class _Trainer:
         self.optimizer = torch.optim.SGD(_parameter_groups(self.model, args.weight_decay), lr=args.lr,
                                          momentum=args.momentum, nesterov=True)
         milestones = args.milestones or (args.epochs // 2, (3 * args.epochs) // 4)
+        if args.swa_epochs > args.epochs:
+            raise ValueError(f"--swa-epochs {args.swa_epochs} is more than --epochs {args.epochs}")
+        self.swa = _WeightAverage(self.model, first_epoch=args.epochs - args.swa_epochs) if args.swa_epochs else None
+        self.swa_lr = args.lr / 5 if args.swa_lr is None else args.swa_lr
         self.schedule = LearningRateSchedule(
             base_lr=args.lr,
             total_steps=args.epochs * self.steps_per_epoch,
@@ -324,6 +384,8 @@ class _Trainer:
             kind=args.schedule,
             milestones=tuple(epoch * self.steps_per_epoch for epoch in milestones),
             gamma=args.gamma,
+            floor=self.swa_lr if self.swa else 0.0,
+            hold_from=(args.epochs - args.swa_epochs) * self.steps_per_epoch if self.swa else None,
         )
 
     def _initialise_from(self, directory: Path) -> None:
@@ -362,6 +424,8 @@ class _Trainer:
     def save_checkpoint(self, epoch: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epoch": epoch, "config": self.config()}
+        if self.swa is not None:
+            state["swa"] = self.swa.state_dict()
         _save_atomically(state, self.args.out / CHECKPOINT_FILE)
 
     def load_checkpoint(self) -> int:
@@ -377,7 +441,47 @@ class _Trainer:
             raise ValueError(f"--resume: {path} was trained with other settings (now, then): {differences}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["epoch"])
+        epoch = int(state["epoch"])
+        if self.swa is not None:
+            self.swa.load_state_dict(state.get("swa"), epoch, path)
+        elif "swa" in state:
+            raise ValueError(f"--resume: {path} was averaging weights; resume it with the same --swa-epochs")
+        return epoch
+
+    # -- weight averaging ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def recompute_statistics(self) -> None:
+        """Running statistics for the current weights: one pass over the training images, augmented as in
+        training (zero padding widens the value ranges RobustNorm tracks), each layer's statistics the plain
+        mean over the pass's batches (synchronised across ranks like a training step's)."""
+        args, processes = self.args, self.processes
+        layers = [layer for layer in self.model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+        momenta = [layer.momentum for layer in layers]
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average
+        self.model.train()
+        share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
+        batches = iterate_batches(self.train_set, args.batch_size,
+                                  generator=make_generator(args.seed, _STATISTICS, 0), drop_last=True,
+                                  rank=processes.rank, world_size=processes.world_size)
+        try:
+            for index, (images, _) in enumerate(batches):
+                if args.augment:
+                    offsets, flips = crop_flip_params(args.batch_size,
+                                                      make_generator(args.seed, _STATISTICS, 1, index),
+                                                      device=processes.device)
+                    images = crop_flip(images, offsets[share], flips[share])
+                if args.cutout:
+                    centres = cutout_centres(args.batch_size, *images.shape[2:],
+                                             make_generator(args.seed, _STATISTICS, 2, index),
+                                             device=processes.device)
+                    images = cutout(images, centres[share], args.cutout)
+                with self.autocast():
+                    self.model(self.prepare(to_float(images)))
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
 
     # -- steps ------------------------------------------------------------------------------------------
     def adversarial(self, x01: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
@@ -501,6 +605,9 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         stats = trainer.train_epoch(epoch, progress)
+        if trainer.swa is not None and epoch >= trainer.swa.first_epoch:
+            trainer.swa.add(trainer.model)
+            stats["averaged"] = trainer.swa.count
         if processes.is_main:
             val_acc = trainer.validate()
             record = {"epoch": epoch + 1, **stats, "val_acc": val_acc, "seconds": time.perf_counter() - started}
@@ -512,9 +619,17 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
         if processes.world_size > 1:
             dist.barrier()  # the other ranks wait while rank 0 validates and writes
 
+    final_val_acc = record.get("val_acc")
+    if trainer.swa is not None:
+        trainer.swa.copy_to(trainer.model)
+        trainer.recompute_statistics()
+        final_val_acc = None
+        if processes.is_main:
+            trainer.card.training["swa"] = {"epochs": args.swa_epochs, "lr": trainer.swa_lr,
+                                            "averaged": trainer.swa.count, "val_acc_last_epoch": record.get("val_acc")}
     if processes.is_main:
         final = {
-            "val_acc_frozen": record["val_acc"] if record else trainer.validate(),
+            "val_acc_frozen": trainer.validate() if final_val_acc is None else final_val_acc,
             "train_acc": record.get("train_acc"),
             "train_loss": record.get("train_loss"),
         }
@@ -523,8 +638,9 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
                                      val_images=len(trainer.val_set), final=final, torch=torch.__version__,
                                      device=device)
         card = save_model(trainer.model, trainer.card, out)
-        logger.info("saved %s (version %s) to %s: validation accuracy %.4f (frozen statistics)",
-                    card.name, card.version, out, final["val_acc_frozen"])
+        logger.info("saved %s (version %s) to %s: validation accuracy %.4f (frozen statistics)%s",
+                    card.name, card.version, out, final["val_acc_frozen"],
+                    f", the average of the last {trainer.swa.count} epochs' weights" if trainer.swa else "")
     if processes.world_size > 1:
         dist.barrier()  # every rank tears its process group down together, after rank 0 has saved
     return 0

@@ -4,11 +4,13 @@
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02            # first cycle: 60 epochs, lr 0.1 cosine, seed 0
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle2     # second cycle from the first: lr 0.05, seed 1
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle3     # third cycle from the second: lr 0.05, seed 2
+#   bash benchmarks/cpu/train_cpu.sh bn|rn10 swa             # 20 epochs at lr 0.02 from the last cycle (bn2 or
+#                                                            # rn103), their weights averaged: seed 3
 #
 # Writes runs/cpu/SHORT (SHORT2, SHORT3) and SHORT.train.txt; continues from the checkpoint when one exists, so
 # a run cut off by the end of a session is started again with the same command.
 set -euo pipefail
-short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3]}"
+short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3|swa]}"
 case "$short" in
 bn) args=(--norm bn --name cifar10-resnet20-bn) ;;
 rn10) args=(--norm robustnorm --p 1.0 --name cifar10-resnet20-robustnorm-p1.0) ;;
@@ -26,9 +28,17 @@ cycle2 | cycle3)
     args+=(--init-from "$from" --lr 0.05 --warmup-epochs 0 --seed $((cycle - 1)))
     out="runs/cpu/${short}${cycle}"
     ;;
-*) echo "unknown cycle ${2}: use cycle2 or cycle3" >&2; exit 2 ;;
+swa)
+    from="runs/cpu/${short}3"
+    [ "$short" = bn ] && from="runs/cpu/bn2"  # BatchNorm had two cycles
+    [ -f "$from/model.safetensors" ] || { echo "$from has no finished cycle" >&2; exit 2; }
+    args+=(--init-from "$from" --lr 0.02 --swa-epochs 20 --swa-lr 0.02 --warmup-epochs 0 --seed 3)
+    out="runs/cpu/${short}-swa"
+    epochs=20
+    ;;
+*) echo "unknown stage ${2}: use cycle2, cycle3 or swa" >&2; exit 2 ;;
 esac
 [ -f "$out/checkpoint.pt" ] && args+=(--resume)
 mkdir -p runs/cpu
 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 "${PYTHON:-.venv/bin/python}" -m robustnorm.cli train "${args[@]}" \
-    --epochs 60 --batch-size 128 --precision bf16 --device cpu --no-progress --out "$out" >> "$out.train.txt" 2>&1
+    --epochs "${epochs:-60}" --batch-size 128 --precision bf16 --device cpu --no-progress --out "$out" >> "$out.train.txt" 2>&1

@@ -44,6 +44,12 @@ def test_learning_rate_schedule() -> None:
     assert cosine(10) == pytest.approx(0.1) and cosine(55) == pytest.approx(0.05) and cosine(99) < 1e-3
     step = train.LearningRateSchedule(base_lr=0.1, total_steps=100, kind="step", milestones=(50, 75))
     assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # weight averaging: cosine from 0.1 down to the held rate 0.02 by step 80, then 0.02
+    swa = train.LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=80)
+    assert swa(0) == pytest.approx(0.1) and swa(40) == pytest.approx(0.06) and swa(79) == pytest.approx(0.02, abs=1e-4)
+    assert [swa(s) for s in (80, 99)] == [0.02, 0.02]
+    held = train.LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=0)
+    assert held(0) == held(99) == 0.02
 
 
 def test_options() -> None:
@@ -186,3 +192,53 @@ def test_a_checkpoint_from_before_cutout_resumes_and_a_changed_cutout_does_not(c
         train_in_process(cifar10, out, *base, "--cutout", "8", "--resume")
     assert train_in_process(cifar10, out, *base, "--resume") == 0
     assert [row["epoch"] for row in log_of(out)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_weight_averaging_saves_the_mean_of_the_last_epochs_with_statistics_recomputed(
+    cifar10: Path, tmp_path: Path, monkeypatch
+) -> None:
+    argv = [*SHORT_RUN, "--norm", "robustnorm", "--p", "1.0", "--epochs", "3", "--swa-epochs", "2", "--swa-lr", "0.03"]
+    ends: dict[int, dict[str, torch.Tensor]] = {}
+    save_checkpoint = train._Trainer.save_checkpoint
+
+    def keep_weights(trainer: train._Trainer, epoch: int) -> None:
+        save_checkpoint(trainer, epoch)
+        ends[epoch] = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train._Trainer, "save_checkpoint", keep_weights)
+        assert train_in_process(cifar10, tmp_path / "whole", *argv) == 0
+    log = log_of(tmp_path / "whole")
+    assert [row.get("averaged") for row in log] == [None, 1, 2] and [row["lr"] for row in log[1:]] == [0.03, 0.03]
+    model, card = robustnorm.load_model(tmp_path / "whole")
+    saved = model.state_dict()
+    for name in ends[3]:
+        assert torch.allclose(saved[name], (ends[2][name] + ends[3][name]) / 2, atol=1e-6), name
+    assert not torch.allclose(ends[2]["conv1.weight"], ends[3]["conv1.weight"])  # there was something to average
+    # one recomputing pass (6 batches of 64), not the 18 training steps' moving average
+    assert int(saved["bn1.num_batches_tracked"]) == 6
+    assert card.training["swa"] == {"epochs": 2, "lr": 0.03, "averaged": 2, "val_acc_last_epoch": log[-1]["val_acc"]}
+    assert card.training["final"]["val_acc_frozen"] == pytest.approx(
+        robustnorm.evaluate.accuracy(model, card, *validation_set(cifar10, 100), policy="frozen", group_size=1))
+
+    # Stopped inside the averaging window and resumed: the same average; other averaging settings are refused.
+    def stop_after_two(trainer: train._Trainer, epoch: int) -> None:
+        save_checkpoint(trainer, epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train._Trainer, "save_checkpoint", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(cifar10, tmp_path / "split", *argv)
+    with pytest.raises(ValueError, match="average of 1 epochs"):
+        train_in_process(cifar10, tmp_path / "split", *argv, "--swa-epochs", "1", "--resume")
+    assert train_in_process(cifar10, tmp_path / "split", *argv, "--resume") == 0
+    split = robustnorm.load_model(tmp_path / "split")[0].state_dict()
+    assert all(torch.allclose(split[key].float(), saved[key].float(), atol=1e-6) for key in saved)
+
+
+def validation_set(cifar10: Path, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, val = robustnorm.data.cifar10_train_val(cifar10)
+    return robustnorm.data.to_float(val.images[:limit]), val.labels[:limit]
