@@ -28,6 +28,7 @@ epoch or step, so a resumed run repeats exactly what an uninterrupted one would 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -373,6 +374,8 @@ class _Trainer:
         self.optimizer = torch.optim.SGD(_parameter_groups(self.model, args.weight_decay), lr=args.lr,
                                          momentum=args.momentum, nesterov=True)
         milestones = args.milestones or (args.epochs // 2, (3 * args.epochs) // 4)
+        if args.swa_lr is not None and not args.swa_epochs:
+            raise ValueError("--swa-lr is the rate held while weights are averaged: it needs --swa-epochs")
         if args.swa_epochs > args.epochs:
             raise ValueError(f"--swa-epochs {args.swa_epochs} is more than --epochs {args.epochs}")
         self.swa = _WeightAverage(self.model, first_epoch=args.epochs - args.swa_epochs) if args.swa_epochs else None
@@ -582,6 +585,9 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, processes)
     finally:
         if processes.owns_group:
+            # Free the run's DDP wrapper and the tensors of finished collectives while the group still
+            # exists: left to interpreter shutdown, gloo's threads abort the process now and then.
+            gc.collect()
             dist.destroy_process_group()
 
 
