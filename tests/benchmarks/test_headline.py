@@ -63,3 +63,26 @@ def test_an_adaptive_attack_weaker_than_a_transferred_one_is_judged_by_the_stron
     assert "RobustNorm 1.0 (transfer gradient stronger) vs BatchNorm 1.0 |" in batch_row
     # without the transferred cell the adaptive figure stands, and would count
     assert verdicts(headline.headline(report(bn, rn[:2])), "C") == ["does not reproduce", "reproduces"]
+
+
+def test_a_favourable_adaptive_only_figure_of_a_masked_model_is_withheld() -> None:
+    # RobustNorm's adaptive gradient under batch is beaten by a transferred one on whole batches, so its
+    # adaptive-only fraction figure (15% against BatchNorm's 2%) cannot count as robustness
+    bn = [record("frozen", 0.0), record("batch", 0.01), record("batch", 0.02, threat="fraction:0.1")]
+    bn = [{**cell, "n": 32} if cell["threat"] != "whole" else cell for cell in bn]
+    rn = [record("frozen", 0.0), record("batch", 0.30), record("batch", 0.01, gradient="transfer"),
+          {**record("batch", 0.15, threat="fraction:0.1"), "n": 32}]
+    rows = [line for line in headline.headline(report(bn, rn)).splitlines() if "fraction:0.1" in line]
+    assert [row.split("|")[4].strip() for row in rows] == ["masking suspected (no transferred attack measured)"]
+    # without evidence of masking the same figures count
+    unmasked = [rn[0], record("batch", 0.01, gradient="transfer"), rn[3]]
+    rows = [line for line in headline.headline(report(bn, unmasked)).splitlines() if "fraction:0.1" in line]
+    assert [row.split("|")[4].strip() for row in rows] == ["reproduces"]
+
+
+def test_a_row_without_its_adaptive_cell_says_which_gradient_it_shows() -> None:
+    bn = [record("frozen", 0.0), record("batch", 0.01)]
+    rn = [record("frozen", 0.0), record("batch", 0.02, gradient="transfer")]
+    row = next(line for line in headline.headline(report(bn, rn)).splitlines()
+               if line.startswith("| C | batch, whole, adaptive"))
+    assert "RobustNorm 2.0 (only the transfer gradient measured) vs BatchNorm 1.0 |" in row
