@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import ModelCard, create_model, enable_sync, list_architectures, load_model, save_model
+from . import ModelCard, create_model, enable_sync, list_architectures, load_model, policy_layers, save_model
 from .attacks import pgd
 from .data import (
     CIFAR10_MEAN,
@@ -190,9 +190,9 @@ class LearningRateSchedule:
     hold_from: int | None = None
 
     def __call__(self, step: int) -> float:
-        end = self.total_steps if self.hold_from is None else self.hold_from
-        if step >= end and self.hold_from is not None:
+        if self.hold_from is not None and step >= self.hold_from:
             return self.floor
+        end = self.total_steps if self.hold_from is None else self.hold_from
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.kind == "cosine":
@@ -458,28 +458,18 @@ class _Trainer:
         training (zero padding widens the value ranges RobustNorm tracks), each layer's statistics the plain
         mean over the pass's batches (synchronised across ranks like a training step's)."""
         args, processes = self.args, self.processes
-        layers = [layer for layer in self.model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+        layers = [layer for _, layer in policy_layers(self.model)]
         momenta = [layer.momentum for layer in layers]
         for layer in layers:
             layer.reset_running_stats()
             layer.momentum = None  # cumulative average
         self.model.train()
-        share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
         batches = iterate_batches(self.train_set, args.batch_size,
                                   generator=make_generator(args.seed, _STATISTICS, 0), drop_last=True,
                                   rank=processes.rank, world_size=processes.world_size)
         try:
             for index, (images, _) in enumerate(batches):
-                if args.augment:
-                    offsets, flips = crop_flip_params(args.batch_size,
-                                                      make_generator(args.seed, _STATISTICS, 1, index),
-                                                      device=processes.device)
-                    images = crop_flip(images, offsets[share], flips[share])
-                if args.cutout:
-                    centres = cutout_centres(args.batch_size, *images.shape[2:],
-                                             make_generator(args.seed, _STATISTICS, 2, index),
-                                             device=processes.device)
-                    images = cutout(images, centres[share], args.cutout)
+                images = self.augment(images, (_STATISTICS, 1, index), (_STATISTICS, 2, index))
                 with self.autocast():
                     self.model(self.prepare(to_float(images)))
         finally:
@@ -487,6 +477,23 @@ class _Trainer:
                 layer.momentum = momentum
 
     # -- steps ------------------------------------------------------------------------------------------
+    def augment(self, images: torch.Tensor, crop_stream: tuple[int, ...],
+                cutout_stream: tuple[int, ...]) -> torch.Tensor:
+        """This rank's share of a global batch, augmented as ``--augment`` and ``--cutout`` say. The random draws
+        (seeded with ``--seed`` and the streams' keys) belong to the whole global batch and are sliced, so any
+        number of ranks sees the same images."""
+        args, processes = self.args, self.processes
+        share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
+        if args.augment:
+            offsets, flips = crop_flip_params(args.batch_size, make_generator(args.seed, *crop_stream),
+                                              device=processes.device)
+            images = crop_flip(images, offsets[share], flips[share])
+        if args.cutout:
+            centres = cutout_centres(args.batch_size, *images.shape[2:], make_generator(args.seed, *cutout_stream),
+                                     device=processes.device)
+            images = cutout(images, centres[share], args.cutout)
+        return images
+
     def adversarial(self, x01: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         """PGD examples against the training forward (batch statistics, synchronised across ranks)."""
         args = self.args
@@ -515,18 +522,7 @@ class _Trainer:
             lr = self.schedule(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            # Augmentation is drawn for the whole global batch and sliced, so any number of ranks sees the
-            # same images.
-            share = slice(processes.rank * self.local_batch, (processes.rank + 1) * self.local_batch)
-            if args.augment:
-                offsets, flips = crop_flip_params(args.batch_size, make_generator(args.seed, _AUGMENT, step),
-                                                  device=processes.device)
-                images = crop_flip(images, offsets[share], flips[share])
-            if args.cutout:
-                centres = cutout_centres(args.batch_size, *images.shape[2:],
-                                         make_generator(args.seed, _CUTOUT, step), device=processes.device)
-                images = cutout(images, centres[share], args.cutout)
-            x01 = to_float(images)
+            x01 = to_float(self.augment(images, (_AUGMENT, step), (_CUTOUT, step)))
             if args.adv_eps > 0:
                 x01 = self.adversarial(x01, labels, step)
             with self.autocast():
@@ -625,17 +621,15 @@ def _run(args: argparse.Namespace, processes: _Processes) -> int:
         if processes.world_size > 1:
             dist.barrier()  # the other ranks wait while rank 0 validates and writes
 
-    final_val_acc = record.get("val_acc")
     if trainer.swa is not None:
         trainer.swa.copy_to(trainer.model)
         trainer.recompute_statistics()
-        final_val_acc = None
         if processes.is_main:
             trainer.card.training["swa"] = {"epochs": args.swa_epochs, "lr": trainer.swa_lr,
                                             "averaged": trainer.swa.count, "val_acc_last_epoch": record.get("val_acc")}
     if processes.is_main:
         final = {
-            "val_acc_frozen": trainer.validate() if final_val_acc is None else final_val_acc,
+            "val_acc_frozen": trainer.validate() if trainer.swa is not None or not record else record["val_acc"],
             "train_acc": record.get("train_acc"),
             "train_loss": record.get("train_loss"),
         }

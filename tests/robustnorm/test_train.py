@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,18 @@ def log_of(out: Path) -> list[dict]:
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / train.CHECKPOINT_FILE, weights_only=True)["model"]
+
+
+def stop_after(last: int) -> Callable[[train._Trainer, int], None]:
+    """A ``save_checkpoint`` that saves, then interrupts the run after epoch ``last``."""
+    save_checkpoint = train._Trainer.save_checkpoint
+
+    def save_then_stop(trainer: train._Trainer, epoch: int) -> None:
+        save_checkpoint(trainer, epoch)
+        if epoch == last:
+            raise KeyboardInterrupt
+
+    return save_then_stop
 
 
 def test_learning_rate_schedule() -> None:
@@ -79,15 +92,8 @@ def test_short_run_learns_saves_a_card_and_resumes_exactly(cifar10: Path, tmp_pa
     assert card.training["arguments"]["epochs"] == 3 and card.training["train_images"] == 384
 
     # A run stopped after two of three epochs, then resumed: the same weights as three epochs in one go.
-    save_checkpoint = train._Trainer.save_checkpoint
-
-    def stop_after_two(trainer: train._Trainer, epoch: int) -> None:
-        save_checkpoint(trainer, epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(train._Trainer, "save_checkpoint", stop_after_two)
+        patch.setattr(train._Trainer, "save_checkpoint", stop_after(2))
         with pytest.raises(KeyboardInterrupt):
             train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3")
     assert train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3") == 2  # refuses to overwrite
@@ -225,13 +231,8 @@ def test_weight_averaging_saves_the_mean_of_the_last_epochs_with_statistics_reco
         robustnorm.evaluate.accuracy(model, card, *validation_set(cifar10, 100), policy="frozen", group_size=1))
 
     # Stopped inside the averaging window and resumed: the same average; other averaging settings are refused.
-    def stop_after_two(trainer: train._Trainer, epoch: int) -> None:
-        save_checkpoint(trainer, epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(train._Trainer, "save_checkpoint", stop_after_two)
+        patch.setattr(train._Trainer, "save_checkpoint", stop_after(2))
         with pytest.raises(KeyboardInterrupt):
             train_in_process(cifar10, tmp_path / "split", *argv)
     with pytest.raises(ValueError, match="average of 1 epochs"):
