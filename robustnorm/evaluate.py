@@ -577,8 +577,11 @@ def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str,
              for eps in grid.robust_eps_255 for threat in grid.robust_threats for gradient in grid.robust_gradients]
     cells += [(card.policy, grid.sweep_size, "whole", attack, eps, "adaptive") for attack in ("fgsm", "pgd")
               for eps in grid.sweep_eps_255]
-    cells += [(policy, grid.extra_size, threat, "pgd", max(grid.robust_eps_255), "adaptive")
-              for policy in _policies(card) for threat in grid.extra_threats]
+    # Fractions are attacked with every gradient of the grid; poisoning only adaptively (crafted against
+    # ``frozen``, whose images do not interact, poison would have no gradient towards its victims).
+    cells += [(policy, grid.extra_size, threat, "pgd", max(grid.robust_eps_255), gradient)
+              for policy in _policies(card) for threat in grid.extra_threats
+              for gradient in (("adaptive",) if threat.startswith("poison:") else grid.robust_gradients)]
     cells += [(policy, grid.extra_size, "lone", "pgd", max(grid.robust_eps_255), "unknown")
               for policy in _policies(card)]
     return list(dict.fromkeys(cells))

@@ -63,6 +63,7 @@ def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
 
 
 @pytest.mark.parametrize("threat, gradient", [("whole", "adaptive"), ("lone", "transfer"), ("fraction:0.5", "adaptive"),
+                                              ("fraction:0.5", "transfer"),
                                               ("lone", "unknown")])
 def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradient: str) -> None:
     model, card = model_and_card
@@ -243,6 +244,18 @@ def test_cells_run_cheapest_first_and_twins_follow_the_cell_they_copy(model_and_
         twin = ("batch", n, *rest)
         if policy == card.policy and n >= 4 and twin in position:  # adaptive:4 runs batch statistics from n = 4
             assert position[twin] < position[(policy, n, *rest)]
+
+
+def test_fractions_get_both_gradients_and_poisoning_only_the_adaptive_one(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import GRIDS, _robust_cells
+
+    _, card = model_and_card
+    cells = _robust_cells(card, GRIDS["core"])
+    extra = {(threat, gradient) for _, n, threat, _, eps, gradient in cells if n == 32 and eps == 8
+             and threat.startswith(("fraction:", "poison:"))}
+    assert extra == {("fraction:0.1", "adaptive"), ("fraction:0.1", "transfer"), ("fraction:0.5", "adaptive"),
+                     ("fraction:0.5", "transfer"), ("poison:3", "adaptive")}
+    assert len(cells) == len(set(cells))
 
 
 def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: object) -> None:
