@@ -175,10 +175,10 @@ def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Ten
     """Batches of ``n`` that each hold ``k`` consecutive images of ``x01`` (the attackers) and ``n - k`` clean
     batchmates drawn from ``pool`` (distinct within a batch), in random positions.
 
-    Returns ``(images, labels, mask, source)``: ``mask`` marks the ``x01`` images and ``source`` gives, for
-    each of them in batch order, its index in ``x01``; a remainder of ``x01`` that
-    does not fill ``k`` is left out. Every image of ``x01`` is thus attacked in a batch of its own size, so a
-    lone attacker is scored on as many images as the whole-batch threat model.
+    Returns ``(images, labels, mask, order)``: ``order`` gives each batch image's index into ``cat(x01, pool)``,
+    so ``mask = order < len(x01)`` marks the ``x01`` images and ``order[mask]`` their indices in ``x01``; a
+    remainder of ``x01`` that does not fill ``k`` is left out. Every image of ``x01`` is thus attacked in a
+    batch of its own size, so a lone attacker is scored on as many images as the whole-batch threat model.
     """
     batches = x01.shape[0] // k
     if batches == 0 or k > n:
@@ -193,8 +193,7 @@ def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Ten
     order = source.gather(1, positions).flatten().to(x01.device)
     images = torch.cat([x01, pool])[order]
     all_labels = torch.cat([labels, pool_labels])[order]
-    mask = order < x01.shape[0]
-    return images, all_labels, mask, order[mask]
+    return images, all_labels, order < x01.shape[0], order
 
 
 def _check_cell(threat: str, attack: str, gradient: str, pool: Tensor | None) -> None:
@@ -317,13 +316,14 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
             raise ValueError(f"{x01.shape[0]} images do not fill one batch of n={n}")
         batch_x01, batch_labels = x01[:usable], labels[:usable]
         attackers = torch.ones(usable, dtype=torch.bool, device=x01.device)
-        source = torch.arange(usable, device=x01.device)
+        order = torch.arange(usable, device=x01.device)
     else:
         if pool is None or pool_labels is None:
             raise ValueError(f"threat {threat!r} needs a pool of clean batchmates (pool, pool_labels)")
         k = _attackers_per_batch(threat, n)
-        batch_x01, batch_labels, attackers, source = assemble_batches(x01, labels, pool, pool_labels, n, k,
-                                                                      generator)
+        batch_x01, batch_labels, attackers, order = assemble_batches(x01, labels, pool, pool_labels, n, k,
+                                                                     generator)
+    source = order[attackers]
     poisoning = threat.startswith("poison:")
     if not poisoning and _ignores_batchmates(card, policy, n, gradient):
         adversarial = per_image.get(model, card, x01, labels, attack, eps, steps, seed)
@@ -334,8 +334,14 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
         crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack,
                         eps=eps, steps=steps, gradient=gradient, generator=generator, pool=pool,
                         eot_samples=eot_samples, attackers=attackers)
-    correct = predictions(model, card, crafted.images, policy, n) == batch_labels
-    clean_correct = predictions(model, card, batch_x01, policy, n) == batch_labels
+    if parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen":
+        # Predictions do not depend on batchmates: predict each distinct image once. ``order`` identifies the
+        # images (each subset image sits in one batch only, so an attacker's crafted image is distinct too).
+        correct = _distinct_predictions(model, card, crafted.images, order) == batch_labels
+        clean_correct = _distinct_predictions(model, card, batch_x01, order) == batch_labels
+    else:
+        correct = predictions(model, card, crafted.images, policy, n) == batch_labels
+        clean_correct = predictions(model, card, batch_x01, policy, n) == batch_labels
     batchmates = ~crafted.mask & ~crafted.scored
     frozen_accuracy = None
     if not poisoning:
@@ -350,6 +356,15 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
         clean_accuracy=float(clean_correct[crafted.scored].float().mean()),
         frozen_attack_accuracy=frozen_accuracy, seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def _distinct_predictions(model: nn.Module, card: ModelCard, images: Tensor, identity: Tensor) -> Tensor:
+    """``frozen`` predictions of ``images``, where equal ``identity`` values mark equal images: each distinct
+    image runs through the model once (a lone-attacker cell at n = 128 repeats its clean batchmates 128 times)."""
+    distinct, inverse = torch.unique(identity, return_inverse=True)
+    first = torch.empty(distinct.numel(), dtype=torch.long, device=identity.device)
+    first.scatter_(0, inverse, torch.arange(identity.numel(), device=identity.device))
+    return predictions(model, card, images[first], "frozen", 1)[inverse]
 
 
 # ----------------------------------------------------------------------------------------- drift evidence

@@ -87,18 +87,37 @@ def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_ba
 
     x, y = images(12)
     pool, pool_labels = torch.rand(20, 3, 32, 32), torch.randint(0, 10, (20,))
-    batch, labels, mask, source = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
+    batch, labels, mask, order = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
     assert batch.shape[0] == 12 * 8 and mask.view(12, 8).sum(dim=1).eq(1).all()
-    assert torch.equal(source, torch.arange(12))
+    assert torch.equal(mask, order < 12) and torch.equal(order[mask], torch.arange(12))
+    assert torch.equal(batch, torch.cat([x, pool])[order])
     assert torch.equal(batch[mask], x) and torch.equal(labels[mask], y)  # each attacker once, in order
     pool_rows = pool.flatten(1)
     for group in batch[~mask].view(12, 7, -1):
         matches = (group[:, None] == pool_rows[None]).all(dim=2)
         assert matches.any(dim=1).all() and len(set(matches.float().argmax(dim=1).tolist())) == 7  # distinct
-    batch, labels, mask, source = assemble_batches(x, y, pool, pool_labels, n=8, k=3, generator=make_generator(0))
+    batch, labels, mask, order = assemble_batches(x, y, pool, pool_labels, n=8, k=3, generator=make_generator(0))
+    source = order[mask]
     assert sorted(source.tolist()) == list(range(12)) and torch.equal(batch[mask], x[source])
     with pytest.raises(ValueError, match="cannot fill"):
         assemble_batches(x, y, pool[:3], pool_labels[:3], n=8, k=1, generator=make_generator(0))
+
+
+def test_frozen_predictions_run_each_distinct_image_once_and_agree(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import _distinct_predictions, assemble_batches, predictions
+
+    model, card = model_and_card
+    x, y = images(12)
+    pool, pool_labels = images(40)
+    batch, _, _, order = assemble_batches(x, y, pool[12:], pool_labels[12:], n=8, k=1, generator=make_generator(0))
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[0]))
+    try:
+        distinct = _distinct_predictions(model, card, batch, order)
+    finally:
+        hook.remove()
+    assert sum(seen) == order.unique().numel() < batch.shape[0]
+    assert torch.equal(distinct, predictions(model, card, batch, "frozen", 8))
 
 
 def test_grouped_predictions_equal_batch_by_batch(model_and_card: tuple) -> None:
