@@ -1,7 +1,7 @@
 """How RobustNorm's power p changes robustness, on models trained alike: a few whole-batch PGD cells each.
 
     python benchmarks/compare_p.py --models runs/gpu1/runs/bn runs/gpu1/runs/rn02 runs/gpu1/runs/rn10 \
-        --out benchmarks/results/robustness/compare_p.json
+        --out benchmarks/results/robustness/compare_p.json [--resume]
 
 The full grid (``robustnorm evaluate``) costs hours per model on a CPU; this runs only the cells that compare
 the networks: whole batches of n = 128 from the same 2,000 fixed test images as the grid (``--seed`` 0), PGD-20
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/compare_p.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --out holds for the same weights and settings; run the other models")
     args = parser.parse_args()
     retain_freed_memory()
     # the grid's test order and robust subset (robustnorm evaluate with the same --seed)
@@ -40,9 +42,17 @@ def main() -> None:
     test, subset = evaluation_images(test, len(test), args.images, args.seed)
     test_x01 = to_float(test.images)
     x01, labels = test_x01[subset], test.labels[subset]
+    settings = {"images": int(subset.numel()), "n": args.n, "steps": args.steps, "threat": "whole"}
+    earlier = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else {}
+    kept = earlier.get("rows", []) if {k: earlier.get(k) for k in settings} == settings else []
     rows = []
     for name in args.models:
         model, card = robustnorm.load_model(name)
+        done = next((row for row in kept if row["model"] == name and row["version"] == card.version
+                     and sorted({c["eps_255"] for c in row["cells"]}) == sorted(args.eps_255)), None)
+        if done is not None:
+            rows.append(done)
+            continue
         row = {"model": name, "name": card.name, "version": card.version, "norm": card.norm, "p": card.p,
                "epochs": card.training.get("epochs"),
                "clean_frozen": accuracy(model, card, test_x01, test.labels, "frozen", 1),
@@ -63,8 +73,7 @@ def main() -> None:
                     print(json.dumps({"model": name, **cell}), flush=True)
         rows.append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"images": int(subset.numel()), "n": args.n, "steps": args.steps,
-                                        "threat": "whole", "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({**settings, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
