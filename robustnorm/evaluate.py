@@ -209,7 +209,12 @@ def _check_cell(threat: str, attack: str, gradient: str, pool: Tensor | None) ->
 def _ignores_batchmates(card: ModelCard, policy: str, n: int, gradient: str) -> bool:
     """Whether the attack's forward is the frozen model image by image: transfer gradients, or a policy
     that runs frozen statistics for batches of ``n``."""
-    return gradient == "transfer" or parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen"
+    return gradient == "transfer" or _runs_frozen(card, policy, n)
+
+
+def _runs_frozen(card: ModelCard, policy: str, n: int) -> bool:
+    """Whether ``policy`` normalises batches of ``n`` with frozen statistics (predictions ignore batchmates)."""
+    return parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen"
 
 
 @dataclass
@@ -334,14 +339,15 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
         crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack,
                         eps=eps, steps=steps, gradient=gradient, generator=generator, pool=pool,
                         eot_samples=eot_samples, attackers=attackers)
-    if parse_policy(policy).resolve(n, card.norm == "robustnorm").kind == "frozen":
-        # Predictions do not depend on batchmates: predict each distinct image once. ``order`` identifies the
-        # images (each subset image sits in one batch only, so an attacker's crafted image is distinct too).
-        correct = _distinct_predictions(model, card, crafted.images, order) == batch_labels
-        clean_correct = _distinct_predictions(model, card, batch_x01, order) == batch_labels
-    else:
-        correct = predictions(model, card, crafted.images, policy, n) == batch_labels
-        clean_correct = predictions(model, card, batch_x01, policy, n) == batch_labels
+    def predict(images: Tensor) -> Tensor:
+        if _runs_frozen(card, policy, n):
+            # Predictions do not depend on batchmates: predict each distinct image once. ``order`` identifies the
+            # images (each subset image sits in one batch only, so an attacker's crafted image is distinct too).
+            return _distinct_predictions(model, card, images, order)
+        return predictions(model, card, images, policy, n)
+
+    correct = predict(crafted.images) == batch_labels
+    clean_correct = predict(batch_x01) == batch_labels
     batchmates = ~crafted.mask & ~crafted.scored
     frozen_accuracy = None
     if not poisoning:
