@@ -3,8 +3,14 @@
     python benchmarks/bench_train_step.py --threads 1 --out benchmarks/results/train_step_cpu.json
 
 Measures forward, loss, backward and SGD step on random images, after warm-up, as the median of ``--repeats``
-timed steps. Records the machine's load average so that figures taken beside other work can be read as such:
-compare rows of one file, not across files.
+timed steps. RobustNorm's channels-last rows are timed with both hand-written training normalisations
+(``range_layout``: ``wide``, the CPU's, and ``rows``, the accelerators'); the layer picks one by device, and
+the other row shows what that choice is worth on this device.
+
+    python benchmarks/bench_train_step.py --device cuda --out benchmarks/results/train_step_cuda.json
+
+Records the machine's load average so that figures taken beside other work can be read as such: compare rows
+of one file, not across files.
 """
 
 from __future__ import annotations
@@ -21,12 +27,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustnorm import create_model
+from robustnorm import create_model, layers
 
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
-def time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device) -> float:
+RANGE_LAYOUTS = {"wide": layers._RangeNormalize, "rows": layers._RangeNormalizeRows}
+
+
+def time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device,
+              range_layout: str | None = None) -> float:
+    if range_layout is not None:  # the layer looks both names up at every training forward: force one layout
+        layers._RangeNormalize = layers._RangeNormalizeRows = RANGE_LAYOUTS[range_layout]
+    try:
+        return _time_step(norm, precision, channels_last, repeats, device)
+    finally:
+        layers._RangeNormalize, layers._RangeNormalizeRows = RANGE_LAYOUTS["wide"], RANGE_LAYOUTS["rows"]
+
+
+def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device) -> float:
     torch.manual_seed(0)
     model = create_model("resnet20", norm=norm, **({"p": 1.0} if norm == "robustnorm" else {})).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -70,10 +89,13 @@ def main() -> None:
     rows = []
     for norm in ("bn", "robustnorm"):
         for precision, channels_last in VARIANTS:
-            seconds = time_step(norm, precision, channels_last, args.repeats, device)
-            rows.append({"norm": norm, "precision": precision, "channels_last": channels_last,
-                         "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
-            print(rows[-1], flush=True)
+            layouts = ["wide", "rows"] if norm == "robustnorm" and channels_last else [None]
+            for range_layout in layouts:
+                seconds = time_step(norm, precision, channels_last, args.repeats, device, range_layout)
+                rows.append({"norm": norm, "precision": precision, "channels_last": channels_last,
+                             **({"range_layout": range_layout} if range_layout else {}),
+                             "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
+                print(rows[-1], flush=True)
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_average_at_end": os.getloadavg(), "batch": 128, "rows": rows}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustnorm
-from robustnorm import AdaptiveBatchNorm2d, RobustNorm2d, batch_groups, parse_policy, set_policy
+from robustnorm import AdaptiveBatchNorm2d, RobustNorm2d, batch_groups, layers, parse_policy, set_policy
 
 torch.manual_seed(0)
 POLICIES = ["frozen", "batch", "blend:4", "blend:16.5", "adaptive:4", "adaptive:4:frozen", "adaptive:4:blend:8"]
@@ -209,10 +209,22 @@ def test_norm_registry_names_and_errors() -> None:
         robustnorm.create_norm("layernorm", 4)
 
 
+@pytest.fixture(params=["cpu layout", "accelerator layout"])
+def range_normalize(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Channels-last training takes a hand-written backward: _RangeNormalize on CPUs, _RangeNormalizeRows
+    elsewhere. The accelerator's is forced here by standing it in for the CPU's, so both run on a CPU.
+    Returns the name of the backward node the output must carry."""
+    if request.param == "accelerator layout":
+        monkeypatch.setattr(layers, "_RangeNormalize", layers._RangeNormalizeRows)
+        return "_RangeNormalizeRowsBackward"
+    return "_RangeNormalizeBackward"
+
+
 @pytest.mark.parametrize("p", [0.2, 1.0])
 @pytest.mark.parametrize("shape", [(6, 4, 5, 5), (8, 16, 4, 4), (3, 3, 1, 1)])
-def test_robustnorm_channels_last_training_path_matches_the_generic_graph(p: float, shape: tuple[int, ...]) -> None:
-    # Channels-last inputs take the hand-written backward (_RangeNormalize); others the autograd graph.
+def test_robustnorm_channels_last_training_path_matches_the_generic_graph(p: float, shape: tuple[int, ...],
+                                                                           range_normalize: str) -> None:
+    # Channels-last inputs take a hand-written backward; others the autograd graph.
     fast, generic = (RobustNorm2d(shape[1], p=p, momentum=0.3).double().train() for _ in range(2))
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5)
@@ -223,6 +235,7 @@ def test_robustnorm_channels_last_training_path_matches_the_generic_graph(p: flo
     x_generic = x.clone().requires_grad_()  # with H = W = 1 this layout is channels-last too
     upstream = torch.randn(*shape, dtype=torch.float64)
     out_fast, out_generic = fast(x_fast), generic(x_generic)
+    assert type(out_fast.grad_fn).__name__ == range_normalize
     assert out_fast.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out_fast, out_generic, atol=1e-12)
     (out_fast * upstream).sum().backward()
@@ -237,11 +250,13 @@ def test_robustnorm_channels_last_training_path_matches_the_generic_graph(p: flo
                                     eps=1e-6, atol=1e-6)
 
 
-def test_robustnorm_channels_last_bf16_training_gradients_match_float64() -> None:
+def test_robustnorm_channels_last_bf16_training_gradients_match_float64(range_normalize: str) -> None:
     layer = RobustNorm2d(16, p=1.0).train()
     x = (torch.randn(32, 16, 8, 8) * 2).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
     upstream = torch.randn(32, 16, 8, 8)
-    (layer(x).float() * upstream).sum().backward()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == range_normalize
+    (out.float() * upstream).sum().backward()
     reference = copy.deepcopy(layer).double()
     reference.weight.grad = None
     x64 = x.detach().double().contiguous().requires_grad_()  # NCHW float64: the generic graph
