@@ -308,7 +308,15 @@ def crop_flip_params(
     draw_on = generator.device if generator is not None else torch.device("cpu")
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=draw_on)
     flips = torch.randint(0, 2, (n,), generator=generator, device=draw_on).bool()
-    return offsets.to(device or draw_on), flips.to(device or draw_on)
+    return _draws_to(offsets, device or draw_on), _draws_to(flips, device or draw_on)
+
+
+def _draws_to(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Random draws moved to ``device`` without waiting for it: a blocking copy from pageable host memory
+    synchronises the CUDA stream, which would stall a training loop once per step."""
+    if values.device.type == "cpu" and torch.device(device).type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -335,7 +343,7 @@ def cutout_centres(n: int, height: int, width: int, generator: torch.Generator |
     draw_on = generator.device if generator is not None else torch.device("cpu")
     rows = torch.randint(0, height, (n,), generator=generator, device=draw_on)
     columns = torch.randint(0, width, (n,), generator=generator, device=draw_on)
-    return torch.stack([rows, columns], dim=1).to(device or draw_on)
+    return _draws_to(torch.stack([rows, columns], dim=1), device or draw_on)
 
 
 def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:

@@ -531,10 +531,10 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            with torch.no_grad():
+            with torch.no_grad():  # on the device, without waiting for it: no host copy, no .item()
                 correct = (logits.argmax(dim=1) == labels).sum()
-                totals += torch.stack([loss.detach() * labels.numel(), correct.float(),
-                                       totals.new_tensor(labels.numel())])
+                totals[:2] += torch.stack([loss.detach() * labels.numel(), correct.float()])
+                totals[2] += labels.numel()
             bar.update(index + 1, describe)
         bar.close()
         if processes.world_size > 1:
