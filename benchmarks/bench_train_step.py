@@ -1,13 +1,14 @@
 """Time one ResNet-20 training step (batch 128) per norm layer, precision and memory layout.
 
-    python benchmarks/bench_train_step.py --threads 1 --out benchmarks/results/train_step_cpu.json
+    python benchmarks/bench_train_step.py --threads 1 --compile --out benchmarks/results/train_step_cpu_1thread.json
 
 Measures forward, loss, backward and SGD step on random images, after warm-up, as the median of ``--repeats``
-timed steps. RobustNorm's channels-last rows are timed with both hand-written training normalisations
+timed steps (``--compile`` adds bf16 channels-last rows under ``torch.compile``, compiled in the warm-up).
+RobustNorm's channels-last rows are timed with both hand-written training normalisations
 (``range_layout``: ``wide``, the CPU's, and ``rows``, the accelerators'); the layer picks one by device, and
 the other row shows what that choice is worth on this device.
 
-    python benchmarks/bench_train_step.py --device cuda --out benchmarks/results/train_step_cuda.json
+    python benchmarks/bench_train_step.py --device cuda --compile --out benchmarks/results/train_step_cuda.json
 
 Records the machine's load average so that figures taken beside other work can be read as such: compare rows
 of one file, not across files.
@@ -36,16 +37,17 @@ RANGE_LAYOUTS = {"wide": layers._RangeNormalize, "rows": layers._RangeNormalizeR
 
 
 def time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device,
-              range_layout: str | None = None) -> float:
+              range_layout: str | None = None, compiled: bool = False) -> float:
     if range_layout is not None:  # the layer looks both names up at every training forward: force one layout
         layers._RangeNormalize = layers._RangeNormalizeRows = RANGE_LAYOUTS[range_layout]
     try:
-        return _time_step(norm, precision, channels_last, repeats, device)
+        return _time_step(norm, precision, channels_last, repeats, device, compiled)
     finally:
         layers._RangeNormalize, layers._RangeNormalizeRows = RANGE_LAYOUTS["wide"], RANGE_LAYOUTS["rows"]
 
 
-def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device) -> float:
+def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device,
+               compiled: bool) -> float:
     torch.manual_seed(0)
     model = create_model("resnet20", norm=norm, **({"p": 1.0} if norm == "robustnorm" else {})).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -54,10 +56,11 @@ def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, dev
     x = torch.rand(128, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (128,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    network = torch.compile(model) if compiled else model  # compiled during the warm-up steps
 
     def step() -> None:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(network(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time bf16 channels-last steps under torch.compile (robustnorm train --compile)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step_cpu.json"))
     args = parser.parse_args()
     if args.threads:
@@ -96,6 +101,11 @@ def main() -> None:
                              **({"range_layout": range_layout} if range_layout else {}),
                              "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
                 print(rows[-1], flush=True)
+        if args.compile:
+            seconds = time_step(norm, "bf16", True, args.repeats, device, compiled=True)
+            rows.append({"norm": norm, "precision": "bf16", "channels_last": True, "compiled": True,
+                         "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
+            print(rows[-1], flush=True)
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_average_at_end": os.getloadavg(), "batch": 128, "rows": rows}

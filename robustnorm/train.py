@@ -168,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                          help="bf16 autocast for convolutions and matmuls (statistics stay float32); auto: bf16 "
                          "on CUDA, fp32 on the CPU, where bf16 pays only with native support (AVX-512 BF16, AMX)")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile the training forward and backward: for GPUs, where a ResNet-20 step "
+                         "is bound by kernel launches (RobustNorm's per-channel arithmetic fuses); on CPUs it was "
+                         "slower (benchmarks/bench_train_step.py --compile)")
     runtime.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar on stderr (default: when stderr is a terminal)")
 
@@ -371,6 +375,8 @@ class _Trainer:
             enable_sync(self.model)
             device_ids = [device.index] if self.cuda else None
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if args.compile:  # the training steps only; validation, attacks and saving use the eager self.model
+            self.network = torch.compile(self.network)
         self.optimizer = torch.optim.SGD(_parameter_groups(self.model, args.weight_decay), lr=args.lr,
                                          momentum=args.momentum, nesterov=True)
         milestones = args.milestones or (args.epochs // 2, (3 * args.epochs) // 4)

@@ -5,7 +5,7 @@
 #   OUT=/some/folder bash benchmarks/gpu/lease_grid.sh 560    # seconds for the whole call, all told
 #
 # 1. `bench_train_step.py --device cuda`: one ResNet-20 step per norm, precision and layout, RobustNorm with
-#    both hand-written training normalisations (-> train_step_cuda.json).
+#    both hand-written training normalisations, and bf16 steps under torch.compile (-> train_step_cuda.json).
 # 2. One short RobustNorm training epoch under CUDA's sync debugger: every place that makes the host wait
 #    for the GPU is printed once (-> sync_check.txt; the training loop is meant to have none per step).
 # 3. `robustnorm evaluate --resume` on a copy of the committed robustness.json: the bundled models' missing
@@ -18,7 +18,7 @@ out="${OUT:?set OUT to the folder that comes back}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. ROBUSTNORM_CACHE=/tmp/robustnorm-cache ROBUSTNORM_CIFAR10=data/cifar10
 started=$SECONDS
 nvidia-smi -L
-timeout 150 python3 benchmarks/bench_train_step.py --device cuda --repeats 20 --out "$out/train_step_cuda.json"
+timeout 200 python3 benchmarks/bench_train_step.py --device cuda --compile --repeats 20 --out "$out/train_step_cuda.json"
 timeout 120 python3 - >"$out/sync_check.txt" 2>&1 <<'EOF'
 import sys
 
