@@ -29,6 +29,7 @@ import argparse
 import json
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MASKING_LIMIT = 0.10
 MASKED_BY = 0.05  # an adaptive figure this far above the transferred one shows the gradient is masked
 ROWS = [  # (threat, gradient, n): the threat models the table reports
@@ -153,17 +154,113 @@ def claim_c(bn: dict | None, rn: dict | None, eps: float) -> list[str]:
     return lines
 
 
-def headline(report: dict) -> str:
+CLAIMS = f"""Claims of arXiv 2006.11007 and the rule each verdict applies:
+
+- **A**, adversarial inputs shift BatchNorm's input distribution: the batch drift score separates adversarial
+  batches from clean ones with ROC AUC >= 0.9 (BatchNorm model, batches through its deployed policy).
+- **B**, batch statistics remove much of BatchNorm's vulnerability: on the BatchNorm model, `batch` recovers at
+  least half of what the attack takes from `frozen`.
+- **C**, RobustNorm is the robust choice: the RobustNorm model's robust accuracy exceeds the BatchNorm model's by
+  at least 5 points under the same policy, threat model, gradient, eps and batch size.
+
+A robust figure counts only where the same attack takes the network's `frozen` model below
+{100 * MASKING_LIMIT:.0f}% ("attack too weak to judge" otherwise). On the adaptive rows each figure is the lowest over
+the gradients measured (adaptive, transferred from `frozen`, unknown batchmates), and the row names the stronger
+one; "only the transfer gradient measured" marks cells whose adaptive attack has not run yet.
+"""
+
+
+def _identity(model: dict) -> str:
+    """What a model entry is: a bundled model, or which committed training record holds its card."""
+    bundled = REPO_ROOT / "robustnorm" / "bundled" / model["model"] / "card.json"
+    if bundled.is_file() and json.loads(bundled.read_text())["version"] == model["version"]:
+        return "bundled"
+    records = sorted((REPO_ROOT / "benchmarks" / "results" / "training").rglob("*.card.json"))
+    for record in records:
+        if json.loads(record.read_text())["version"] == model["version"]:
+            return f"not bundled: training record `{record.relative_to(REPO_ROOT)}`"
+    return "not bundled, no committed record"
+
+
+def models_table(report: dict) -> list[str]:
+    lines = ["| model | version | p | deployed policy | clean `frozen` n = 128 % | robust cells | what it is |",
+             "|---|---|---|---|---|---|---|"]
+    for model in report["models"]:
+        p = "—" if model.get("p") is None else f"{model['p']:g}"
+        clean = _percent(_clean(model, "frozen", 128))
+        lines.append(f"| {model['model']} | {model['version']} | {p} | `{model['policy']}` | {clean} | "
+                     f"{len(model.get('robust', []))} | {_identity(model)} |")
+    return lines
+
+
+DRIFT_CONDITIONS = ("pgd_whole", "pgd_lone", "gaussian_noise", "gaussian_blur", "contrast", "jpeg")
+
+
+def drift_table(report: dict) -> list[str]:
+    """ROC AUC of the batch and per-image drift scores, clean batches against each condition, per model."""
+    models = [m for m in report["models"] if "drift" in m]
+    if not models:
+        return []
+    lines = ["| condition | " + " | ".join(f"{m['model']}: batch score | image score" for m in models) + " |",
+             "|---|" + "---|---|" * len(models)]
+    for condition in DRIFT_CONDITIONS:
+        cells = []
+        for model in models:
+            auc = model["drift"]["auc"].get(condition, {})
+            cells += [f"{auc[key]:.3f}" if auc.get(key) is not None else "—" for key in ("batch_score", "image_score")]
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    first = models[0]["drift"]
+    lines.append(f"\nBatches of n = {first['n']} ({first['images']} images), PGD-20 at {first['eps_255']:g}/255 "
+                 f"through the deployed policy, corruptions at severity {first['severity']}; 0.5 is chance.")
+    return lines
+
+
+def claim_rows(report: dict) -> list[str]:
     bn, rn = _by_norm(report)
-    lines = ["| claim | threat model | measured (robust top-1 %, PGD-20) | verdict |", "|---|---|---|---|"]
-    lines += claim_a(bn)
+    lines = claim_a(bn)
     for eps in (8.0, 2.0):
         lines += claim_b(bn, eps)
         lines += claim_c(bn, rn, eps)
-    names = ", ".join(f"{m['model']} (policy {m['policy']})" for m in report["models"])
-    header = (f"Models: {names}. Robust accuracy on {report['robust_images']} fixed test images, clean accuracy on "
-              f"{report['test_images']}; {report['dataset']}; device {report['device']}, torch {report['torch']}.\n\n")
-    return header + "\n".join(lines) + "\n"
+    return lines
+
+
+def summary(report: dict) -> str:
+    """The full table's verdicts counted per claim, threat model and eps: the README's headline table."""
+    counts: dict[tuple[str, str, str], dict[str, int]] = {}
+    for row in claim_rows(report):
+        claim, setting, _, verdict = (cell.strip() for cell in row.strip("|").split("|"))
+        parts = setting.split(", ")
+        if claim == "A":
+            threat, eps = parts[0] + ", " + parts[1], parts[-1]
+        else:  # B: "THREAT, GRADIENT, n = N, EPS"; C: "POLICY, THREAT, GRADIENT, n = N, EPS"
+            threat, eps = parts[0 if claim == "B" else 1], parts[-1]
+        tally = counts.setdefault((claim, threat, eps), {})
+        verdict = verdict.split(" (")[0]
+        tally[verdict] = tally.get(verdict, 0) + 1
+    lines = ["| claim | threat model | eps | verdicts (rows of the full table) |", "|---|---|---|---|"]
+    for (claim, threat, eps), tally in counts.items():
+        verdicts = ", ".join(f"{verdict} ({count})" for verdict, count in tally.items())
+        lines.append(f"| {claim} | {threat} | {eps} | {verdicts} |")
+    return "\n".join(lines) + "\n"
+
+
+def headline(report: dict) -> str:
+    lines = ["| claim | threat model | measured (robust top-1 %, PGD-20) | verdict |", "|---|---|---|---|"]
+    lines += claim_rows(report)
+    # attacked images whose predictions count; fewer in whole batches the batch size does not divide, and
+    # under poisoning, which scores the victims
+    sizes = sorted({(r["threat"], r["n"], r["scored_images"]) for m in report["models"] for r in m.get("robust", [])
+                    if r["scored_images"] != report["robust_images"]})
+    fewer = "; ".join(f"{images} in {threat} batches of {n}" for threat, n, images in sizes)
+    setting = (f"Robust accuracy on {report['robust_images']} fixed test images"
+               + (f" (other counts: {fewer})" if fewer else "")
+               + f", clean accuracy on {report['test_images']}; {report['dataset']}; device {report['device']}.")
+    parts = [CLAIMS, setting, "", *models_table(report), "", "Verdicts per claim (the rows below, counted):", "",
+             summary(report), *lines]
+    drift = drift_table(report)
+    if drift:
+        parts += ["", "Drift evidence (claim A in full): ROC AUC, clean batches against each condition.", "", *drift]
+    return "\n".join(parts) + "\n"
 
 
 def main() -> None:

@@ -14,20 +14,27 @@ spec.loader.exec_module(headline)
 def record(policy: str, robust: float, frozen_attack: float = 0.0, clean: float = 0.9, threat: str = "whole",
            gradient: str = "adaptive") -> dict:
     return {"policy": policy, "n": 128, "threat": threat, "gradient": gradient, "attack": "pgd", "eps_255": 8.0,
-            "robust_accuracy": robust, "clean_accuracy": clean, "frozen_attack_accuracy": frozen_attack}
+            "robust_accuracy": robust, "clean_accuracy": clean, "frozen_attack_accuracy": frozen_attack,
+            "scored_images": 2000}
 
 
 def report(bn_cells: list[dict], rn_cells: list[dict], auc: float = 0.95) -> dict:
-    drift = {"n": 32, "eps_255": 8.0, "auc": {"pgd_whole": {"batch_score": auc}, "pgd_lone": {"batch_score": 0.5}}}
-    return {"models": [{"model": "bn", "policy": "frozen", "p": None, "robust": bn_cells, "drift": drift,
-                        "clean": [{"policy": "frozen", "n": 128, "accuracy": 0.9}]},
-                       {"model": "rn", "policy": "frozen", "p": 1.0, "robust": rn_cells,
+    drift = {"n": 32, "eps_255": 8.0, "images": 1984, "severity": 3,
+             "auc": {"pgd_whole": {"batch_score": auc, "image_score": 0.5}, "pgd_lone": {"batch_score": 0.5}}}
+    return {"models": [{"model": "bn", "version": "0123456789ab", "policy": "frozen", "p": None, "robust": bn_cells,
+                        "drift": drift, "clean": [{"policy": "frozen", "n": 128, "accuracy": 0.9}]},
+                       {"model": "rn", "version": "ba9876543210", "policy": "frozen", "p": 1.0, "robust": rn_cells,
                         "clean": [{"policy": "frozen", "n": 128, "accuracy": 0.89}]}],
             "robust_images": 2000, "test_images": 10000, "dataset": "d", "device": "cpu", "torch": "t"}
 
 
+def full_table(text: str) -> list[str]:
+    """The lines of the full table (after the counted summary)."""
+    return text.split("| claim | threat model | measured")[1].splitlines()
+
+
 def verdicts(text: str, claim: str) -> list[str]:
-    return [line.split("|")[4].strip() for line in text.splitlines() if line.startswith(f"| {claim} |")]
+    return [line.split("|")[4].strip() for line in full_table(text) if line.startswith(f"| {claim} |")]
 
 
 def test_claim_b_needs_half_of_the_lost_accuracy_back() -> None:
@@ -59,7 +66,7 @@ def test_an_adaptive_attack_weaker_than_a_transferred_one_is_judged_by_the_stron
     rn = [record("frozen", 0.0), record("batch", 0.30), record("batch", 0.01, gradient="transfer")]
     text = headline.headline(report(bn, rn))
     assert verdicts(text, "C") == ["does not reproduce", "does not reproduce"]
-    batch_row = next(line for line in text.splitlines() if line.startswith("| C | batch, whole, adaptive"))
+    batch_row = next(line for line in full_table(text) if line.startswith("| C | batch, whole, adaptive"))
     assert "RobustNorm 1.0 (transfer gradient stronger) vs BatchNorm 1.0 |" in batch_row
     # without the transferred cell the adaptive figure stands, and would count
     assert verdicts(headline.headline(report(bn, rn[:2])), "C") == ["does not reproduce", "reproduces"]
@@ -72,17 +79,55 @@ def test_a_favourable_adaptive_only_figure_of_a_masked_model_is_withheld() -> No
     bn = [{**cell, "n": 32} if cell["threat"] != "whole" else cell for cell in bn]
     rn = [record("frozen", 0.0), record("batch", 0.30), record("batch", 0.01, gradient="transfer"),
           {**record("batch", 0.15, threat="fraction:0.1"), "n": 32}]
-    rows = [line for line in headline.headline(report(bn, rn)).splitlines() if "fraction:0.1" in line]
+    rows = [line for line in full_table(headline.headline(report(bn, rn))) if "fraction:0.1" in line]
     assert [row.split("|")[4].strip() for row in rows] == ["masking suspected (no transferred attack measured)"]
     # without evidence of masking the same figures count
     unmasked = [rn[0], record("batch", 0.01, gradient="transfer"), rn[3]]
-    rows = [line for line in headline.headline(report(bn, unmasked)).splitlines() if "fraction:0.1" in line]
+    rows = [line for line in full_table(headline.headline(report(bn, unmasked))) if "fraction:0.1" in line]
     assert [row.split("|")[4].strip() for row in rows] == ["reproduces"]
 
 
 def test_a_row_without_its_adaptive_cell_says_which_gradient_it_shows() -> None:
     bn = [record("frozen", 0.0), record("batch", 0.01)]
     rn = [record("frozen", 0.0), record("batch", 0.02, gradient="transfer")]
-    row = next(line for line in headline.headline(report(bn, rn)).splitlines()
+    row = next(line for line in full_table(headline.headline(report(bn, rn)))
                if line.startswith("| C | batch, whole, adaptive"))
     assert "RobustNorm 2.0 (only the transfer gradient measured) vs BatchNorm 1.0 |" in row
+
+
+def test_the_models_table_says_which_entries_are_the_bundled_models() -> None:
+    import json
+
+    card = json.loads((SCRIPT.parents[1] / "robustnorm" / "bundled" / "cifar10-resnet20-bn" / "card.json").read_text())
+    results = report([], [])
+    results["models"][0].update(model="cifar10-resnet20-bn", version=card["version"])
+    rows = [line for line in headline.headline(results).splitlines() if line.startswith(("| cifar10", "| rn |"))]
+    assert rows[0].endswith("| bundled |")
+    assert rows[1].endswith("| not bundled, no committed record |")  # "rn": no card of that version anywhere
+
+
+def test_the_drift_table_shows_both_scores_per_condition() -> None:
+    text = headline.headline(report([], [], auc=0.95))
+    assert "| pgd_whole | 0.950 | 0.500 |" in text
+    assert "| pgd_lone | 0.500 | — |" in text  # a score not measured is shown as missing, not invented
+    assert "| jpeg | — | — |" in text
+
+
+def test_the_readme_headline_is_the_committed_results_counted() -> None:
+    import json
+
+    root = SCRIPT.parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "robustness" / "robustness.json").read_text())
+    readme = (root / "README.md").read_text()
+    start, end = "<!-- headline summary: start -->\n", "<!-- headline summary: end -->"
+    block = readme[readme.index(start) + len(start): readme.index(end)]
+    assert block == headline.summary(results), "rerun benchmarks/headline.py and paste its summary into README.md"
+    assert (root / "benchmarks" / "results" / "robustness" / "headline.md").read_text() == headline.headline(results)
+
+
+def test_the_summary_counts_the_full_tables_verdicts_per_threat_model() -> None:
+    bn = [record("frozen", 0.0), record("batch", 0.46), record("frozen", 0.0, threat="lone"),
+          record("batch", 0.02, threat="lone")]
+    text = headline.summary(report(bn, []))
+    assert "| B | whole | 8/255 | reproduces (1) |" in text
+    assert "| B | lone | 8/255 | does not reproduce (1) |" in text
