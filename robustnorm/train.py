@@ -170,8 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "on CUDA, fp32 on the CPU, where bf16 pays only with native support (AVX-512 BF16, AMX)")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the training forward and backward: for GPUs, where a ResNet-20 step "
-                         "is bound by kernel launches (RobustNorm's per-channel arithmetic fuses); on CPUs it was "
-                         "slower (benchmarks/bench_train_step.py --compile)")
+                         "is bound by kernel launches (RobustNorm's per-channel arithmetic fuses); on one CPU core "
+                         "it made a bf16 BatchNorm step faster and a RobustNorm step 2x slower "
+                         "(benchmarks/bench_train_step.py --compile)")
     runtime.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar on stderr (default: when stderr is a terminal)")
 
