@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (10 minutes at most) for the robustness cells only a GPU finishes, and the GPU checks of the
-# training path. Run on the GPU machine from the repository root, CIFAR-10's archives in data/cifar10:
+# training path. Run on the GPU machine from the repository root, CIFAR-10's archives copied into data/cifar10
+# (git-ignored; `mkdir -p data/cifar10 && cp ../shared/data/cifar10/*.tar.gz data/cifar10/`, then carry it):
 #
 #   OUT=/some/folder bash benchmarks/gpu/lease_grid.sh 560    # seconds for the whole call, all told
 #
@@ -9,7 +10,8 @@
 # 2. One short RobustNorm training epoch under CUDA's sync debugger: every place that makes the host wait
 #    for the GPU is printed once (-> sync_check.txt; the training loop is meant to have none per step).
 # 3. `robustnorm evaluate --resume` on a copy of the committed robustness.json: the bundled models' missing
-#    grid cells, written after each cell, until the time left runs out (-> robustness.json, evaluate.log).
+#    grid cells, cheapest first, written after each cell, until the time left runs out (-> robustness.json,
+#    evaluate.log). All of them take about 30 minutes of an H200: copy the result back (below), then call again.
 # Merge back with `cp OUT/robustness.json benchmarks/results/robustness/`, then regenerate headline.md and the
 # plots (benchmarks/headline.py, benchmarks/plot_robustness.py).
 set -uo pipefail
