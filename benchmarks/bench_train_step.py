@@ -37,7 +37,7 @@ RANGE_LAYOUTS = {"wide": layers._RangeNormalize, "rows": layers._RangeNormalizeR
 
 
 def time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device,
-              range_layout: str | None = None, compiled: bool = False) -> float:
+              range_layout: str | None = None, compiled: str | None = None) -> float:
     if range_layout is not None:  # the layer looks both names up at every training forward: force one layout
         layers._RangeNormalize = layers._RangeNormalizeRows = RANGE_LAYOUTS[range_layout]
     try:
@@ -47,7 +47,7 @@ def time_step(norm: str, precision: str, channels_last: bool, repeats: int, devi
 
 
 def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, device: torch.device,
-               compiled: bool) -> float:
+               compiled: str | None) -> float:
     torch.manual_seed(0)
     model = create_model("resnet20", norm=norm, **({"p": 1.0} if norm == "robustnorm" else {})).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -56,7 +56,7 @@ def _time_step(norm: str, precision: str, channels_last: bool, repeats: int, dev
     x = torch.rand(128, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (128,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    network = torch.compile(model) if compiled else model  # compiled during the warm-up steps
+    network = torch.compile(model, mode=compiled) if compiled else model  # compiled during the warm-up steps
 
     def step() -> None:
         with autocast:
@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true",
-                        help="also time bf16 channels-last steps under torch.compile (robustnorm train --compile)")
+                        help="also time bf16 channels-last steps under torch.compile, on CUDA also with CUDA graphs "
+                        "(robustnorm train --compile [reduce-overhead])")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step_cpu.json"))
     args = parser.parse_args()
     if args.threads:
@@ -101,9 +102,10 @@ def main() -> None:
                              **({"range_layout": range_layout} if range_layout else {}),
                              "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
                 print(rows[-1], flush=True)
-        if args.compile:
-            seconds = time_step(norm, "bf16", True, args.repeats, device, compiled=True)
-            rows.append({"norm": norm, "precision": "bf16", "channels_last": True, "compiled": True,
+        # CUDA graphs (reduce-overhead) only where there are kernel launches to save
+        for mode in (("default", "reduce-overhead") if device.type == "cuda" else ("default",)) if args.compile else ():
+            seconds = time_step(norm, "bf16", True, args.repeats, device, compiled=mode)
+            rows.append({"norm": norm, "precision": "bf16", "channels_last": True, "compiled": mode,
                          "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
             print(rows[-1], flush=True)
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(),

@@ -168,8 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                          help="bf16 autocast for convolutions and matmuls (statistics stay float32); auto: bf16 "
                          "on CUDA, fp32 on the CPU, where bf16 pays only with native support (AVX-512 BF16, AMX)")
-    runtime.add_argument("--compile", action="store_true",
-                         help="torch.compile the training forward and backward: for GPUs, where a ResNet-20 step "
+    runtime.add_argument("--compile", nargs="?", const="default", default=None,
+                         choices=("default", "reduce-overhead", "max-autotune"), metavar="MODE",
+                         help="torch.compile the training forward and backward, in MODE (default: default; "
+                         "reduce-overhead adds CUDA graphs): for GPUs, where a ResNet-20 step "
                          "is bound by kernel launches (RobustNorm's per-channel arithmetic fuses); on one CPU core "
                          "it made a bf16 BatchNorm step faster and a RobustNorm step 2x slower "
                          "(benchmarks/bench_train_step.py --compile)")
@@ -377,7 +379,7 @@ class _Trainer:
             device_ids = [device.index] if self.cuda else None
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if args.compile:  # the training steps only; validation, attacks and saving use the eager self.model
-            self.network = torch.compile(self.network)
+            self.network = torch.compile(self.network, mode=args.compile)
         self.optimizer = torch.optim.SGD(_parameter_groups(self.model, args.weight_decay), lr=args.lr,
                                          momentum=args.momentum, nesterov=True)
         milestones = args.milestones or (args.epochs // 2, (3 * args.epochs) // 4)
