@@ -596,8 +596,12 @@ def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str,
     """(policy, n, threat, attack, eps in 1/255, gradient) of every robust cell, without repeats."""
     cells = [(policy, n, threat, "pgd", eps, gradient) for policy in _policies(card) for n in grid.robust_sizes
              for eps in grid.robust_eps_255 for threat in grid.robust_threats for gradient in grid.robust_gradients]
-    cells += [(card.policy, grid.sweep_size, "whole", attack, eps, "adaptive") for attack in ("fgsm", "pgd")
-              for eps in grid.sweep_eps_255]
+    # FGSM and every eps on whole batches of the sweep size, under every policy (at the eps between 2 and 8
+    # the frozen model is broken but not yet at 0, where a policy's gain can show): PGD with every gradient of
+    # the grid, since an adaptive gradient through batch statistics can be masked; FGSM adaptively.
+    cells += [(policy, grid.sweep_size, "whole", attack, eps, gradient) for policy in _policies(card)
+              for attack in ("fgsm", "pgd") for eps in grid.sweep_eps_255
+              for gradient in (grid.robust_gradients if attack == "pgd" else ("adaptive",))]
     # Fractions are attacked with every gradient of the grid; poisoning only adaptively (crafted against
     # ``frozen``, whose images do not interact, poison would have no gradient towards its victims).
     cells += [(policy, grid.extra_size, threat, "pgd", max(grid.robust_eps_255), gradient)

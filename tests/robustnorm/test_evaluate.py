@@ -277,6 +277,20 @@ def test_fractions_get_both_gradients_and_poisoning_only_the_adaptive_one(model_
     assert len(cells) == len(set(cells))
 
 
+def test_the_eps_sweep_runs_under_every_policy_pgd_with_both_gradients(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import GRIDS, _policies, _robust_cells
+
+    _, card = model_and_card
+    grid = GRIDS["core"]
+    sweep = {(policy, attack, eps, gradient) for policy, n, threat, attack, eps, gradient in _robust_cells(card, grid)
+             if n == grid.sweep_size and threat == "whole"}
+    for policy in _policies(card):
+        for eps in grid.sweep_eps_255:
+            assert {(policy, "pgd", eps, "adaptive"), (policy, "pgd", eps, "transfer"),
+                    (policy, "fgsm", eps, "adaptive")} <= sweep
+    assert not any(attack == "fgsm" and gradient != "adaptive" for _, attack, _, gradient in sweep)
+
+
 def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: object) -> None:
     import json
 
