@@ -97,15 +97,16 @@ def _masks(
 def _loss_gradient(
     forwards: Sequence[Forward], x_adv: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Gradient, with respect to the pixels, of the summed cross-entropy of the ``loss_mask`` images."""
+    """Gradient, with respect to the pixels, of the summed cross-entropy of the ``loss_mask`` images, summed
+    over ``forwards``: one backward per forward, so only one graph is alive at a time (with EOT samples of
+    whole batches the graphs of all samples together ran a CPU machine out of memory)."""
     x_adv = x_adv.detach().requires_grad_(True)
+    gradient = torch.zeros_like(x_adv)
     with torch.enable_grad():
-        loss = x_adv.new_zeros(())
         for forward in forwards:
             logits = forward(x_adv)
             losses = F.cross_entropy(logits.float(), y, reduction="none")
-            loss = loss + losses[loss_mask].sum()
-        (gradient,) = torch.autograd.grad(loss, x_adv)
+            gradient += torch.autograd.grad(losses[loss_mask].sum(), x_adv)[0]
     return gradient
 
 
