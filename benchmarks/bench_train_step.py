@@ -92,6 +92,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    compile_modes: tuple[str, ...] = ()
+    if args.compile:  # CUDA graphs (reduce-overhead) only where there are kernel launches to save
+        compile_modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
     rows = []
     for norm in ("bn", "robustnorm"):
         for precision, channels_last in VARIANTS:
@@ -102,8 +105,7 @@ def main() -> None:
                              **({"range_layout": range_layout} if range_layout else {}),
                              "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})
                 print(rows[-1], flush=True)
-        # CUDA graphs (reduce-overhead) only where there are kernel launches to save
-        for mode in (("default", "reduce-overhead") if device.type == "cuda" else ("default",)) if args.compile else ():
+        for mode in compile_modes:
             seconds = time_step(norm, "bf16", True, args.repeats, device, compiled=mode)
             rows.append({"norm": norm, "precision": "bf16", "channels_last": True, "compiled": mode,
                          "ms_per_step": round(1000 * seconds, 1), "epoch_s_45k": round(seconds * 45000 / 128)})

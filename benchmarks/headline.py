@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASKING_LIMIT = 0.10
@@ -93,24 +94,39 @@ def _by_norm(report: dict) -> tuple[dict | None, dict | None]:
     return bn, rn
 
 
-def claim_a(bn: dict | None) -> list[str]:
+class Row(NamedTuple):
+    """One row of the full table; ``threat`` and ``eps`` also group it in the summary."""
+
+    claim: str
+    threat: str
+    eps: str
+    setting: str  # the row's threat-model column
+    measured: str
+    verdict: str
+
+    def render(self) -> str:
+        return f"| {self.claim} | {self.setting} | {self.measured} | {self.verdict} |"
+
+
+def claim_a(bn: dict | None) -> list[Row]:
     if bn is None or "drift" not in bn:
-        return ["| A | drift evidence not run | — | — |"]
+        return [Row("A", "—", "—", "drift evidence not run", "—", "—")]
     auc = bn["drift"]["auc"]
-    lines = []
+    rows = []
     for condition in ("pgd_whole", "pgd_lone"):
         score = auc.get(condition, {}).get("batch_score")
         verdict = "not measured" if score is None else ("reproduces" if score >= 0.9 else "does not reproduce")
         shown = "—" if score is None else f"{score:.3f}"
-        lines.append(f"| A | {condition.replace('pgd_', 'PGD, ')} batch, n = {bn['drift']['n']}, "
-                     f"{bn['drift']['eps_255']:g}/255 | batch drift score ROC AUC {shown} (rule: >= 0.9) | {verdict} |")
-    return lines
+        threat, eps = f"{condition.replace('pgd_', 'PGD, ')} batch", f"{bn['drift']['eps_255']:g}/255"
+        rows.append(Row("A", threat, eps, f"{threat}, n = {bn['drift']['n']}, {eps}",
+                        f"batch drift score ROC AUC {shown} (rule: >= 0.9)", verdict))
+    return rows
 
 
-def claim_b(bn: dict | None, eps: float) -> list[str]:
-    lines = []
+def claim_b(bn: dict | None, eps: float) -> list[Row]:
+    rows: list[Row] = []
     if bn is None:
-        return lines
+        return rows
     for threat, gradient, n in ROWS:
         frozen = _strongest(bn, "frozen", n, threat, gradient, eps)
         batch = _strongest(bn, "batch", n, threat, gradient, eps)
@@ -128,15 +144,16 @@ def claim_b(bn: dict | None, eps: float) -> list[str]:
             verdict = "reproduces" if recovered >= 0.5 * taken else "does not reproduce"
             if verdict == "reproduces" and _masking_suspected(bn, batch):
                 verdict = "masking suspected (no transferred attack measured)"
-        lines.append(f"| B | {threat}, {gradient} gradient, n = {n}, {eps:g}/255 | frozen {_shown(frozen, gradient)} "
-                     f"-> batch {_shown(batch, gradient)} (clean {_percent(clean)}) | {verdict} |")
-    return lines
+        measured = f"frozen {_shown(frozen, gradient)} -> batch {_shown(batch, gradient)} (clean {_percent(clean)})"
+        rows.append(Row("B", threat, f"{eps:g}/255", f"{threat}, {gradient} gradient, n = {n}, {eps:g}/255",
+                        measured, verdict))
+    return rows
 
 
-def claim_c(bn: dict | None, rn: dict | None, eps: float) -> list[str]:
-    lines = []
+def claim_c(bn: dict | None, rn: dict | None, eps: float) -> list[Row]:
+    rows: list[Row] = []
     if bn is None or rn is None:
-        return lines
+        return rows
     for policy in ("frozen", "batch"):
         for threat, gradient, n in ROWS:
             ours = _strongest(rn, policy, n, threat, gradient, eps)
@@ -149,9 +166,10 @@ def claim_c(bn: dict | None, rn: dict | None, eps: float) -> list[str]:
             verdict = "attack too weak to judge" if masked else ("reproduces" if gain >= 0.05 else "does not reproduce")
             if verdict == "reproduces" and _masking_suspected(rn, ours):
                 verdict = "masking suspected (no transferred attack measured)"
-            lines.append(f"| C | {policy}, {threat}, {gradient} gradient, n = {n}, {eps:g}/255 | RobustNorm "
-                         f"{_shown(ours, gradient)} vs BatchNorm {_shown(theirs, gradient)} | {verdict} |")
-    return lines
+            measured = f"RobustNorm {_shown(ours, gradient)} vs BatchNorm {_shown(theirs, gradient)}"
+            rows.append(Row("C", threat, f"{eps:g}/255",
+                            f"{policy}, {threat}, {gradient} gradient, n = {n}, {eps:g}/255", measured, verdict))
+    return rows
 
 
 CLAIMS = f"""Claims of arXiv 2006.11007 and the rule each verdict applies:
@@ -170,26 +188,26 @@ one; "only the transfer gradient measured" marks cells whose adaptive attack has
 """
 
 
-def _identity(model: dict) -> str:
-    """What a model entry is: a bundled model, or which committed training record holds its card."""
-    bundled = REPO_ROOT / "robustnorm" / "bundled" / model["model"] / "card.json"
-    if bundled.is_file() and json.loads(bundled.read_text())["version"] == model["version"]:
-        return "bundled"
-    records = sorted((REPO_ROOT / "benchmarks" / "results" / "training").rglob("*.card.json"))
-    for record in records:
-        if json.loads(record.read_text())["version"] == model["version"]:
-            return f"not bundled: training record `{record.relative_to(REPO_ROOT)}`"
-    return "not bundled, no committed record"
+def _identities() -> dict[str, str]:
+    """What a model version is: a bundled model, or the committed training record that holds its card."""
+    found = {json.loads(card.read_text())["version"]: "bundled"
+             for card in (REPO_ROOT / "robustnorm" / "bundled").glob("*/card.json")}
+    for card in sorted((REPO_ROOT / "benchmarks" / "results" / "training").rglob("*.card.json")):
+        found.setdefault(json.loads(card.read_text())["version"],
+                         f"not bundled: training record `{card.relative_to(REPO_ROOT)}`")
+    return found
 
 
 def models_table(report: dict) -> list[str]:
     lines = ["| model | version | p | deployed policy | clean `frozen` n = 128 % | robust cells | what it is |",
              "|---|---|---|---|---|---|---|"]
+    identities = _identities()
     for model in report["models"]:
         p = "—" if model.get("p") is None else f"{model['p']:g}"
         clean = _percent(_clean(model, "frozen", 128))
         lines.append(f"| {model['model']} | {model['version']} | {p} | `{model['policy']}` | {clean} | "
-                     f"{len(model.get('robust', []))} | {_identity(model)} |")
+                     f"{len(model.get('robust', []))} | "
+                     f"{identities.get(model['version'], 'not bundled, no committed record')} |")
     return lines
 
 
@@ -215,27 +233,21 @@ def drift_table(report: dict) -> list[str]:
     return lines
 
 
-def claim_rows(report: dict) -> list[str]:
+def claim_rows(report: dict) -> list[Row]:
     bn, rn = _by_norm(report)
-    lines = claim_a(bn)
+    rows = claim_a(bn)
     for eps in (8.0, 4.0, 2.0):  # 4/255: the sweep at n = 128 only
-        lines += claim_b(bn, eps)
-        lines += claim_c(bn, rn, eps)
-    return lines
+        rows += claim_b(bn, eps)
+        rows += claim_c(bn, rn, eps)
+    return rows
 
 
 def summary(report: dict) -> str:
     """The full table's verdicts counted per claim, threat model and eps: the README's headline table."""
     counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for row in claim_rows(report):
-        claim, setting, _, verdict = (cell.strip() for cell in row.strip("|").split("|"))
-        parts = setting.split(", ")
-        if claim == "A":
-            threat, eps = parts[0] + ", " + parts[1], parts[-1]
-        else:  # B: "THREAT, GRADIENT, n = N, EPS"; C: "POLICY, THREAT, GRADIENT, n = N, EPS"
-            threat, eps = parts[0 if claim == "B" else 1], parts[-1]
-        tally = counts.setdefault((claim, threat, eps), {})
-        verdict = verdict.split(" (")[0]
+        tally = counts.setdefault((row.claim, row.threat, row.eps), {})
+        verdict = row.verdict.split(" (")[0]
         tally[verdict] = tally.get(verdict, 0) + 1
     lines = ["| claim | threat model | eps | verdicts (rows of the full table) |", "|---|---|---|---|"]
     for (claim, threat, eps), tally in counts.items():
@@ -246,7 +258,7 @@ def summary(report: dict) -> str:
 
 def headline(report: dict) -> str:
     lines = ["| claim | threat model | measured (robust top-1 %, PGD-20) | verdict |", "|---|---|---|---|"]
-    lines += claim_rows(report)
+    lines += [row.render() for row in claim_rows(report)]
     # attacked images whose predictions count; fewer in whole batches the batch size does not divide, and
     # under poisoning, which scores the victims
     sizes = sorted({(r["threat"], r["n"], r["scored_images"]) for m in report["models"] for r in m.get("robust", [])

@@ -371,9 +371,7 @@ class _RangeNormalize(torch.autograd.Function):
         row_max, row_min = wide[:, column_max].argmax(dim=0), wide[:, column_min].argmin(dim=0)
         mean = _fold_sum(wide.sum(dim=0), fold) / wide.shape[0] / fold
         value_range = maximum - minimum
-        denominator = value_range.pow(p) + eps
-        scale = 1.0 / denominator if weight is None else weight.to(wide.dtype) / denominator
-        shift = -mean * scale if bias is None else bias.to(wide.dtype) - mean * scale
+        denominator, scale, shift = _range_affine(mean, value_range, weight, bias, p, eps)
         out = torch.empty_like(x, memory_format=torch.channels_last)
         torch.addcmul(shift.repeat(fold), wide, scale.repeat(fold), out=_wide_view(out, fold))
         ctx.save_for_backward(x, weight, mean, value_range, denominator, scale,
@@ -400,12 +398,28 @@ class _RangeNormalize(torch.autograd.Function):
         torch.addcmul((-scale * grad_sum / count).repeat(fold), grad_wide, scale.repeat(fold), out=grad_x_wide)
         grad_x_wide.index_put_((rows.flatten(), columns.flatten()),
                                torch.cat([grad_range, -grad_range]).to(grad_x.dtype), accumulate=True)
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (grad_centered / denominator).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_sum.to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, *_parameter_gradients(ctx, weight, grad_centered, denominator, grad_sum), None, None
+
+
+def _range_affine(mean: Tensor, value_range: Tensor, weight: Tensor | None, bias: Tensor | None, p: float,
+                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(denominator, scale, shift)`` with ``y = x * scale + shift``, ``denominator = range ** p + eps``, in the
+    statistics' dtype."""
+    denominator = value_range.pow(p) + eps
+    scale = 1.0 / denominator if weight is None else weight.to(mean.dtype) / denominator
+    shift = -mean * scale if bias is None else bias.to(mean.dtype) - mean * scale
+    return denominator, scale, shift
+
+
+def _parameter_gradients(ctx: Any, weight: Tensor | None, grad_centered: Tensor, denominator: Tensor,
+                         grad_sum: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``weight`` and ``bias``, where they take one, in their own dtypes."""
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = (grad_centered / denominator).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad_sum.to(ctx.bias_dtype)
+    return grad_weight, grad_bias
 
 
 def _range_gradient(grad_centered: Tensor, weight: Tensor | None, value_range: Tensor, denominator: Tensor,
@@ -436,9 +450,7 @@ class _RangeNormalizeRows(torch.autograd.Function):
         minimum, row_min = rows.min(dim=0)
         mean = rows.sum(dim=0, dtype=statistics_dtype) / rows.shape[0]
         value_range = maximum.to(statistics_dtype) - minimum.to(statistics_dtype)
-        denominator = value_range.pow(p) + eps
-        scale = 1.0 / denominator if weight is None else weight.to(statistics_dtype) / denominator
-        shift = -mean * scale if bias is None else bias.to(statistics_dtype) - mean * scale
+        denominator, scale, shift = _range_affine(mean, value_range, weight, bias, p, eps)
         out = torch.empty_like(x, memory_format=torch.channels_last)
         torch.addcmul(shift, rows, scale, out=_wide_view(out, 1))
         ctx.save_for_backward(x, weight, mean, value_range, denominator, scale, torch.stack([row_max, row_min]))
@@ -462,12 +474,7 @@ class _RangeNormalizeRows(torch.autograd.Function):
         # one element per channel and extreme, so no index repeats within a scatter
         grad_x_rows.scatter_add_(0, extremes[:1], grad_range.unsqueeze(0).to(grad_x.dtype))
         grad_x_rows.scatter_add_(0, extremes[1:], -grad_range.unsqueeze(0).to(grad_x.dtype))
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (grad_centered / denominator).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_sum.to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, *_parameter_gradients(ctx, weight, grad_centered, denominator, grad_sum), None, None
 
 
 def _all_reduce_extremum(local: Tensor, group: object | None, largest: bool) -> Tensor:
