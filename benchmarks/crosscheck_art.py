@@ -26,8 +26,8 @@ from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 
 import robustnorm
-from robustnorm.data import balanced_subset, load_cifar10, to_float
-from robustnorm.evaluate import predictions, robust_evaluation
+from robustnorm.data import load_cifar10, to_float
+from robustnorm.evaluate import evaluation_images, predictions, robust_evaluation
 from robustnorm.runtime import retain_freed_memory
 
 
@@ -60,8 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     retain_freed_memory()
     device = torch.device(args.device)
-    test = load_cifar10("test", args.data)
-    subset = test.subset(balanced_subset(test.labels, args.images // len(test.classes), seed=1)).to(device)
+    # The grid's own robust subset (robustnorm evaluate, seed 0), so the figures sit beside its whole-batch cells.
+    test, robust = evaluation_images(load_cifar10("test", args.data), 10_000, args.images, seed=0)
+    subset = test.subset(robust).to(device)
     x01, labels = to_float(subset.images), subset.labels
     usable = x01.shape[0] - x01.shape[0] % args.n
     x01, labels = x01[:usable], labels[:usable]
@@ -75,15 +76,17 @@ def main() -> None:
                                          attack="pgd", eps=eps_255 / 255, steps=args.steps, gradient="adaptive")
                 art_accuracy = art_robust_accuracy(model, card, x01, labels, policy, args.n, eps_255 / 255,
                                                    args.steps, device)
-                rows.append({"model": name, "policy": policy, "n": args.n, "eps_255": eps_255, "steps": args.steps,
-                             "images": usable, "clean_accuracy": ours.clean_accuracy,
+                rows.append({"model": name, "version": card.version, "policy": policy, "n": args.n,
+                             "eps_255": eps_255, "steps": args.steps, "images": usable,
+                             "clean_accuracy": ours.clean_accuracy,
                              "robustnorm_pgd_accuracy": ours.robust_accuracy, "art_pgd_accuracy": art_accuracy,
                              "ours_not_weaker": ours.robust_accuracy <= art_accuracy + 0.01,
                              "seconds": round(time.perf_counter() - started, 1)})
                 print(json.dumps(rows[-1]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threat": "whole", "attack": "PGD, step eps/4, 1 random start",
-                                    "device": str(device), "rows": rows}, indent=1) + "\n")
+                                    "images": "the first images of robustnorm evaluate's fixed robust subset (seed 0)",
+                                    "device": f"{device} (torch {torch.__version__})", "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

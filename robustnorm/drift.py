@@ -19,10 +19,13 @@ with the number of values it spans), so the score is calibrated per batch size o
 ``log(raw)`` over clean batches of size ``n`` (linear interpolation in ``log2 n`` between calibrated sizes).
 A clean batch of any size scores about 0 with unit spread; 3 is a three-sigma event.
 
-Image score: each image's per-channel feature means (over H, W) at the inputs of the first ``K`` norm layers,
-concatenated into ``f``; ``raw = mean_d ((f_d - mu_d) / sigma_d)^2`` with ``mu``, ``sigma`` from clean held-out
-images; ``score = raw / q``, ``q`` the 99th percentile of ``raw`` on clean held-out images, so about 1% of clean
-images score above 1. It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the
+Image score: each image's own per-channel statistics over (H, W) at the inputs of the first ``K`` norm layers,
+its mean and the log of its spread (``log(s + eps)``, the layer's measure: variance or range), concatenated into
+``f``; ``raw = mean_d ((f_d - mu_d) / sigma_d)^2`` with ``mu``, ``sigma`` from clean held-out images;
+``score = raw / q``, ``q`` the 99th percentile of ``raw`` on clean held-out images, so about 1% of clean images
+score above 1. The spreads are what see noise, blur and contrast changes, which leave an image's channel means
+almost where they were (cards calibrated before spreads were added, ``image_features: "mean"``, score means
+only). It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the
 early features are re-normalised by the batch itself, which damps the score.
 """
 
@@ -42,6 +45,7 @@ MEASURES = ("mean_shift", "log_var_ratio", "kl")
 DEFAULT_CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IMAGE_SCORE_LAYERS = 3
 IMAGE_SCORE_QUANTILE = 0.99
+IMAGE_FEATURES = "mean+log_spread"  # what new calibrations score; "mean" is the older, means-only score
 _EPS = 1e-5
 
 
@@ -79,6 +83,7 @@ class DriftCalibration:
     image_feature_std: list[float]
     image_threshold: float
     samples: dict[str, int] = field(default_factory=dict)
+    image_features: str = "mean"  # the default reads cards calibrated before per-image spreads were scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,8 +124,22 @@ def _layer_measures(run: GroupRun) -> dict[str, dict[str, Tensor]]:
     return measures
 
 
+def image_features(run: GroupRun, layers: Iterable[str], kind: str = IMAGE_FEATURES) -> Tensor:
+    """Each image's features for the image score, (n_real, D): per layer its channel means and, for
+    ``"mean+log_spread"``, the logs of its channel spreads."""
+    if kind not in ("mean", "mean+log_spread"):
+        raise ValueError(f"unknown image features {kind!r}: use 'mean' or 'mean+log_spread'")
+    parts = []
+    for name in layers:
+        stats = run.stats[name]
+        parts.append(stats.image_mean)
+        if kind == "mean+log_spread":
+            parts.append(torch.log(stats.image_spread + _EPS))
+    return torch.cat(parts, dim=1)
+
+
 def _image_raw(run: GroupRun, calibration: DriftCalibration) -> Tensor:
-    features = torch.cat([run.stats[name].image_mean for name in calibration.image_layers], dim=1)
+    features = image_features(run, calibration.image_layers, calibration.image_features)
     mean = features.new_tensor(calibration.image_feature_mean)
     std = features.new_tensor(calibration.image_feature_std)
     return ((features - mean) / std).square().mean(dim=1)
@@ -198,7 +217,7 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
         for start in range(0, images.shape[0], chunk):
             with batch_groups(model, record=True) as run:
                 model(images[start:start + chunk])
-            features.append(torch.cat([run.stats[name].image_mean for name in names], dim=1))
+            features.append(image_features(run, names))
     finally:
         set_policy(model, original)
     feats = torch.cat(features)
@@ -208,5 +227,5 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
     return DriftCalibration(
         batch_sizes=sizes, log_kl_mean=log_mean, log_kl_std=[max(s, 1e-6) for s in log_std],
         image_layers=names, image_feature_mean=feature_mean.tolist(), image_feature_std=feature_std.tolist(),
-        image_threshold=threshold, samples={"images": int(images.shape[0])},
+        image_threshold=threshold, samples={"images": int(images.shape[0])}, image_features=IMAGE_FEATURES,
     )

@@ -665,13 +665,17 @@ def run(args: argparse.Namespace) -> int:
     pool_x01, pool_labels = test_x01[pool_index], test.labels[pool_index]
     grid = GRIDS[args.grid]
     report = {"format": RESULTS_FORMAT, "dataset": "CIFAR-10 (JPEG q75) test", "grid": args.grid,
-              "grid_spec": asdict(grid), "device": str(device), "torch": torch.__version__, "seed": args.seed,
+              "grid_spec": asdict(grid), "device": f"{device} (torch {torch.__version__})", "torch": torch.__version__,
+              "seed": args.seed,
               "robust_images": int(robust_index.numel()), "test_images": len(test), "models": []}
     if args.resume:  # keep every earlier model entry; those run again are replaced in place
         report["models"] = _resumable(args.out, report)
         if report["models"]:  # where the earlier cells ran, as well as this run's device
             earlier = json.loads(args.out.read_text())
-            devices = [*earlier["device"].split(" + "), f"{device} (torch {torch.__version__})"]
+            # files from before the version was part of the device name wrote a bare first entry
+            devices = [entry if "(torch" in entry else f"{entry} (torch {earlier['torch']})"
+                       for entry in earlier["device"].split(" + ")]
+            devices.append(report["device"])
             report["device"] = " + ".join(dict.fromkeys(devices))
 
     def save() -> None:
@@ -688,7 +692,9 @@ def run(args: argparse.Namespace) -> int:
         index = next((i for i, entry in enumerate(report["models"]) if entry["model"] == card.name), None)
         previous = report["models"][index] if index is not None else {}
         if previous.get("card_digest") != result["card_digest"]:
-            previous = {}  # other weights, policy or calibration: nothing earlier applies
+            previous = {}  # other weights or policy: nothing earlier applies
+        if previous.get("drift", {}).get("calibration_digest") != _calibration_digest(card):
+            previous.pop("drift", None)  # drift scores read the card's drift calibration
         result.update({key: value for key, value in previous.items() if key not in result})
         if index is None:
             report["models"].append(result)
@@ -708,6 +714,7 @@ def run(args: argparse.Namespace) -> int:
                                          only_sizes=args.only_sizes, only_threats=args.only_threats))
         if "drift" in args.sections and "drift" not in result:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
+            result["drift"]["calibration_digest"] = _calibration_digest(card)
         progress({})
     print(f"wrote {args.out}")
     return 0
@@ -716,11 +723,18 @@ def run(args: argparse.Namespace) -> int:
 RESULTS_FORMAT = 2  # 2: lone attackers, fractions and poisoning score every subset image (scored_images)
 
 
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _card_digest(card: ModelCard) -> str:
-    """What the results of a model depend on besides the data: its weights, policy and calibration."""
-    text = json.dumps([card.version, card.policy, card.calibration and asdict(card.calibration)], sort_keys=True,
-                      default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """What the accuracy cells of a model depend on besides the data: its weights and deployed policy."""
+    return _digest([card.version, card.policy])
+
+
+def _calibration_digest(card: ModelCard) -> str:
+    """What the drift section depends on as well: the card's drift calibration (the scores read it)."""
+    return _digest(card.calibration and asdict(card.calibration))
 
 
 def _resumable(path: Path, report: dict) -> list[dict]:

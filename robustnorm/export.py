@@ -18,8 +18,9 @@ exported as real graph operations over the batch, and one graph serves every sta
   as ``(1 - w) * population + w * batch`` and normalises with ``x * scale + shift``, as the library does;
 - outputs: ``logits`` (N, classes), ``batch_weight`` (the ``w`` that ran, a scalar), and per layer
   ``<layer>.mean`` and ``<layer>.spread`` of shape (C,), the batch statistics the drift metrics need whatever
-  the policy, plus ``<layer>.image_mean`` (N, C) for the layers of the per-image drift score (the card
-  calibration's ``image_layers``, else the first three norm layers).
+  the policy, plus ``<layer>.image_mean`` and ``<layer>.image_spread`` (N, C), each image's own statistics, for
+  the layers of the per-image drift score (the card calibration's ``image_layers``, else the first three norm
+  layers).
 
 The card travels beside the file (``model.onnx`` -> ``model.card.json``, readable with
 :func:`robustnorm.read_card`) with the default policy of the graph. The ONNX metadata (``robustnorm.*``) records
@@ -60,7 +61,7 @@ MIN_BATCH = "min_batch"
 FALLBACK_N0 = "fallback_n0"
 LOGITS = "logits"
 BATCH_WEIGHT = "batch_weight"
-MEAN_SUFFIX, SPREAD_SUFFIX, IMAGE_MEAN_SUFFIX = ".mean", ".spread", ".image_mean"
+MEAN_SUFFIX, SPREAD_SUFFIX, IMAGE_MEAN_SUFFIX, IMAGE_SPREAD_SUFFIX = ".mean", ".spread", ".image_mean", ".image_spread"
 CARD_SUFFIX = ".card.json"
 # ``min_batch`` for policies that never use the batch statistics alone (frozen, blend): no batch is this large.
 NEVER = int(np.iinfo(np.int64).max)
@@ -95,7 +96,7 @@ def graph_output_names(layers: Sequence[str], image_layers: Sequence[str]) -> li
     for name in layers:
         names += [name + MEAN_SUFFIX, name + SPREAD_SUFFIX]
         if name in image_layers:
-            names.append(name + IMAGE_MEAN_SUFFIX)
+            names += [name + IMAGE_MEAN_SUFFIX, name + IMAGE_SPREAD_SUFFIX]
     return names
 
 
@@ -108,7 +109,7 @@ class ExportedModel:
     policy: str  # the default policy (the policy inputs' initializers)
     robust: bool  # RobustNorm layers (spread = range, adaptive falls back to frozen) or BatchNorm layers
     layers: list[str]  # norm layers in the model's module order
-    image_layers: list[str]  # layers with a <layer>.image_mean output
+    image_layers: list[str]  # layers with <layer>.image_mean and <layer>.image_spread outputs
     opset: int
     # layer -> (population mean, population spread): the running statistics drift is measured against
     population: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict, repr=False)
@@ -184,8 +185,13 @@ class _GraphNorm(nn.Module):
             spread = (values - mean[None, :, None, None]).square().mean(dim=(0, 2, 3))
         self.switch.outputs[self.name + MEAN_SUFFIX] = mean
         self.switch.outputs[self.name + SPREAD_SUFFIX] = spread
-        if self.image_mean:
+        if self.image_mean:  # each image's own statistics, for the per-image drift score
             self.switch.outputs[self.name + IMAGE_MEAN_SUFFIX] = image_mean
+            if layer.robust:
+                image_spread = values.amax(dim=(2, 3)) - values.amin(dim=(2, 3))
+            else:
+                image_spread = (values - image_mean[:, :, None, None]).square().mean(dim=(2, 3))
+            self.switch.outputs[self.name + IMAGE_SPREAD_SUFFIX] = image_spread
         population_mean, population_spread = layer._population(torch.float32)
         # (1 - w) * population + w * batch, the library's mixing; w is 0, 1 or n / (N0 + n) from the Where.
         used_mean = (1 - weight) * population_mean + weight * mean
@@ -273,7 +279,8 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, policy: str
                torch.from_numpy(feeds[FALLBACK_N0]))
     output_names = graph.output_names()
     dynamic_axes = {IMAGES: {0: "batch"}, LOGITS: {0: "batch"}}
-    dynamic_axes.update({name: {0: "batch"} for name in output_names if name.endswith(IMAGE_MEAN_SUFFIX)})
+    per_image = (IMAGE_MEAN_SUFFIX, IMAGE_SPREAD_SUFFIX)
+    dynamic_axes.update({name: {0: "batch"} for name in output_names if name.endswith(per_image)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():

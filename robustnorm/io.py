@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -137,10 +138,31 @@ def save_model(model: nn.Module, card: ModelCard, directory: str | Path) -> Mode
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"format": "pt", "card": card.name})
+    metadata = {"format": "pt", "card": card.name}
+    # safetensors writes its metadata in no fixed order, so the same weights saved again (a recalibration)
+    # would get another hash, and so another model version: an identical file is left as it is.
+    if not _holds(weights, state, metadata):
+        save_file(state, str(weights), metadata=metadata)
     card.weights_sha256 = _sha256(weights)
     (directory / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return card
+
+
+def _holds(weights: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether ``weights`` already holds exactly these tensors (values, dtypes, shapes) and metadata."""
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as stored:
+            if stored.metadata() != metadata or set(stored.keys()) != set(state):
+                return False
+            return all(_identical(stored.get_tensor(key), value) for key, value in state.items())
+    except (OSError, SafetensorError):  # unreadable or truncated: write it again
+        return False
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def list_models() -> list[str]:

@@ -34,13 +34,15 @@ class GroupStatistics:
     """Batch statistics of the real images, per group, as one layer saw them (float32, on the device).
 
     ``spread`` is the biased variance for BatchNorm layers and the range ``max - min`` for RobustNorm layers.
-    ``image_mean`` is each real image's per-channel mean over (H, W), used by the per-image drift score.
+    ``image_mean`` and ``image_spread`` are each real image's own per-channel mean and spread over (H, W) (the
+    layer's measure: variance or range), used by the per-image drift score.
     """
 
     mean: Tensor  # (G, C)
     spread: Tensor  # (G, C)
     counts: Tensor  # (G,) number of images per group
     image_mean: Tensor  # (n_real, C)
+    image_spread: Tensor  # (n_real, C)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -85,10 +87,6 @@ class _PolicyNorm(nn.BatchNorm2d):
         return f"{super().extra_repr()}, policy={self.policy}"
 
     # -- statistics -------------------------------------------------------------------------------------
-    def _image_spread(self, x: Tensor, group_mean_per_image: Tensor) -> Tensor:
-        """Per-image contribution to the group spread; reduced over each group by ``_spread_reduce``."""
-        raise NotImplementedError
-
     def _denominator(self, spread: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -98,12 +96,15 @@ class _PolicyNorm(nn.BatchNorm2d):
         image_mean = real.mean(dim=(2, 3))
         mean = _group_reduce(image_mean, sizes, "mean")
         segments = _segments(sizes, x.device)
-        spread = self._group_spread(real, image_mean, mean[segments], sizes)
+        spread, image_spread = self._spreads(real, image_mean, mean[segments], sizes)
         counts = torch.tensor(sizes, device=x.device)
-        return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean)
+        return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean,
+                               image_spread=image_spread)
 
-    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        """Spread of each group; ``image_mean`` is each image's channel mean, ``group_mean`` its group's."""
+    def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Spread of each group and of each image alone; ``image_mean`` is each image's channel mean,
+        ``group_mean`` its group's."""
         raise NotImplementedError
 
     # -- forward ----------------------------------------------------------------------------------------
@@ -228,9 +229,12 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
     def _denominator(self, spread: Tensor) -> Tensor:
         return torch.sqrt(spread + self.eps)
 
-    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         deviation = (real - group_mean[:, :, None, None]).square().mean(dim=(2, 3))  # two passes: accurate
-        return _group_reduce(deviation, sizes, "mean")
+        # an image's own variance is its mean squared deviation from the group mean less its mean's own
+        image_variance = (deviation - (image_mean - group_mean).square()).clamp_min(0)
+        return _group_reduce(deviation, sizes, "mean"), image_variance
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
         # nn.BatchNorm2d's own eval path, so a converted model's frozen outputs equal the original's.
@@ -282,10 +286,11 @@ class RobustNorm2d(_PolicyNorm):
     def _denominator(self, spread: Tensor) -> Tensor:
         return spread.pow(self.p) + self.eps
 
-    def _group_spread(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        maximum = _group_reduce(real.amax(dim=(2, 3)), sizes, "amax")
-        minimum = _group_reduce(real.amin(dim=(2, 3)), sizes, "amin")
-        return maximum - minimum
+    def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        image_max, image_min = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))
+        spread = _group_reduce(image_max, sizes, "amax") - _group_reduce(image_min, sizes, "amin")
+        return spread, image_max - image_min
 
     def _forward_train(self, x: Tensor) -> Tensor:
         synchronised = _sync_enabled(self)

@@ -35,6 +35,7 @@ import robustnorm
 from robustnorm.export import (
     FALLBACK_N0,
     IMAGE_MEAN_SUFFIX,
+    IMAGE_SPREAD_SUFFIX,
     IMAGES,
     LOGITS,
     MEAN_SUFFIX,
@@ -147,8 +148,8 @@ class OnnxEngine(TorchEngine):
         calibration = card.calibration
         if calibration is not None and not set(calibration.image_layers) <= set(self.exported.image_layers):
             raise ValueError(f"the card's drift calibration scores images on layers {calibration.image_layers}, but "
-                             f"{self.onnx_path} outputs image means for {self.exported.image_layers}; re-export the "
-                             "model with its calibrated card")
+                             f"{self.onnx_path} outputs image statistics for {self.exported.image_layers}; "
+                             "re-export the model with its calibrated card")
         if self.exported.robust != (card.norm == "robustnorm") and self.norm_layers:
             raise ValueError(f"{self.onnx_path} holds {'RobustNorm' if self.exported.robust else 'BatchNorm'} "
                              f"layers but its card says norm={card.norm!r}; use the card written beside it")
@@ -247,11 +248,13 @@ class OnnxEngine(TorchEngine):
             mean = torch.from_numpy(np.stack([output[name + MEAN_SUFFIX] for output in outputs]))
             spread = torch.from_numpy(np.stack([output[name + SPREAD_SUFFIX] for output in outputs]))
             if name in self.exported.image_layers:
-                image_mean = torch.from_numpy(np.concatenate([output[name + IMAGE_MEAN_SUFFIX] for output in outputs]))
-            else:
-                image_mean = mean.new_zeros((0, mean.shape[1]))  # the drift report reads image layers only
+                image_mean, image_spread = (
+                    torch.from_numpy(np.concatenate([output[name + suffix] for output in outputs]))
+                    for suffix in (IMAGE_MEAN_SUFFIX, IMAGE_SPREAD_SUFFIX))
+            else:  # the drift report reads image layers only
+                image_mean = image_spread = mean.new_zeros((0, mean.shape[1]))
             run.stats[name] = robustnorm.GroupStatistics(mean=mean, spread=spread, counts=counts,
-                                                         image_mean=image_mean)
+                                                         image_mean=image_mean, image_spread=image_spread)
             run.robust_layers[name] = self.exported.robust
             run.population[name] = self._population[name]
         return run

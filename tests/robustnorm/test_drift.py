@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from robustnorm import batch_groups, calibrate_drift, create_model, drift_report, layer_drift, set_policy
+from robustnorm.drift import DriftCalibration, image_features
 
 
 def reference_drift(batch_mean: torch.Tensor, batch_spread: torch.Tensor, population_mean: torch.Tensor,
@@ -116,6 +117,46 @@ def test_calibrated_scores_center_clean_batches_and_flag_shifted_ones(norm: str)
     noisy_above = sum(score > 1 for score in noisy_report.image_score) / 256
     assert clean_above < 0.05
     assert noisy_above > 0.5
+
+
+@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+def test_image_score_sees_spread_changes_that_leave_channel_means_in_place(norm: str) -> None:
+    model = small_trained(norm)
+    set_policy(model, "frozen")
+    torch.manual_seed(4)
+    calibration = calibrate_drift(model, torch.randn(512, 3, 16, 16), batch_sizes=(1, 16), batches_per_size=8)
+    assert calibration.image_features == "mean+log_spread"
+    fresh = torch.randn(256, 3, 16, 16)
+    # each image's pixels pulled towards its own mean: channel means unchanged, spreads a quarter
+    flat = fresh.mean(dim=(2, 3), keepdim=True) + 0.25 * (fresh - fresh.mean(dim=(2, 3), keepdim=True))
+
+    def above(images: torch.Tensor, calibration: DriftCalibration) -> float:
+        with torch.no_grad(), batch_groups(model, [16] * 16, record=True) as run:
+            model(images)
+        scores = drift_report(run, calibration).image_score
+        return sum(score > 1 for score in scores) / len(scores)
+
+    assert above(fresh, calibration) < 0.05
+    assert above(flat, calibration) > 0.9
+    # the older means-only score (cards calibrated before spreads) is still read and scored as it was
+    means_only = calibrate_means_only(model, calibration)
+    assert above(fresh, means_only) < 0.05
+    assert DriftCalibration.from_dict({k: v for k, v in means_only.to_dict().items()
+                                       if k != "image_features"}).image_features == "mean"
+
+
+def calibrate_means_only(model: torch.nn.Module, calibration: DriftCalibration) -> DriftCalibration:
+    """The means-only calibration of the same clean images, as cards written before spreads hold it."""
+    torch.manual_seed(4)
+    clean = torch.randn(512, 3, 16, 16)
+    with torch.no_grad(), batch_groups(model, record=True) as run:
+        model(clean)
+    features = image_features(run, calibration.image_layers, "mean")
+    mean, std = features.mean(dim=0), features.std(dim=0).clamp_min(1e-6)
+    raw = ((features - mean) / std).square().mean(dim=1)
+    return DriftCalibration(**{**calibration.to_dict(), "image_feature_mean": mean.tolist(),
+                               "image_feature_std": std.tolist(), "image_features": "mean",
+                               "image_threshold": float(torch.quantile(raw, 0.99))})
 
 
 def test_drift_report_requires_recording() -> None:

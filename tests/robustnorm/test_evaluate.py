@@ -192,8 +192,10 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
             assert record["scored_images"] == 10 and record["images"] == 10 * n
         assert record["frozen_attack_accuracy"] is not None or record["threat"].startswith("poison")
     assert cli([*argv, "--resume"]) == 0
-    again = json.loads(out.read_text())["models"][0]
+    resumed = json.loads(out.read_text())
+    again = resumed["models"][0]
     assert again["robust"] == first["robust"] and again["clean"] == first["clean"]
+    assert resumed["device"] == f"cpu (torch {torch.__version__})"  # both runs' device, named once
     # a cheap pass that leaves out the costly cells, then the rest with --resume, gives the same cells
     cheap_out = tmp_path / "cheap.json"
     cheap = [*argv[:-1], str(cheap_out), "--max-cell-images", "20"]
@@ -305,3 +307,22 @@ def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: 
     with pytest.raises(ValueError, match="another format"):
         _resumable(path, report)
     assert _without_nan({"a": [float("nan"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
+
+
+def test_a_new_drift_calibration_keeps_the_accuracy_cells_and_reruns_only_drift() -> None:
+    from dataclasses import replace
+
+    from robustnorm.drift import DriftCalibration
+    from robustnorm.evaluate import _calibration_digest, _card_digest
+
+    calibration = DriftCalibration(batch_sizes=[1, 2], log_kl_mean=[0.0, 0.0], log_kl_std=[1.0, 1.0],
+                                   image_layers=["bn1"], image_feature_mean=[0.0], image_feature_std=[1.0],
+                                   image_threshold=1.0)
+    card = ModelCard(name="m", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS), policy="blend:512",
+                     calibration=calibration,
+                     weights_sha256="ab" * 32)
+    recalibrated = replace(card, calibration=replace(calibration, image_threshold=2.0))
+    assert _card_digest(recalibrated) == _card_digest(card)  # accuracy cells do not read the calibration
+    assert _calibration_digest(recalibrated) != _calibration_digest(card)
+    assert _card_digest(replace(card, policy="batch")) != _card_digest(card)
+    assert _card_digest(replace(card, weights_sha256="cd" * 32)) != _card_digest(card)

@@ -24,6 +24,7 @@ from robustnorm.export import (
     BATCH_WEIGHT,
     FALLBACK_N0,
     IMAGE_MEAN_SUFFIX,
+    IMAGE_SPREAD_SUFFIX,
     IMAGES,
     LOGITS,
     MEAN_SUFFIX,
@@ -138,6 +139,8 @@ def _assert_matches(case: Exported, policy: str, n: int, outputs: dict[str, np.n
         if name in case.exported.image_layers:
             np.testing.assert_allclose(outputs[name + IMAGE_MEAN_SUFFIX], stats.image_mean.numpy(),
                                        rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(outputs[name + IMAGE_SPREAD_SUFFIX], stats.image_spread.numpy(),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def _feeds(case: Exported, policy: str | None, n: int) -> dict[str, np.ndarray]:
@@ -171,7 +174,8 @@ def test_checker_passes_and_card_travels_beside(exported: Exported) -> None:
     expected_outputs = [LOGITS, BATCH_WEIGHT]
     for name in described.layers:
         expected_outputs += [name + MEAN_SUFFIX, name + SPREAD_SUFFIX]
-        expected_outputs += [name + IMAGE_MEAN_SUFFIX] if name in described.image_layers else []
+        expected_outputs += ([name + IMAGE_MEAN_SUFFIX, name + IMAGE_SPREAD_SUFFIX] if name in described.image_layers
+                             else [])
     assert described.output_names == expected_outputs == [output.name for output in proto.graph.output]
     # Serving reads the same description from ONNX Runtime's metadata, without the onnx package.
     from_session = ExportedModel.from_metadata(path, exported.session.get_modelmeta().custom_metadata_map)

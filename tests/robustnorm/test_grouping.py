@@ -84,6 +84,10 @@ def test_recorded_statistics_cover_real_images_only(model: torch.nn.Module) -> N
     conv = model.conv1(x)
     assert torch.allclose(first.mean[0], conv[:2].mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(first.image_mean, conv.mean(dim=(2, 3)), atol=1e-5)
+    # each image's own spread, in the layer's measure: biased variance, or range for RobustNorm
+    own = (conv.amax(dim=(2, 3)) - conv.amin(dim=(2, 3)) if model.bn1.robust
+           else conv.var(dim=(2, 3), unbiased=False))
+    assert torch.allclose(first.image_spread, own, rtol=1e-4, atol=1e-5)
     assert first.counts.tolist() == [2, 3]
     assert len(run.stats) == len(robustnorm.policy_layers(model))
 

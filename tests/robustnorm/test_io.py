@@ -48,6 +48,21 @@ def test_round_trip_keeps_outputs_policy_and_version(tmp_path: Path) -> None:
     assert load_model(directory / "card.json")[1].version == card.version
 
 
+def test_saving_the_same_weights_again_keeps_the_version(tmp_path: Path) -> None:
+    model, directory = saved(tmp_path)
+    first = load_model(directory)[1].version
+    weights = (directory / "model.safetensors").read_bytes()
+    # a recalibration saves the same weights with a new card: same file, same version
+    assert save_model(model, make_card(policy="frozen"), directory).version == first
+    assert (directory / "model.safetensors").read_bytes() == weights
+    assert load_model(directory)[1].policy == "frozen"
+    with torch.no_grad():
+        model.fc.bias.add_(1e-3)
+    assert save_model(model, make_card(), directory).version != first  # other weights: another version
+    (directory / "model.safetensors").write_bytes(weights[:100])  # a truncated file is written again
+    assert save_model(model, make_card(), directory).version == load_model(directory)[1].version
+
+
 def test_card_json_holds_the_documented_fields(tmp_path: Path) -> None:
     _, directory = saved(tmp_path)
     data = json.loads((directory / "card.json").read_text())
