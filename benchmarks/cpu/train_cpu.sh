@@ -6,11 +6,14 @@
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle3     # third cycle from the second: lr 0.05, seed 2
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10 swa             # 20 epochs at lr 0.02 from the last cycle (bn2 or
 #                                                            # rn103), their weights averaged: seed 3
+#   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 long       # one 200-epoch cosine schedule from scratch, lr 0.1,
+#                                                            # the last 20 epochs' weights averaged: seed 4
+#                                                            # (runs/cpu/SHORT-long; several sessions on one core)
 #
-# Writes runs/cpu/SHORT (SHORT2, SHORT3) and SHORT.train.txt; continues from the checkpoint when one exists, so
+# Writes runs/cpu/SHORT (SHORT2, SHORT3, SHORT-swa, SHORT-long) and SHORT.train.txt; continues from the checkpoint when one exists, so
 # a run cut off by the end of a session is started again with the same command.
 set -euo pipefail
-short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3|swa]}"
+short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3|swa|long]}"
 case "$short" in
 bn) args=(--norm bn --name cifar10-resnet20-bn) ;;
 rn10) args=(--norm robustnorm --p 1.0 --name cifar10-resnet20-robustnorm-p1.0) ;;
@@ -36,7 +39,12 @@ swa)
     out="runs/cpu/${short}-swa"
     epochs=20
     ;;
-*) echo "unknown stage ${2}: use cycle2, cycle3 or swa" >&2; exit 2 ;;
+long)
+    args+=(--swa-epochs 20 --swa-lr 0.01 --seed 4)
+    out="runs/cpu/${short}-long"
+    epochs=200
+    ;;
+*) echo "unknown stage ${2}: use cycle2, cycle3, swa or long" >&2; exit 2 ;;
 esac
 [ -f "$out/checkpoint.pt" ] && args+=(--resume)
 mkdir -p runs/cpu
