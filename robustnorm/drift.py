@@ -23,10 +23,11 @@ Image score: each image's own per-channel statistics over (H, W) at the inputs o
 its mean and the log of its spread (``log(s + eps)``, the layer's measure: variance or range), concatenated into
 ``f``; ``raw = mean_d ((f_d - mu_d) / sigma_d)^2`` with ``mu``, ``sigma`` from clean held-out images;
 ``score = raw / q``, ``q`` the 99th percentile of ``raw`` on clean held-out images, so about 1% of clean images
-score above 1. The spreads are what see noise, blur and contrast changes, which leave an image's channel means
-almost where they were (cards calibrated before spreads were added, ``image_features: "mean"``, score means
-only). It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the
-early features are re-normalised by the batch itself, which damps the score.
+score above 1. The spreads are what see contrast and blur changes, which leave an image's channel means almost
+where they were; on the bundled models the score still misses noise and adversarial perturbations, which the
+batch score catches (cards calibrated before spreads were added, ``image_features: "mean"``, score means only).
+It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the early features are
+re-normalised by the batch itself, which damps the score.
 """
 
 from __future__ import annotations
