@@ -672,10 +672,7 @@ def run(args: argparse.Namespace) -> int:
         report["models"] = _resumable(args.out, report)
         if report["models"]:  # where the earlier cells ran, as well as this run's device
             earlier = json.loads(args.out.read_text())
-            # files from before the version was part of the device name wrote a bare first entry
-            devices = [entry if "(torch" in entry else f"{entry} (torch {earlier['torch']})"
-                       for entry in earlier["device"].split(" + ")]
-            devices.append(report["device"])
+            devices = [*earlier["device"].split(" + "), report["device"]]
             report["device"] = " + ".join(dict.fromkeys(devices))
 
     def save() -> None:

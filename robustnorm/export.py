@@ -179,18 +179,20 @@ class _GraphNorm(nn.Module):
         values = x.float()
         image_mean = values.mean(dim=(2, 3))
         mean = image_mean.mean(dim=0)
+        # Per image first, then over the batch, as the layers' _spreads do: the per-image drift score's spreads
+        # come out of the same reductions.
         if layer.robust:
-            spread = values.amax(dim=(0, 2, 3)) - values.amin(dim=(0, 2, 3))
+            image_max, image_min = values.amax(dim=(2, 3)), values.amin(dim=(2, 3))
+            spread = image_max.amax(dim=0) - image_min.amin(dim=0)
+            image_spread = image_max - image_min
         else:
-            spread = (values - mean[None, :, None, None]).square().mean(dim=(0, 2, 3))
+            deviation = (values - mean[None, :, None, None]).square().mean(dim=(2, 3))
+            spread = deviation.mean(dim=0)
+            image_spread = (deviation - (image_mean - mean).square()).clamp_min(0)
         self.switch.outputs[self.name + MEAN_SUFFIX] = mean
         self.switch.outputs[self.name + SPREAD_SUFFIX] = spread
         if self.image_mean:  # each image's own statistics, for the per-image drift score
             self.switch.outputs[self.name + IMAGE_MEAN_SUFFIX] = image_mean
-            if layer.robust:
-                image_spread = values.amax(dim=(2, 3)) - values.amin(dim=(2, 3))
-            else:
-                image_spread = (values - image_mean[:, :, None, None]).square().mean(dim=(2, 3))
             self.switch.outputs[self.name + IMAGE_SPREAD_SUFFIX] = image_spread
         population_mean, population_spread = layer._population(torch.float32)
         # (1 - w) * population + w * batch, the library's mixing; w is 0, 1 or n / (N0 + n) from the Where.
