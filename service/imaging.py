@@ -9,17 +9,19 @@ decompression bomb costs only its header.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadImage, ServiceError, TooLarge, UnsupportedType
+from .errors import BadImage, DeadlineExceeded, ServiceError, TooLarge, UnsupportedType
 
 # Pillow format name -> the media type it is served as. MPO is how Pillow names JPEGs from phone cameras.
 SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
@@ -122,7 +124,11 @@ def decode_image(data: bytes, spec: Preprocessing) -> torch.Tensor:
 
     Raises :class:`BadImage` (400), :class:`TooLarge` (413) or :class:`UnsupportedType` (415).
     """
-    image = _open(data, spec.max_pixels)
+    return _decode_opened(_open(data, spec.max_pixels), spec)
+
+
+def _decode_opened(image: Image.Image, spec: Preprocessing) -> torch.Tensor:
+    """Decode an image whose header :func:`_open` has checked."""
     try:
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far larger than needed; the
@@ -146,15 +152,39 @@ def decode_image(data: bytes, spec: Preprocessing) -> torch.Tensor:
     return (tensor / 255.0 - mean) / std
 
 
-def decode_images(blobs: Sequence[bytes], spec: Preprocessing) -> torch.Tensor:
-    """Several encoded images to one ``(k, C, H, W)`` tensor; an error names the image it is about."""
+def decode_images(blobs: Sequence[bytes], spec: Preprocessing, *, max_total_pixels: int | None = None,
+                  deadline: float | None = None) -> torch.Tensor:
+    """Several encoded images to one ``(k, C, H, W)`` tensor; an error names the image it is about.
+
+    Every header is checked first, so a request whose images hold more than ``max_total_pixels`` pixels in all
+    is refused (413) before any is decoded; ``deadline`` (``time.monotonic()``) is checked before each image,
+    so a request out of time stops decoding (504) and frees its decoding thread for other requests.
+    """
     batch = torch.empty((len(blobs), *spec.shape), dtype=torch.float32)
+    opened, total = [], 0
     for index, data in enumerate(blobs):
-        try:
-            batch[index] = decode_image(data, spec)
-        except ServiceError as error:
-            if len(blobs) > 1:
-                error.message = f"image {index}: {error.message}"
-                error.args = (error.message,)
-            raise
+        with _naming(index, len(blobs)):
+            opened.append(_open(data, spec.max_pixels))
+        total += opened[-1].size[0] * opened[-1].size[1]
+    if max_total_pixels is not None and total > max_total_pixels:
+        raise TooLarge(f"the request's {len(blobs)} images hold {total} pixels in all; the limit is "
+                       f"{max_total_pixels} per request (send fewer or smaller images)")
+    for index, image in enumerate(opened):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"the request's deadline passed while decoding its images ({index} of "
+                                   f"{len(blobs)} decoded)")
+        with _naming(index, len(blobs)):
+            batch[index] = _decode_opened(image, spec)
     return batch
+
+
+@contextlib.contextmanager
+def _naming(index: int, count: int) -> Iterator[None]:
+    """Prefix an error's message with the image it is about, when the request holds several."""
+    try:
+        yield
+    except ServiceError as error:
+        if count > 1:
+            error.message = f"image {index}: {error.message}"
+            error.args = (error.message,)
+        raise

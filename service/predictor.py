@@ -7,7 +7,9 @@ front end (several HTTP worker processes feeding one batcher on a GPU) can drive
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 from .batcher import Batch, BatchKey, MicroBatcher
 from .engine import GroupReport, ImageOutput, TorchEngine, canonical_policy
 from .engine_onnx import create_engine
-from .errors import Draining, InvalidRequest, NotReady, Unavailable
+from .errors import DeadlineExceeded, Draining, InvalidRequest, NotReady, Unavailable
 from .imaging import Preprocessing, decode_images
 from .metrics import Metrics
 from .settings import Settings
@@ -144,11 +146,17 @@ class Predictor:
             raise InvalidRequest(str(error)) from None
 
     # -- work ------------------------------------------------------------------------------------------
-    async def decode(self, blobs: Sequence[bytes]) -> torch.Tensor:
-        """Decode a request's images on the decoding threads (400/413/415 on bad input)."""
-        preprocessing = self.preprocessing
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, decode_images, blobs, preprocessing)
+    async def decode(self, blobs: Sequence[bytes], deadline: float) -> torch.Tensor:
+        """Decode a request's images on the decoding threads (400/413/415 on bad input, 504 past ``deadline``,
+        a ``time.monotonic()`` value: the thread stops at the next image, so it is soon free for others)."""
+        decode = functools.partial(decode_images, blobs, self.preprocessing,
+                                   max_total_pixels=self.settings.max_request_pixels, deadline=deadline)
+        work = asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+        try:
+            return await asyncio.wait_for(work, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while its images were waiting for or in "
+                                   "decoding") from None
 
     async def predict(self, pixels: torch.Tensor, *, policy: str, tenant: str | None, top_k: int,
                       deadline: float, request_id: str) -> list[ImageOutput]:

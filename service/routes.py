@@ -95,7 +95,7 @@ async def predict(
     if top_k is not None and top_k > classes:
         raise InvalidRequest(f"top_k={top_k} but the model knows {classes} classes")
     images = await read_images(request, settings)
-    pixels = await predictor.decode(images)
+    pixels = await predictor.decode(images, deadline)
     decoded = time.monotonic()
     outputs = await predictor.predict(pixels, policy=effective_policy, tenant=tenant, top_k=min(k, classes),
                                       deadline=deadline, request_id=request_id)

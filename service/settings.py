@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         25_000_000, ge=1, description="pixels (width x height) per image at most, checked before decoding")
     max_images_per_request: int = Field(64, ge=1, description="images per request at most")
+    max_request_pixels: int = Field(
+        50_000_000, ge=1, description="pixels over all images of a request at most, checked before decoding "
+                                      "(bounds the decoding time one request can take from others)")
     max_request_bytes: int = Field(32 * MiB, ge=1, description="bytes per request body at most")
     default_top_k: int = Field(5, ge=1, description="classes listed per image unless the request asks (?top_k=)")
     decode_workers: int = Field(
@@ -143,6 +146,9 @@ class Settings(BaseSettings):
         if self.max_request_bytes < self.max_image_bytes:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least max_image_bytes "
                              f"({self.max_image_bytes})")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least max_image_pixels "
+                             f"({self.max_image_pixels})")
         if self.batch_key == "api_key" and not self.api_keys:
             raise ValueError("batch_key='api_key' needs api_keys (a JSON object of API key -> tenant name)")
         if self.config_file is not None and not self.config_file.is_file():

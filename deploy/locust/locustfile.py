@@ -66,7 +66,8 @@ def load_images(source: Path, limit: int, seed: int = 0) -> list[Image]:
             content_type = _content_type(path.name)
             if content_type and path.is_file():
                 found.append(Image(path.name, content_type, path.read_bytes()))
-    elif source.is_file() and source.name.lower().endswith(TAR_SUFFIXES):
+    elif source.is_file() and (source.name.lower().endswith(TAR_SUFFIXES) or tarfile.is_tarfile(source)):
+        # By content too: docker compose mounts an archive as /mnt/images, without its suffix.
         with tarfile.open(source, "r:*") as archive:
             for member in archive:
                 content_type = _content_type(member.name)
@@ -74,7 +75,7 @@ def load_images(source: Path, limit: int, seed: int = 0) -> list[Image]:
                 if extracted is not None:
                     found.append(Image(Path(member.name).name, content_type, extracted.read()))
     else:
-        raise ValueError(f"--images {source}: not a folder or a .tar/.tar.gz/.tgz archive")
+        raise ValueError(f"--images {source}: not a folder or a tar archive (.tar, .tar.gz, .tgz)")
     if not found:
         raise ValueError(f"--images {source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     random.Random(seed).shuffle(found)

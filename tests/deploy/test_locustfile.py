@@ -29,6 +29,9 @@ CHILD = textwrap.dedent("""
     images = lf.load_images(folder, limit=10)
     out["folder"] = sorted((image.name, image.content_type) for image in images)
     out["archive"] = sorted((image.name, image.content_type, len(image.data)) for image in lf.load_images(archive, 10))
+    unnamed = archive.with_name("images")  # as docker compose mounts it: /mnt/images, no suffix
+    unnamed.write_bytes(archive.read_bytes())
+    out["unnamed_archive"] = sorted((image.name, image.content_type) for image in lf.load_images(unnamed, 10))
     out["limited"] = len(lf.load_images(folder, limit=2))
     names = [[image.name for image in lf.load_images(folder, 10, seed=3)] for _ in range(2)]
     out["same_seed"] = names[0] == names[1]
@@ -87,7 +90,8 @@ def test_images_load_from_a_folder_or_an_archive(results: dict[str, Any]) -> Non
     assert all(size > 0 for *_, size in results["archive"])
     assert results["limited"] == 2 and results["same_seed"]
     assert "no image files" in results["empty"]
-    assert "not a folder or a .tar" in results["missing"]
+    assert results["unnamed_archive"] == results["folder"]
+    assert "not a folder or a tar archive" in results["missing"]
 
 
 def test_multipart_body_holds_one_image_part_per_image(results: dict[str, Any]) -> None:

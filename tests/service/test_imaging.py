@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.errors import BadImage, TooLarge, UnsupportedType
+from service.errors import BadImage, DeadlineExceeded, TooLarge, UnsupportedType
 from service.imaging import Preprocessing, check_media_type, decode_image, decode_images
 
 SPEC = Preprocessing(channels=3, height=4, width=4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_pixels=10_000)
@@ -127,6 +128,28 @@ def test_errors_name_the_image_they_are_about() -> None:
     assert decode_images([good, good], SPEC).shape == (2, 3, 4, 4)
     with pytest.raises(BadImage, match="image 1"):
         decode_images([good, b"junk"], SPEC)
+
+
+def test_a_request_is_refused_whole_by_its_total_pixels_before_any_image_is_decoded() -> None:
+    big = encode(solid((0, 0, 0), (100, 100)), "PNG")  # 10,000 pixels: each image alone is within the limit
+    assert decode_images([big, big], SPEC, max_total_pixels=20_000).shape == (2, 3, 4, 4)
+    with pytest.raises(TooLarge, match="30000 pixels in all; the limit is 20001 per request"):
+        decode_images([big, big, big], SPEC, max_total_pixels=20_001)
+    # The total is checked on the headers: a corrupt image after the budget is spent is never decoded.
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8))
+    jpeg = encode(noise, "JPEG")
+    truncated = jpeg[: len(jpeg) // 2]  # a readable header over pixels that cannot be decoded
+    with pytest.raises(BadImage, match="cannot decode"):
+        decode_image(truncated, SPEC)
+    with pytest.raises(TooLarge):
+        decode_images([big, big, truncated], SPEC, max_total_pixels=20_001)
+
+
+def test_decoding_stops_once_the_deadline_has_passed() -> None:
+    good = encode(solid((0, 0, 0)), "PNG")
+    with pytest.raises(DeadlineExceeded, match="0 of 2 decoded"):
+        decode_images([good, good], SPEC, deadline=time.monotonic() - 1)
+    assert decode_images([good, good], SPEC, deadline=time.monotonic() + 60).shape == (2, 3, 4, 4)
 
 
 def test_declared_media_types() -> None:

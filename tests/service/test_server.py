@@ -57,7 +57,8 @@ def _no_server_errors(registry: CollectorRegistry) -> None:
 def server(model_dir) -> Iterator[LiveServer]:
     settings = Settings(model=str(model_dir), device="cpu", max_batch_size=MAX_BATCH, max_wait=0.05,
                         queue_limit=QUEUE_LIMIT, max_images_per_request=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
-                        max_request_bytes=4 * MiB, max_image_pixels=MAX_PIXELS, request_deadline=30)
+                        max_request_bytes=4 * MiB, max_image_pixels=MAX_PIXELS, max_request_pixels=3 * MAX_PIXELS,
+                        request_deadline=30)
     registry = CollectorRegistry()
     yield from serve(create_app(settings, registry=registry))
     _no_server_errors(registry)
@@ -341,6 +342,7 @@ def test_every_error_is_answered_while_good_requests_are_served(server: LiveServ
     jpeg = cifar_samples[0].jpeg
     tiff = encoded_image((32, 32), "TIFF")
     too_many = [("image", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(MAX_IMAGES + 1)]
+    at_limit = encoded_image((1000, 1000), "PNG")  # MAX_PIXELS each: four are over the request's pixel limit
 
     def raw(data: bytes, media_type: str, **params: Any) -> dict[str, Any]:
         return {"content": data, "headers": {"content-type": media_type}, "params": params}
@@ -353,6 +355,7 @@ def test_every_error_is_answered_while_good_requests_are_served(server: LiveServ
         (400, "bad_image", raw(b"[" * 100_000, "application/json")),
         (413, "too_large", raw(encoded_image((256, 256), "PNG", noise=True), "image/png")),
         (413, "too_large", raw(encoded_image((1200, 1000), "PNG"), "image/png")),
+        (413, "too_large", {"files": [("image", (f"{i}.png", at_limit, "image/png")) for i in range(4)]}),
         (413, "too_many_images", {"files": too_many}),
         (415, "unsupported_type", raw(b"hello", "text/plain")),
         (415, "unsupported_type", raw(tiff, "image/tiff")),
@@ -388,7 +391,7 @@ def test_every_error_is_answered_while_good_requests_are_served(server: LiveServ
         expected[code] += 1
     for reason, before in rejected_before.items():
         assert metric(server, "robustnorm_rejected_total", reason=reason) - before == expected[reason], reason
-    assert metric(server, "robustnorm_requests_total", route="/predict", code="413") >= 3
+    assert metric(server, "robustnorm_requests_total", route="/predict", code="413") >= 4
 
 
 def test_full_queue_answers_429_with_retry_after(server: LiveServer, cifar_samples: list[Sample],
