@@ -10,7 +10,9 @@ training images, fixed seed), never the test set:
 3. MIN_BATCH: the smallest n from which ``batch`` is at least as accurate as the fallback (``frozen`` for
    RobustNorm models, ``blend:N0`` for BatchNorm models) at that n and every larger n measured; if there is
    none, the policy is the fallback itself;
-4. the drift calibration (:func:`robustnorm.calibrate_drift`) with the chosen policy.
+4. the drift calibration (:func:`robustnorm.calibrate_drift`) with the chosen policy, or with the policy
+   ``--policy`` names instead (the measurements still record the choice): drift scores are only meaningful
+   under the statistics they were calibrated with, so a model served under another policy is calibrated for it.
 The card's policy string, its ``calibration`` and ``evaluation["calibration"]`` (the measurements) are
 written with :func:`robustnorm.save_model`.
 """
@@ -29,6 +31,7 @@ from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
 from .evaluate import accuracy
 from .io import ModelCard, load_model, model_directory, save_model
 from .layers import set_policy
+from .policy import parse_policy
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +64,28 @@ def choose_policy(table: dict[str, dict[int, float]], robust: bool) -> tuple[str
 
 def calibrate(model: nn.Module, card: ModelCard, val_x01: torch.Tensor, val_labels: torch.Tensor,
               sizes: tuple[int, ...] = DEFAULT_CALIBRATION_SIZES,
-              n0_candidates: tuple[float, ...] = N0_CANDIDATES, batches_per_size: int = 64) -> ModelCard:
-    """Measure, choose and record policy, N0 and drift calibration in ``card`` (returned)."""
+              n0_candidates: tuple[float, ...] = N0_CANDIDATES, batches_per_size: int = 64,
+              policy: str | None = None) -> ModelCard:
+    """Measure, choose and record policy, N0 and drift calibration in ``card`` (returned); ``policy``, when
+    given, is deployed and drift-calibrated instead of the measured choice."""
+    forced = None if policy is None else str(parse_policy(policy))  # a bad policy fails before the measurements
     robust = card.norm == "robustnorm"
     # RobustNorm models fall back to frozen (their tracked statistics): N0 is a BatchNorm-only choice.
     policies = ["frozen", "batch"] + ([] if robust else [f"blend:{n0:g}" for n0 in n0_candidates])
-    table = {policy: {n: accuracy(model, card, val_x01, val_labels, policy, n) for n in sizes} for policy in policies}
-    policy, n0, min_batch = choose_policy(table, robust)
-    logger.info("chose policy %s (N0=%s, MIN_BATCH=%s)", policy, n0, min_batch)
-    card.policy = policy
-    set_policy(model, policy)
+    table = {name: {n: accuracy(model, card, val_x01, val_labels, name, n) for n in sizes} for name in policies}
+    chosen, n0, min_batch = choose_policy(table, robust)
+    logger.info("chose policy %s (N0=%s, MIN_BATCH=%s)", chosen, n0, min_batch)
+    deployed = forced or chosen
+    if deployed != chosen:
+        logger.info("deploying %s as asked instead, with drift calibrated under it", deployed)
+    card.policy = deployed
+    set_policy(model, deployed)
     normalized = normalize(val_x01, card.mean, card.std)
     card.calibration = calibrate_drift(model, normalized, batch_sizes=sizes, batches_per_size=batches_per_size)
     card.evaluation["calibration"] = {
         "split": f"validation ({val_x01.shape[0]} images held out from training)",
-        "n0": n0, "min_batch": min_batch, "policy": policy,
+        "n0": n0, "min_batch": min_batch, "policy": chosen,
+        **({"deployed_policy": deployed} if deployed != chosen else {}),
         "accuracy": {name: {str(n): round(value, 4) for n, value in row.items()} for name, row in table.items()},
     }
     return card
@@ -87,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: $ROBUSTNORM_CIFAR10 or ../shared)")
     parser.add_argument("--val-images", type=int, default=5000, help="validation images to use (default all 5000)")
     parser.add_argument("--batches-per-size", type=int, default=64, help="clean batches per size for drift")
+    parser.add_argument("--policy", default=None,
+                        help="deploy this policy (e.g. adaptive:16) instead of the measured choice, with the drift "
+                             "scores calibrated under it (the service scores drift only under the card's policy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -94,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     model, card = load_model(args.model, device=args.device)
     _, val = cifar10_train_val(args.data)
     val = val.subset(torch.arange(min(args.val_images, len(val)))).to(args.device)
-    card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size)
+    card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size,
+                     policy=args.policy)
     out = args.out or model_directory(args.model)
     save_model(model, card, out)
     print(f"policy {card.policy}; wrote {out}")

@@ -26,8 +26,14 @@ its mean and the log of its spread (``log(s + eps)``, the layer's measure: varia
 score above 1. The spreads are what see contrast and blur changes, which leave an image's channel means almost
 where they were; on the bundled models the score still misses noise and adversarial perturbations, which the
 batch score catches (cards calibrated before spreads were added, ``image_features: "mean"``, score means only).
-It is calibrated with ``frozen`` statistics; under ``batch`` or ``blend`` statistics the early features are
-re-normalised by the batch itself, which damps the score.
+The image score is calibrated with ``frozen`` statistics and the batch score under the card's policy, and both
+are only meaningful under the card's policy: under ``batch`` or ``blend`` statistics the early features of layers
+after the first are re-normalised by the batch itself, which moves both scores (under ``batch``, the bundled
+models' clean batches of 32 score -5.6 and -7.4 instead of about 0, and up to 15% of clean images score above 1;
+``python benchmarks/drift_policy_probe.py``). So the service
+scores drift only for batches run under the card's policy; under any other (``--policy`` or ``?policy=``) it
+reports the per-layer measures but no scores, and warns at start-up. To score another policy, calibrate for it:
+``robustnorm calibrate MODEL --policy adaptive:16 --out DIR``, then serve ``DIR``.
 """
 
 from __future__ import annotations

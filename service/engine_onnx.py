@@ -229,7 +229,7 @@ class OnnxEngine(TorchEngine):
             start += size
         logits = torch.from_numpy(np.concatenate([output[LOGITS] for output in outputs]))
         run = self._group_run(tuple(int(size) for size in sizes), policy, outputs)
-        report = robustnorm.drift_report(run, self.card.calibration)
+        report = robustnorm.drift_report(run, self.drift_calibration(policy))
         return logits.float().softmax(dim=1), run, report, images
 
     def _group_run(self, sizes: tuple[int, ...], policy: str, outputs: list[dict[str, np.ndarray]]
@@ -262,6 +262,11 @@ class OnnxEngine(TorchEngine):
 
 def create_engine(settings: Settings) -> TorchEngine:
     """The engine the ``engine`` setting names: ``torch`` (PyTorch) or ``onnx`` (ONNX Runtime)."""
-    if settings.engine == "onnx":
-        return OnnxEngine.from_settings(settings)
-    return TorchEngine.from_settings(settings)
+    engine = OnnxEngine.from_settings(settings) if settings.engine == "onnx" else TorchEngine.from_settings(settings)
+    card = engine.card
+    if card.calibration is not None and engine.drift_calibration(engine.policy) is None:
+        logger.warning("the drift scores of %s are calibrated for its card's policy %s, not for %s: batches report "
+                       "per-layer drift but no batch or image drift score; to score them, calibrate for this policy "
+                       "(robustnorm calibrate %s --policy %s --out DIR) and serve DIR", card.name, card.policy,
+                       engine.policy, card.name, engine.policy)
+    return engine

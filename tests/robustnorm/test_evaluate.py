@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from robustnorm import ModelCard, create_model
-from robustnorm.calibrate import choose_policy
-from robustnorm.data import make_generator
+from robustnorm import ModelCard, calibrate_drift, create_model, set_policy
+from robustnorm.calibrate import calibrate, choose_policy
+from robustnorm.data import make_generator, normalize
 from robustnorm.evaluate import accuracy, craft, predictions, robust_evaluation, skewed_order
 from robustnorm.io import CIFAR10_LABELS
 
@@ -138,6 +140,25 @@ def test_choose_policy_picks_min_batch_and_n0() -> None:
     assert choose_policy(table, robust=False) == ("adaptive:32:blend:16", 16.0, 32)
     never = dict(table, batch=dict.fromkeys(sizes, 0.1))
     assert choose_policy(never, robust=True) == ("frozen", None, None)
+
+
+def test_calibrate_records_its_choice_and_can_deploy_and_calibrate_another_policy(
+        model_and_card: tuple[torch.nn.Module, ModelCard]) -> None:
+    model, card = model_and_card
+    x, y = images(32)
+    options = {"sizes": (1, 4), "n0_candidates": (4.0,), "batches_per_size": 4}
+    chosen = calibrate(model, dataclasses.replace(card, evaluation={}), x, y, **options)
+    measured = chosen.evaluation["calibration"]["policy"]
+    assert chosen.policy == measured and "deployed_policy" not in chosen.evaluation["calibration"]
+    forced = calibrate(model, dataclasses.replace(card, evaluation={}), x, y, policy="batch", **options)
+    assert forced.policy == "batch" and forced.evaluation["calibration"]["deployed_policy"] == "batch"
+    assert forced.evaluation["calibration"]["policy"] == measured  # the measurement still says what it chose
+    # The batch score is calibrated under the deployed statistics, so its clean centre differs from frozen's.
+    assert forced.calibration.log_kl_mean != calibrate_drift(
+        set_policy(model, "frozen"), normalize(x, card.mean, card.std), batch_sizes=(1, 4),
+        batches_per_size=4).log_kl_mean
+    with pytest.raises(ValueError, match="policy"):
+        calibrate(model, dataclasses.replace(card, evaluation={}), x, y, policy="often", **options)
 
 
 def test_roc_auc_reference_values() -> None:

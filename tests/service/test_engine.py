@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import textwrap
 from concurrent.futures import Future
 from pathlib import Path
@@ -15,6 +17,7 @@ from torch import nn
 import robustnorm
 from service.batcher import Batch, BatchKey, WorkItem
 from service.engine import TorchEngine, default_model, pad_sizes, resolve_device
+from service.engine_onnx import create_engine
 from service.settings import Settings
 
 LABELS = [f"class{i}" for i in range(10)]
@@ -102,6 +105,30 @@ def test_groups_are_normalised_apart_and_policies_switch_per_batch(
     assert again.groups[0].statistics == "batch"
     assert set(output.layers) == {name for name, _ in robustnorm.policy_layers(model)}
     engine.close()
+
+
+def test_drift_is_scored_only_under_the_policy_it_was_calibrated_for(
+        robust_model: tuple[nn.Module, robustnorm.ModelCard], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, card = robust_model
+    torch.manual_seed(3)
+    robustnorm.set_policy(model, card.policy)
+    calibrated = dataclasses.replace(card, calibration=robustnorm.calibrate_drift(
+        model, torch.randn(64, 3, 32, 32), batch_sizes=(1, 4, 8), batches_per_size=8))
+    engine = TorchEngine(model, calibrated, device=torch.device("cpu"), policy=card.policy, max_batch_size=8,
+                         padding=False)
+    pixels = [torch.randn(4, 3, 32, 32)]
+    for policy, scored in ((card.policy, True), ("frozen", False), ("batch", False)):
+        output = engine.forward(make_batch([pixels], policy))
+        assert isinstance(output.groups[0].batch_score, float) == scored, policy
+        assert (output.image_scores is not None) == scored, policy
+        assert output.groups[0].layers, "per-layer drift is reported under every policy"
+    engine.close()
+
+    robustnorm.save_model(model, calibrated, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="service.engine_onnx"):
+        create_engine(Settings(model=str(tmp_path), device="cpu", policy="frozen")).close()
+    assert "calibrated for its card's policy adaptive:4, not for frozen" in caplog.text
+    assert "robustnorm calibrate" in caplog.text
 
 
 def test_any_batchnorm_model_as_module_factory_with_weights_and_card(tmp_path: Path,

@@ -495,6 +495,10 @@ def test_requests_with_different_policies_never_share_a_batch(tenant_server: Liv
             assert batch["statistics"] == "frozen" and not batch["fallback"]
         if policy == "batch":
             assert batch["statistics"] == "batch"
+        # Drift scores are calibrated under the card's policy: other policies get none rather than a wrong one.
+        calibrated = policy == TEST_POLICY
+        assert isinstance(batch["drift_score"], float) == calibrated, (policy, batch)
+        assert isinstance(answer.prediction["drift_score"], float) == calibrated, (policy, answer.prediction)
     assert all(len(policies) == 1 for policies in policies_of_batch.values())
     check_against_offline(offline_model, [answer for _, answer in pairs])
 
