@@ -5,6 +5,7 @@
     robustnorm train ...               train a model (robustnorm.train)
     robustnorm calibrate ...           choose MIN_BATCH, N0 and the drift calibration (robustnorm.calibrate)
     robustnorm evaluate ...            clean and robust accuracy grid (robustnorm.evaluate)
+    robustnorm export ...              ONNX graph with the adaptive statistics inside (robustnorm.export)
 """
 
 from __future__ import annotations
