@@ -139,7 +139,7 @@ async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelRes
         name=card.name, version=card.version, architecture=card.architecture, norm=card.norm, p=card.p,
         labels=list(card.labels), input_size=[int(v) for v in card.input_size], mean=list(card.mean),
         std=list(card.std), card_policy=card.policy, policy=engine.policy,
-        policy_override=settings.allow_policy_override, calibrated=card.calibration is not None,
+        policy_override=settings.allow_policy_override, calibrated=engine.drift_calibration(engine.policy) is not None,
         calibration=card.calibration.to_dict() if card.calibration is not None else None,
         max_batch_size=settings.max_batch_size, batch_key=settings.batch_key, isolation=settings.isolation,
         device=str(engine.device), padding=list(engine.pad_sizes))

@@ -93,7 +93,9 @@ class ModelResponse(BaseModel):
     card_policy: str = Field(description="the policy the model card recommends")
     policy: str = Field(description="the policy this service runs (flag > environment > card)")
     policy_override: bool = Field(description="whether a request may choose its own policy")
-    calibrated: bool = Field(description="whether drift scores are calibrated (else they are null)")
+    calibrated: bool = Field(description="whether batches under this service's policy get drift scores: the card's "
+                                         "calibration was made under card_policy, so only when policy equals it "
+                                         "(else the scores are null; requests choosing another policy get none)")
     calibration: dict[str, Any] | None
     max_batch_size: int
     batch_key: str
