@@ -15,9 +15,11 @@ to the measured numbers, so that the wording cannot drift from the data:
   BatchNorm model's by at least 5 points under the same policy, threat model, gradient, eps and batch size.
 Robust figures are only counted when the same attack drives the ``frozen`` model of that network below 10%
 (``frozen_attack_accuracy``), so that a weak or masked attack cannot pass for robustness. On the rows of the
-adaptive gradient, each policy's figure is the lowest over the gradients measured for that cell (adaptive,
-transferred from ``frozen``, unknown batchmates): an attacker uses the strongest, and an adaptive attack that
-does worse than a transferred one is being masked. Such rows name the stronger attack. Masking only
+adaptive gradient, each policy's figure is the lowest over the gradients measured for that cell (adaptive
+cross-entropy, the adaptive clamped margin, transferred from ``frozen``, unknown batchmates): an attacker uses the
+strongest, and an adaptive attack that does worse than a transferred one is being masked (or, where the margin
+wins, is weak: the coupled cross-entropy of images sharing batch statistics, ``robustnorm/attacks.py``). Such
+rows name the stronger attack. Masking only
 inflates robust accuracy, so a favourable verdict ("reproduces") that rests on an adaptive-only figure of a
 model and policy whose adaptive gradient was beaten by 5 points or more by a transferred one elsewhere is
 withheld ("masking suspected").
@@ -52,7 +54,7 @@ def _strongest(model: dict, policy: str, n: int, threat: str, gradient: str, eps
     """The cell of ``gradient``; for the adaptive gradient, the lowest robust accuracy over all gradients."""
     if gradient != "adaptive":
         return _cell(model, policy, n, threat, gradient, eps)
-    cells = [c for g in ("adaptive", "transfer", "unknown") if (c := _cell(model, policy, n, threat, g, eps))]
+    cells = [c for g in ("adaptive", "margin", "transfer", "unknown") if (c := _cell(model, policy, n, threat, g, eps))]
     strongest = min(cells, key=lambda c: (c["robust_accuracy"], c["gradient"] != "adaptive"), default=None)
     return None if strongest is None else {**strongest, "compared": tuple(c["gradient"] for c in cells)}
 

@@ -14,11 +14,16 @@ Threat models (ARCHITECTURE.md) are expressed with two boolean masks over the ba
 - ``mask``: the images the attacker may perturb; all others stay bit-for-bit clean. All images for the
   whole-batch threat model, :func:`lone_attacker_mask` for one attacker per batch, :func:`fraction_mask`
   for a fraction f of each batch.
-- ``loss_mask``: the images whose cross-entropy the attacker maximises. By default the perturbed ones; for
+- ``loss_mask``: the images whose loss the attacker maximises. By default the perturbed ones; for
   poisoning (Wu et al. 2023) pass ``~mask``: the attacker's images shift the batch statistics so that the
   *other* images of the batch are misclassified.
 
-Losses are summed (not averaged) over images, so the per-image step does not depend on the batch size.
+Losses are summed (not averaged) over images, so the per-image step does not depend on the batch size. Two
+losses: ``"ce"``, cross-entropy, and ``"margin"``, the clamped logit margin ``min(max_{j != y} z_j - z_y,
+MARGIN_CAP)`` (Carlini and Wagner 2017). Through batch statistics every image's gradient carries its batchmates'
+losses, and the cross-entropy of images already misclassified grows without bound, so it dominates the step and
+the summed cross-entropy rises while few more images flip; the clamped margin stops pushing an image once it is
+misclassified by ``MARGIN_CAP``, which makes the coupled attack far stronger (README, robustness).
 
 Expectation over transformation (EOT), for an attacker who does not know its batchmates: pass
 ``eot_forward_samples=k`` to :func:`pgd` and, as ``forward``, a :data:`ForwardSampler`: a callable that
@@ -39,6 +44,8 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 """``forward(x01) -> logits``: the deployed model on a batch of [0, 1] pixels, one logits row per image."""
 ForwardSampler = Callable[[torch.Generator | None], Forward]
 """``sample(generator) -> forward``: draws one forward (for example with random batchmates) for EOT."""
+LOSSES = ("ce", "margin")
+MARGIN_CAP = 1.0  # logits: how far past the decision boundary the margin loss still pushes an image
 
 
 # ------------------------------------------------------------------------------------- threat-model masks
@@ -73,6 +80,18 @@ def fraction_mask(
 # ----------------------------------------------------------------------------------------------- attacks
 
 
+def image_losses(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Each image's loss, which the attacks raise: ``"ce"`` or ``"margin"`` (module docstring)."""
+    logits = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "margin":
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        return (others - true).clamp(max=MARGIN_CAP)
+    raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
+
+
 def _masks(
     x: torch.Tensor, y: torch.Tensor, eps: float, mask: torch.Tensor | None, loss_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,17 +114,16 @@ def _masks(
 
 
 def _loss_gradient(
-    forwards: Sequence[Forward], x_adv: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor
+    forwards: Sequence[Forward], x_adv: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor, loss: str = "ce"
 ) -> torch.Tensor:
-    """Gradient, with respect to the pixels, of the summed cross-entropy of the ``loss_mask`` images, summed
+    """Gradient, with respect to the pixels, of the summed ``loss`` of the ``loss_mask`` images, summed
     over ``forwards``: one backward per forward, so only one graph is alive at a time (with EOT samples of
     whole batches the graphs of all samples together ran a CPU machine out of memory)."""
     x_adv = x_adv.detach().requires_grad_(True)
     gradient = torch.zeros_like(x_adv)
     with torch.enable_grad():
         for forward in forwards:
-            logits = forward(x_adv)
-            losses = F.cross_entropy(logits.float(), y, reduction="none")
+            losses = image_losses(forward(x_adv), y, loss)
             gradient += torch.autograd.grad(losses[loss_mask].sum(), x_adv)[0]
     return gradient
 
@@ -123,15 +141,16 @@ def fgsm(
     eps: float,
     mask: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
+    loss: str = "ce",
 ) -> torch.Tensor:
     """Fast gradient sign method: one step of size ``eps`` up the loss gradient's sign.
 
-    ``mask`` (bool per image): which images may be perturbed; ``loss_mask``: whose loss is maximised
-    (default ``mask``). Returns detached adversarial images in [0, 1].
+    ``mask`` (bool per image): which images may be perturbed; ``loss_mask``: whose ``loss`` (``"ce"`` or
+    ``"margin"``) is maximised (default ``mask``). Returns detached adversarial images in [0, 1].
     """
     mask, loss_mask = _masks(x, y, eps, mask, loss_mask)
     x = x.detach()
-    gradient = _loss_gradient([forward], x, y, loss_mask)
+    gradient = _loss_gradient([forward], x, y, loss_mask, loss)
     return _project(x + eps * gradient.sign(), x, eps, mask)
 
 
@@ -147,18 +166,21 @@ def pgd(
     loss_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     eot_forward_samples: int | None = None,
+    loss: str = "ce",
 ) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) in the L-infinity ball of radius ``eps``.
 
     ``steps`` signed-gradient steps of ``step_size`` (default ``eps / 4``), each projected back into the ball
     and [0, 1], from a uniform random start in the ball when ``random_start`` (drawn with ``generator``).
-    ``mask`` and ``loss_mask`` as in :func:`fgsm`. With ``eot_forward_samples=k``, ``forward`` is a
+    ``mask``, ``loss_mask`` and ``loss`` as in :func:`fgsm`. With ``eot_forward_samples=k``, ``forward`` is a
     :data:`ForwardSampler` and every step sums the loss over ``k`` forwards it samples (module docstring).
 
     Returns the last iterate, detached: with batch statistics one image's loss depends on its batchmates,
     so a per-image "best iterate" would assemble a batch that was never evaluated.
     """
     mask, loss_mask = _masks(x, y, eps, mask, loss_mask)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if eot_forward_samples is not None and eot_forward_samples < 1:
@@ -177,6 +199,6 @@ def pgd(
             forwards = [forward]
         else:
             forwards = [forward(generator) for _ in range(eot_forward_samples)]
-        gradient = _loss_gradient(forwards, x_adv, y, loss_mask)
+        gradient = _loss_gradient(forwards, x_adv, y, loss_mask, loss)
         x_adv = _project(x_adv + step_size * gradient.sign(), x, eps, mask)
     return x_adv.detach()

@@ -196,19 +196,30 @@ def assemble_batches(x01: Tensor, labels: Tensor, pool: Tensor, pool_labels: Ten
     return images, all_labels, order < x01.shape[0], order
 
 
+GRADIENTS = ("adaptive", "margin", "transfer", "unknown")
+
+
+def _loss_of(gradient: str) -> str:
+    """The loss an attack raises: the clamped margin for the ``margin`` gradient, cross-entropy otherwise."""
+    return "margin" if gradient == "margin" else "ce"
+
+
 def _check_cell(threat: str, attack: str, gradient: str, pool: Tensor | None) -> None:
     _attackers_per_batch(threat, 2)  # raises on an unknown threat model
-    if gradient not in ("adaptive", "transfer", "unknown"):
-        raise ValueError(f"unknown gradient {gradient!r}; use adaptive, transfer or unknown")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; use one of {', '.join(GRADIENTS)}")
     if attack not in ("fgsm", "pgd"):
         raise ValueError(f"unknown attack {attack!r}; use fgsm or pgd")
-    if gradient == "unknown" and (threat != "lone" or pool is None):
-        raise ValueError("the unknown-batchmates attacker is defined for the lone threat with a pool")
+    if gradient == "unknown" and (threat != "lone" or pool is None or attack != "pgd"):
+        raise ValueError("the unknown-batchmates attacker is PGD, defined for the lone threat with a pool")
+    if gradient == "transfer" and threat.startswith("poison:"):
+        raise ValueError("poisoning crafted on the frozen model has no gradient towards its victims: use an "
+                         "adaptive gradient")
 
 
 def _ignores_batchmates(card: ModelCard, policy: str, n: int, gradient: str) -> bool:
     """Whether the attack's forward is the frozen model image by image: transfer gradients, or a policy
-    that runs frozen statistics for batches of ``n``."""
+    that runs frozen statistics for batches of ``n`` (the loss still depends on the gradient: :func:`_loss_of`)."""
     return gradient == "transfer" or _runs_frozen(card, policy, n)
 
 
@@ -254,7 +265,7 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
             # n times cheaper than through whole batches and the same attack (for ``unknown`` too).
             x_adv = x.clone()
             x_adv[mask] = _attack(deployed_forward(model, card, "frozen", 1), x[mask], y[mask], attack, eps, steps,
-                                  generator)
+                                  generator, loss=_loss_of(gradient))
         elif gradient == "unknown":
             sampler = _unknown_batchmates_sampler(model, card, policy, n, pool, groups)
             x_adv = x.clone()
@@ -263,7 +274,8 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
         else:
             forward = (deployed_forward(model, card, "frozen", 1) if gradient == "transfer"
                        else deployed_forward(model, card, policy, n))
-            x_adv = _attack(forward, x, y, attack, eps, steps, generator, mask=mask, loss_mask=loss_mask)
+            x_adv = _attack(forward, x, y, attack, eps, steps, generator, mask=mask, loss_mask=loss_mask,
+                            loss=_loss_of(gradient))
         adversarial[part] = x_adv
         masks.append(mask)
         scored_masks.append(loss_mask if loss_mask is not None else mask)
@@ -271,10 +283,12 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
 
 
 def _attack(forward: attacks.Forward, x: Tensor, y: Tensor, attack: str, eps: float, steps: int,
-            generator: torch.Generator, mask: Tensor | None = None, loss_mask: Tensor | None = None) -> Tensor:
+            generator: torch.Generator, mask: Tensor | None = None, loss_mask: Tensor | None = None,
+            loss: str = "ce") -> Tensor:
     if attack == "fgsm":
-        return attacks.fgsm(forward, x, y, eps, mask=mask, loss_mask=loss_mask)
-    return attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask, generator=generator)
+        return attacks.fgsm(forward, x, y, eps, mask=mask, loss_mask=loss_mask, loss=loss)
+    return attacks.pgd(forward, x, y, eps, steps=steps, mask=mask, loss_mask=loss_mask, generator=generator,
+                       loss=loss)
 
 
 class PerImageAttacks:
@@ -289,13 +303,13 @@ class PerImageAttacks:
         self._store: dict[tuple, Tensor] = {}
 
     def get(self, model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, attack: str, eps: float,
-            steps: int, seed: int) -> Tensor:
-        key = (card.name, attack, eps, steps, x01.shape[0])
+            steps: int, seed: int, loss: str = "ce") -> Tensor:
+        key = (card.name, attack, eps, steps, x01.shape[0], seed, loss)
         if key not in self._store:
             generator = make_generator(seed, 1, int(eps * 255 * 1000))
             forward = deployed_forward(model, card, "frozen", 1)
-            self._store[key] = torch.cat([_attack(forward, x01[part], labels[part], attack, eps, steps, generator)
-                                          for part in _chunks(x01.shape[0], 1)])
+            self._store[key] = torch.cat([_attack(forward, x01[part], labels[part], attack, eps, steps, generator,
+                                                  loss=loss) for part in _chunks(x01.shape[0], 1)])
         return self._store[key]
 
 
@@ -330,8 +344,9 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
                                                                      generator)
     source = order[attackers]
     poisoning = threat.startswith("poison:")
+    loss = _loss_of(gradient)
     if not poisoning and _ignores_batchmates(card, policy, n, gradient):
-        adversarial = per_image.get(model, card, x01, labels, attack, eps, steps, seed)
+        adversarial = per_image.get(model, card, x01, labels, attack, eps, steps, seed, loss)
         images = batch_x01.clone()
         images[attackers] = adversarial[source]
         crafted = Crafted(images, attackers, attackers)
@@ -351,7 +366,7 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     batchmates = ~crafted.mask & ~crafted.scored
     frozen_accuracy = None
     if not poisoning:
-        frozen_images = per_image.get(model, card, x01, labels, attack, eps, steps, seed)[source]
+        frozen_images = per_image.get(model, card, x01, labels, attack, eps, steps, seed, loss)[source]
         frozen_accuracy = accuracy(model, card, frozen_images, labels[source], "frozen", 1)
     return RobustRecord(
         model=card.name, policy=policy, n=n, threat=threat, attack=attack, eps=eps, eps_255=round(eps * 255, 3),
@@ -457,13 +472,15 @@ class Grid:
     extra_size: int  # fractions, poisoning and the unknown-batchmates attacker
     extra_threats: tuple[str, ...]
     steps: int
+    margin_threats: tuple[str, ...] = ()  # adaptive attacks on the clamped margin too, at every robust n and eps
 
 
 GRIDS = {
     "core": Grid(ALL_BATCH_SIZES, (4, 16, 64), (32, 128), (1, 2, 5), (1, 8, 32, 128), (2, 8), ("whole", "lone"),
-                 ("adaptive", "transfer"), 128, (1, 2, 4, 8), 32, ("fraction:0.1", "fraction:0.5", "poison:3"), 20),
+                 ("adaptive", "transfer"), 128, (1, 2, 4, 8), 32, ("fraction:0.1", "fraction:0.5", "poison:3"), 20,
+                 ("whole",)),
     "smoke": Grid((1, 4, 16), (16,), (16,), (1,), (1, 8), (8,), ("whole", "lone"), ("adaptive", "transfer"), 8,
-                  (2,), 8, ("fraction:0.5",), 3),
+                  (2,), 8, ("fraction:0.5",), 3, ("whole",)),
 }
 
 
@@ -480,7 +497,8 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
                    robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
                    pool_labels: Tensor | None = None, previous: dict | None = None,
                    on_progress: Callable[[dict], None] | None = None, max_cell_images: int | None = None,
-                   only_sizes: Sequence[int] | None = None, only_threats: Sequence[str] | None = None) -> dict:
+                   only_sizes: Sequence[int] | None = None, only_threats: Sequence[str] | None = None,
+                   only_gradients: Sequence[str] | None = None, only_eps_255: Sequence[float] | None = None) -> dict:
     """Run the whole grid for one model; returns a JSON-ready dict.
 
     ``pool``: clean batchmates for the threat models with clean images in the batch (default: the robust
@@ -488,8 +506,9 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     sections and robust cells are kept rather than recomputed. ``on_progress(results)`` runs after every
     robust cell, so a caller can save partial results. ``max_cell_images``: leave out the cells whose attack
     runs more images per step than this (lone attackers and EOT at large n), to be filled in later with
-    ``--resume`` on faster hardware; left-out cells are logged, never reported. ``only_sizes`` and
-    ``only_threats`` likewise leave out the robust cells of other batch sizes or threat models.
+    ``--resume`` on faster hardware; left-out cells are logged, never reported. ``only_sizes``,
+    ``only_threats``, ``only_gradients`` and ``only_eps_255`` likewise leave out the robust cells of other batch
+    sizes, threat models, gradients or eps.
     """
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
@@ -507,7 +526,9 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
         if key in done:
             continue
-        if (only_sizes and n not in only_sizes) or (only_threats and threat not in only_threats):
+        if ((only_sizes and n not in only_sizes) or (only_threats and threat not in only_threats)
+                or (only_gradients and gradient not in only_gradients)
+                or (only_eps_255 and all(abs(eps_255 - e) > 1e-6 for e in only_eps_255))):
             continue
         cost = _cell_images(card, policy, n, threat, gradient, subset)
         if max_cell_images is not None and cost > max_cell_images:
@@ -533,8 +554,8 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
 
 def _same_computation(card: ModelCard, done: tuple, cell: tuple) -> bool:
     """Whether ``cell`` repeats ``done`` (both ``(policy, n, threat, attack, eps_255, gradient)``): a policy that
-    resolves to the same statistics at n, and the same gradient, or any gradients when both attacks ignore
-    batchmates (then every gradient is the per-image attack on the frozen model)."""
+    resolves to the same statistics at n, and the same gradient, or any gradients of the same loss when both
+    attacks ignore batchmates (then each is the per-image attack on the frozen model with that loss)."""
     robust = card.norm == "robustnorm"
     n, threat = cell[1], cell[2]
     if done[1:5] != cell[1:5] or (str(parse_policy(done[0]).resolve(n, robust))
@@ -542,7 +563,8 @@ def _same_computation(card: ModelCard, done: tuple, cell: tuple) -> bool:
         return False
     if done[5] == cell[5]:
         return True
-    return not threat.startswith("poison:") and all(_ignores_batchmates(card, c[0], n, c[5]) for c in (done, cell))
+    return (not threat.startswith("poison:") and _loss_of(done[5]) == _loss_of(cell[5])
+            and all(_ignores_batchmates(card, c[0], n, c[5]) for c in (done, cell)))
 
 
 def _clean_sections(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, grid: Grid, seed: int,
@@ -609,6 +631,9 @@ def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str,
               for gradient in (("adaptive",) if threat.startswith("poison:") else grid.robust_gradients)]
     cells += [(policy, grid.extra_size, "lone", "pgd", max(grid.robust_eps_255), "unknown")
               for policy in _policies(card)]
+    # The clamped margin, where the coupled cross-entropy is weak: images sharing batch statistics (attacks.py).
+    cells += [(policy, n, threat, "pgd", eps, "margin") for policy in _policies(card) for n in grid.robust_sizes
+              for eps in grid.robust_eps_255 for threat in grid.margin_threats]
     return list(dict.fromkeys(cells))
 
 
@@ -618,16 +643,21 @@ def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["cifar10-resnet20-bn", "cifar10-resnet20-robustnorm"],
                         help="bundled model names or model directories")
-    parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: $ROBUSTNORM_CIFAR10 or ../shared)")
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="core")
+    parser.add_argument("--data", default=None,
+                        help="CIFAR-10 folder with train.tar.gz and test.tar.gz (default: $ROBUSTNORM_CIFAR10, else "
+                        "../shared/data/cifar10 beside the checkout)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="core",
+                        help="core: the issue's grid; smoke: a tiny one for quick CPU checks")
     parser.add_argument("--robust-images", type=int, default=2000,
                         help="fixed, class-balanced test subset for attacks (default 2000)")
     parser.add_argument("--test-images", type=int, default=10000, help="test images for clean accuracy")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets, threat models and attacks")
     parser.add_argument("--sections", nargs="+", choices=("grid", "drift"), default=["grid", "drift"],
                         help="the accuracy grid, the drift evidence, or both")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"),
+                        help="results JSON (default: benchmarks/results/robustness/robustness.json)")
     parser.add_argument("--max-cell-images", type=int, default=None, metavar="N",
                         help="leave out cells whose attack runs more than N images per step (e.g. 20000 on a CPU: "
                         "lone attackers at large n); fill them in later with --resume")
@@ -635,6 +665,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only the robust cells of these batch sizes (the rest later, with --resume)")
     parser.add_argument("--only-threats", nargs="+", metavar="THREAT",
                         help="run only the robust cells of these threat models, e.g. whole lone fraction:0.1")
+    parser.add_argument("--only-gradients", nargs="+", choices=GRADIENTS, metavar="GRADIENT",
+                        help=f"run only the robust cells of these gradients ({', '.join(GRADIENTS)})")
+    parser.add_argument("--only-eps", type=float, nargs="+", metavar="EPS_255",
+                        help="run only the robust cells of these eps, in 1/255 (e.g. 2)")
     parser.add_argument("--resume", action="store_true",
                         help="keep what --out already holds for the same models, data and grid, and run only the "
                         "rest (the file is rewritten after every robust cell)")
@@ -708,7 +742,8 @@ def run(args: argparse.Namespace) -> int:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
                                          args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
                                          on_progress=progress, max_cell_images=args.max_cell_images,
-                                         only_sizes=args.only_sizes, only_threats=args.only_threats))
+                                         only_sizes=args.only_sizes, only_threats=args.only_threats,
+                                         only_gradients=args.only_gradients, only_eps_255=args.only_eps))
         if "drift" in args.sections and "drift" not in result:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
             result["drift"]["calibration_digest"] = _calibration_digest(card)
@@ -739,8 +774,11 @@ def _resumable(path: Path, report: dict) -> list[dict]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    same = ("format", "dataset", "grid", "grid_spec", "seed", "robust_images", "test_images")
-    if any(earlier.get(key) != json.loads(json.dumps(report[key])) for key in same):
+    same = ("format", "dataset", "grid", "seed", "robust_images", "test_images")
+    spec, earlier_spec = json.loads(json.dumps(report["grid_spec"])), earlier.get("grid_spec") or {}
+    # A grid field added since (such as margin_threats) only adds cells; every cell is keyed on its own.
+    grown = set(earlier_spec) <= set(spec) and all(spec[key] == value for key, value in earlier_spec.items())
+    if not grown or any(earlier.get(key) != json.loads(json.dumps(report[key])) for key in same):
         raise ValueError(f"--resume: {path} holds results for another format, other data or another grid; "
                          "choose another --out")
     return list(earlier.get("models", []))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustnorm
-from robustnorm.attacks import Forward, fgsm, fraction_mask, lone_attacker_mask, pgd
+from robustnorm.attacks import MARGIN_CAP, Forward, fgsm, fraction_mask, image_losses, lone_attacker_mask, pgd
 from robustnorm.data import balanced_subset, load_cifar10, make_generator, normalize, to_float
 
 EPS = 8 / 255
@@ -180,6 +180,32 @@ def test_eot_samples_a_fresh_forward_for_every_gradient(images: tuple[torch.Tens
     unseen = [sample(make_generator(100 + i)) for i in range(8)]  # batchmates the attack never saw
     expected_loss = lambda z: sum(loss_of(f, z, labels) for f in unseen)
     assert expected_loss(x_adv) > expected_loss(attackers)
+
+
+def test_the_margin_loss_is_the_clamped_logit_margin() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.5, 0.2]])
+    y = torch.tensor([0, 0, 0])
+    assert image_losses(logits, y, "margin").tolist() == [-1.0, MARGIN_CAP, 0.5]
+    assert torch.allclose(image_losses(logits, y, "ce"), F.cross_entropy(logits, y, reduction="none"))
+    with pytest.raises(ValueError, match="unknown loss"):
+        image_losses(logits, y, "hinge")
+
+
+def test_the_margin_attack_stops_pushing_images_misclassified_past_the_cap(
+        images: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = images
+    model = BatchStatNet(batch_statistics=False)  # images do not interact: each gradient is its own loss's
+    with torch.no_grad():
+        margins = image_losses(model(x), y, "margin")
+    past = margins >= MARGIN_CAP
+    assert past.any() and (~past).any(), "the random model should misclassify some images by more than the cap"
+    x_adv = x.clone().requires_grad_(True)
+    gradient = torch.autograd.grad(image_losses(model(x_adv), y, "margin").sum(), x_adv)[0]
+    assert torch.all(gradient[past] == 0) and torch.all(gradient[~past].flatten(1).abs().sum(dim=1) > 0)
+    x_margin = pgd(model, x, y, EPS, steps=5, generator=make_generator(0), loss="margin")
+    assert (x_margin - x).abs().max() <= EPS + 1e-6 and x_margin.min() >= 0 and x_margin.max() <= 1
+    with torch.no_grad():
+        assert (model(x_margin).argmax(dim=1) == y).sum() <= (model(x).argmax(dim=1) == y).sum()
 
 
 def test_degenerate_and_invalid_inputs(images: tuple[torch.Tensor, torch.Tensor]) -> None:

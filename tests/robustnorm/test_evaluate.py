@@ -66,7 +66,7 @@ def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
 
 @pytest.mark.parametrize("threat, gradient", [("whole", "adaptive"), ("lone", "transfer"), ("fraction:0.5", "adaptive"),
                                               ("fraction:0.5", "transfer"),
-                                              ("lone", "unknown")])
+                                              ("lone", "unknown"), ("whole", "margin")])
 def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradient: str) -> None:
     model, card = model_and_card
     x, y = images(24)
@@ -79,8 +79,9 @@ def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradien
     assert record.steps == 2 and record.eps_255 == 4
     assert 0 <= record.robust_accuracy <= 1 and 0 <= record.clean_accuracy <= 1
     assert (record.clean_batchmates_accuracy is None) == (threat == "whole")
+    # The frozen reference is the same attack (the margin gradient's loss included) crafted against frozen.
     frozen = robust_evaluation(model, card, x, y, policy="frozen", n=1, threat="whole", attack="pgd", eps=4 / 255,
-                               steps=2, gradient="adaptive")
+                               steps=2, gradient="margin" if gradient == "margin" else "adaptive")
     assert record.frozen_attack_accuracy == frozen.robust_accuracy == frozen.frozen_attack_accuracy
 
 
@@ -300,6 +301,27 @@ def test_fractions_get_both_gradients_and_poisoning_only_the_adaptive_one(model_
     assert len(cells) == len(set(cells))
 
 
+def test_whole_batches_are_attacked_on_the_margin_too_and_impossible_cells_are_refused(model_and_card: tuple) -> None:
+    from robustnorm.evaluate import GRIDS, _policies, _robust_cells, _same_computation
+
+    model, card = model_and_card
+    grid = GRIDS["core"]
+    cells = _robust_cells(card, grid)
+    margin = {(policy, n, threat, eps) for policy, n, threat, _, eps, gradient in cells if gradient == "margin"}
+    assert margin == {(policy, n, "whole", eps) for policy in _policies(card) for n in grid.robust_sizes
+                      for eps in grid.robust_eps_255}
+    # Under frozen statistics the margin attack is per image, but never the cross-entropy attack's twin.
+    assert not _same_computation(card, ("frozen", 8, "whole", "pgd", 2, "adaptive"),
+                                 ("frozen", 8, "whole", "pgd", 2, "margin"))
+    assert _same_computation(card, ("frozen", 8, "whole", "pgd", 2, "adaptive"),
+                             ("frozen", 8, "whole", "pgd", 2, "transfer"))
+    x, y = images(8)
+    for threat, attack, gradient in (("lone", "fgsm", "unknown"), ("poison:1", "pgd", "transfer")):
+        with pytest.raises(ValueError):
+            robust_evaluation(model, card, x, y, policy="batch", n=4, threat=threat, attack=attack, eps=2 / 255,
+                              steps=1, gradient=gradient, pool=x, pool_labels=y)
+
+
 def test_the_eps_sweep_runs_under_every_policy_pgd_with_both_gradients(model_and_card: tuple) -> None:
     from robustnorm.evaluate import GRIDS, _policies, _robust_cells
 
@@ -327,6 +349,13 @@ def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: 
     path.write_text(json.dumps(dict(report, format=1)))  # lone attackers scored one per subset batch
     with pytest.raises(ValueError, match="another format"):
         _resumable(path, report)
+    # A grid that gained a field (more cells) resumes the older results; a changed field does not.
+    grown = dict(report, grid_spec={"steps": 20, "margin_threats": ["whole"]})
+    path.write_text(json.dumps(report))
+    assert _resumable(path, grown) == [{"model": "a"}]
+    path.write_text(json.dumps(dict(report, grid_spec={"steps": 10})))
+    with pytest.raises(ValueError, match="another grid"):
+        _resumable(path, grown)
     assert _without_nan({"a": [float("nan"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
 
 
