@@ -47,6 +47,16 @@ def test_claim_b_needs_half_of_the_lost_accuracy_back() -> None:
 def test_a_weak_attack_is_not_judged() -> None:
     cells = [record("frozen", 0.3, frozen_attack=0.3), record("batch", 0.8, frozen_attack=0.3)]
     assert verdicts(headline.headline(report(cells, [])), "B") == ["attack too weak to judge"]
+    # ... unless batch is below half the clean accuracy: no stronger attack could make B reproduce then
+    low = [record("frozen", 0.3, frozen_attack=0.3), record("batch", 0.44, frozen_attack=0.3)]
+    assert verdicts(headline.headline(report(low, [])), "B") == ["does not reproduce"]
+
+
+def test_the_margin_gradient_counts_as_an_adaptive_attack() -> None:
+    bn = [record("frozen", 0.0), record("batch", 0.30), record("batch", 0.02, gradient="margin")]
+    text = headline.headline(report(bn, []))
+    row = next(line for line in full_table(text) if line.startswith("| B | whole, adaptive"))
+    assert "batch 2.0 (margin gradient stronger)" in row
 
 
 def test_claim_c_compares_the_two_networks_cell_by_cell() -> None:
