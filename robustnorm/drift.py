@@ -91,9 +91,13 @@ class DriftCalibration:
     image_threshold: float
     samples: dict[str, int] = field(default_factory=dict)
     image_features: str = "mean"  # the default reads cards calibrated before per-image spreads were scored
+    policy: str | None = None  # the policy the batch score was calibrated under (None: older cards, the card's)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["policy"] is None:
+            del data["policy"]  # older cards read and hash as they were written
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> DriftCalibration:
@@ -235,4 +239,5 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
         batch_sizes=sizes, log_kl_mean=log_mean, log_kl_std=[max(s, 1e-6) for s in log_std],
         image_layers=names, image_feature_mean=feature_mean.tolist(), image_feature_std=feature_std.tolist(),
         image_threshold=threshold, samples={"images": int(images.shape[0])}, image_features=IMAGE_FEATURES,
+        policy=str(original),
     )

@@ -766,7 +766,7 @@ def _card_digest(card: ModelCard) -> str:
 
 def _calibration_digest(card: ModelCard) -> str:
     """What the drift section depends on as well: the card's drift calibration (the scores read it)."""
-    return _digest(card.calibration and asdict(card.calibration))
+    return _digest(card.calibration and card.calibration.to_dict())
 
 
 def _resumable(path: Path, report: dict) -> list[dict]:

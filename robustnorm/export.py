@@ -301,6 +301,9 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, policy: str
     # The policy inputs double as initializers: their values are the default policy, and feeding them overrides.
     proto.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in feeds.items())
     card_dict = {**card.to_dict(), "policy": str(default)}
+    if card_dict.get("calibration") and "policy" not in card_dict["calibration"]:
+        # The drift calibration was made under the card's policy: say so, now that the card names another.
+        card_dict["calibration"]["policy"] = card.policy
     metadata = {**exported.metadata(), "model": card.name, "version": card.version, "card": json.dumps(card_dict)}
     for key, value in metadata.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_PREFIX + key, value=value))

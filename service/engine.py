@@ -165,13 +165,20 @@ class TorchEngine:
     def drift_calibration(self, policy: str) -> robustnorm.DriftCalibration | None:
         """The card's drift calibration for a batch run under ``policy``, or ``None`` (no scores).
 
-        A card is calibrated under its own policy (``robustnorm calibrate`` writes both), and only there do clean
-        batches score about 0: the bundled RobustNorm model's clean batches of 32 score about -6 under ``batch``.
-        A misleading score is worse than none, so other policies report per-layer drift only.
+        A calibration is made under one policy (``robustnorm calibrate`` deploys it in the card too, and the
+        calibration records it), and only there do clean batches score about 0: the bundled RobustNorm model's
+        clean batches of 32 score about -6 under ``batch``. A misleading score is worse than none, so other
+        policies report per-layer drift only.
         """
-        if self.card.calibration is None or policy != canonical_policy(self.card.policy):
+        if self.card.calibration is None or policy != self.calibrated_policy:
             return None
         return self.card.calibration
+
+    @property
+    def calibrated_policy(self) -> str:
+        """The policy the card's drift calibration was made under (older cards: the card's own)."""
+        calibration = self.card.calibration
+        return canonical_policy(calibration.policy if calibration and calibration.policy else self.card.policy)
 
     def preprocessing(self, max_pixels: int) -> Preprocessing:
         channels, height, width = (int(v) for v in self.card.input_size)

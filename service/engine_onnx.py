@@ -265,8 +265,8 @@ def create_engine(settings: Settings) -> TorchEngine:
     engine = OnnxEngine.from_settings(settings) if settings.engine == "onnx" else TorchEngine.from_settings(settings)
     card = engine.card
     if card.calibration is not None and engine.drift_calibration(engine.policy) is None:
-        logger.warning("the drift scores of %s are calibrated for its card's policy %s, not for %s: batches report "
-                       "per-layer drift but no batch or image drift score; to score them, calibrate for this policy "
-                       "(robustnorm calibrate %s --policy %s --out DIR) and serve DIR", card.name, card.policy,
-                       engine.policy, card.name, engine.policy)
+        logger.warning("the drift scores of %s are calibrated for policy %s, not for %s: batches report per-layer "
+                       "drift but no batch or image drift score; to score them, calibrate for this policy "
+                       "(robustnorm calibrate %s --policy %s --out DIR) and serve DIR", card.name,
+                       engine.calibrated_policy, engine.policy, card.name, engine.policy)
     return engine

@@ -127,7 +127,7 @@ def test_drift_is_scored_only_under_the_policy_it_was_calibrated_for(
     robustnorm.save_model(model, calibrated, tmp_path)
     with caplog.at_level(logging.WARNING, logger="service.engine_onnx"):
         create_engine(Settings(model=str(tmp_path), device="cpu", policy="frozen")).close()
-    assert "calibrated for its card's policy adaptive:4, not for frozen" in caplog.text
+    assert "calibrated for policy adaptive:4, not for frozen" in caplog.text
     assert "robustnorm calibrate" in caplog.text
 
 
