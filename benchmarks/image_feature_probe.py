@@ -108,8 +108,8 @@ def probe(name: str, test_x01: Tensor, test_labels: Tensor, val_x01: Tensor, n: 
           seed: int) -> dict:
     model, card = robustnorm.load_model(name)
     calibration = features(model, card, val_x01)
-    centre = {key: (_stack(calibration, names).mean(dim=0), _stack(calibration, names).std(dim=0).clamp_min(1e-6))
-              for key, names in FEATURE_SETS.items()}
+    stacked = {key: _stack(calibration, names) for key, names in FEATURE_SETS.items()}
+    centre = {key: (value.mean(dim=0), value.std(dim=0).clamp_min(1e-6)) for key, value in stacked.items()}
     spread = {key: value.std(dim=0).clamp_min(1e-6) for key, value in calibration.items()}
 
     def score(values: dict[str, Tensor], key: str) -> Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -174,9 +175,10 @@ class TorchEngine:
             return None
         return self.card.calibration
 
-    @property
+    @functools.cached_property
     def calibrated_policy(self) -> str:
-        """The policy the card's drift calibration was made under (older cards: the card's own)."""
+        """The policy the card's drift calibration was made under (older cards: the card's own); read on every
+        batch, parsed once."""
         calibration = self.card.calibration
         return canonical_policy(calibration.policy if calibration and calibration.policy else self.card.policy)
 
