@@ -313,6 +313,16 @@ class PerImageAttacks:
         return self._store[key]
 
 
+def split_pool(card: ModelCard, policy: str, n: int, gradient: str, pool: Tensor,
+               pool_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(batchmates, their labels, eot_pool)``: where the batchmates come from, and the images an attacker who
+    does not know its batchmates guesses them from. They are disjoint halves of ``pool`` when that attacker's
+    EOT forward runs, so its guesses never hold the batch it is evaluated in; otherwise both are ``pool``."""
+    if gradient != "unknown" or _ignores_batchmates(card, policy, n, gradient):
+        return pool, pool_labels, pool
+    return pool[0::2], pool_labels[0::2], pool[1::2]
+
+
 def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, policy: str, n: int,
                       threat: str, attack: str, eps: float, steps: int, gradient: str, seed: int = 0,
                       pool: Tensor | None = None, pool_labels: Tensor | None = None, eot_samples: int = 4,
@@ -327,6 +337,7 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     """
     started = time.perf_counter()
     _check_cell(threat, attack, gradient, pool)
+    eot_pool = pool
     per_image = per_image if per_image is not None else PerImageAttacks()
     generator = make_generator(seed, n, int(eps * 255 * 1000))
     if threat == "whole":
@@ -339,6 +350,7 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
     else:
         if pool is None or pool_labels is None:
             raise ValueError(f"threat {threat!r} needs a pool of clean batchmates (pool, pool_labels)")
+        pool, pool_labels, eot_pool = split_pool(card, policy, n, gradient, pool, pool_labels)
         k = _attackers_per_batch(threat, n)
         batch_x01, batch_labels, attackers, order = assemble_batches(x01, labels, pool, pool_labels, n, k,
                                                                      generator)
@@ -352,7 +364,7 @@ def robust_evaluation(model: nn.Module, card: ModelCard, x01: Tensor, labels: Te
         crafted = Crafted(images, attackers, attackers)
     else:
         crafted = craft(model, card, batch_x01, batch_labels, policy=policy, n=n, threat=threat, attack=attack,
-                        eps=eps, steps=steps, gradient=gradient, generator=generator, pool=pool,
+                        eps=eps, steps=steps, gradient=gradient, generator=generator, pool=eot_pool,
                         eot_samples=eot_samples, attackers=attackers)
     def predict(images: Tensor) -> Tensor:
         if _runs_frozen(card, policy, n):
@@ -473,14 +485,15 @@ class Grid:
     extra_threats: tuple[str, ...]
     steps: int
     margin_threats: tuple[str, ...] = ()  # adaptive attacks on the clamped margin too, at every robust n and eps
+    margin_extra: bool = False  # ... and at every eps of the sweep, and on fractions of the batch
 
 
 GRIDS = {
     "core": Grid(ALL_BATCH_SIZES, (4, 16, 64), (32, 128), (1, 2, 5), (1, 8, 32, 128), (2, 8), ("whole", "lone"),
                  ("adaptive", "transfer"), 128, (1, 2, 4, 8), 32, ("fraction:0.1", "fraction:0.5", "poison:3"), 20,
-                 ("whole",)),
+                 ("whole",), True),
     "smoke": Grid((1, 4, 16), (16,), (16,), (1,), (1, 8), (8,), ("whole", "lone"), ("adaptive", "transfer"), 8,
-                  (2,), 8, ("fraction:0.5",), 3, ("whole",)),
+                  (2,), 8, ("fraction:0.5",), 3, ("whole",), True),
 }
 
 
@@ -634,6 +647,12 @@ def _robust_cells(card: ModelCard, grid: Grid) -> list[tuple[str, int, str, str,
     # The clamped margin, where the coupled cross-entropy is weak: images sharing batch statistics (attacks.py).
     cells += [(policy, n, threat, "pgd", eps, "margin") for policy in _policies(card) for n in grid.robust_sizes
               for eps in grid.robust_eps_255 for threat in grid.margin_threats]
+    if grid.margin_extra:
+        # Fractions share batch statistics among their adversarial images too, so the coupled loss is as weak.
+        cells += [(policy, grid.sweep_size, "whole", "pgd", eps, "margin") for policy in _policies(card)
+                  for eps in grid.sweep_eps_255]
+        cells += [(policy, grid.extra_size, threat, "pgd", max(grid.robust_eps_255), "margin")
+                  for policy in _policies(card) for threat in grid.extra_threats if threat.startswith("fraction:")]
     return list(dict.fromkeys(cells))
 
 

@@ -66,7 +66,7 @@ def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
 
 @pytest.mark.parametrize("threat, gradient", [("whole", "adaptive"), ("lone", "transfer"), ("fraction:0.5", "adaptive"),
                                               ("fraction:0.5", "transfer"),
-                                              ("lone", "unknown"), ("whole", "margin")])
+                                              ("lone", "unknown"), ("whole", "margin"), ("fraction:0.5", "margin")])
 def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradient: str) -> None:
     model, card = model_and_card
     x, y = images(24)
@@ -289,15 +289,15 @@ def test_cells_run_cheapest_first_and_twins_follow_the_cell_they_copy(model_and_
             assert position[twin] < position[(policy, n, *rest)]
 
 
-def test_fractions_get_both_gradients_and_poisoning_only_the_adaptive_one(model_and_card: tuple) -> None:
+def test_fractions_get_every_gradient_and_poisoning_only_the_adaptive_one(model_and_card: tuple) -> None:
     from robustnorm.evaluate import GRIDS, _robust_cells
 
     _, card = model_and_card
     cells = _robust_cells(card, GRIDS["core"])
     extra = {(threat, gradient) for _, n, threat, _, eps, gradient in cells if n == 32 and eps == 8
              and threat.startswith(("fraction:", "poison:"))}
-    assert extra == {("fraction:0.1", "adaptive"), ("fraction:0.1", "transfer"), ("fraction:0.5", "adaptive"),
-                     ("fraction:0.5", "transfer"), ("poison:3", "adaptive")}
+    assert extra == {(fraction, gradient) for fraction in ("fraction:0.1", "fraction:0.5")
+                     for gradient in ("adaptive", "margin", "transfer")} | {("poison:3", "adaptive")}
     assert len(cells) == len(set(cells))
 
 
@@ -308,8 +308,11 @@ def test_whole_batches_are_attacked_on_the_margin_too_and_impossible_cells_are_r
     grid = GRIDS["core"]
     cells = _robust_cells(card, grid)
     margin = {(policy, n, threat, eps) for policy, n, threat, _, eps, gradient in cells if gradient == "margin"}
-    assert margin == {(policy, n, "whole", eps) for policy in _policies(card) for n in grid.robust_sizes
-                      for eps in grid.robust_eps_255}
+    assert margin == ({(policy, n, "whole", eps) for policy in _policies(card) for n in grid.robust_sizes
+                       for eps in grid.robust_eps_255}
+                      | {(policy, 128, "whole", eps) for policy in _policies(card) for eps in (1, 2, 4, 8)}
+                      | {(policy, 32, threat, 8) for policy in _policies(card)
+                         for threat in ("fraction:0.1", "fraction:0.5")})
     # Under frozen statistics the margin attack is per image, but never the cross-entropy attack's twin.
     assert not _same_computation(card, ("frozen", 8, "whole", "pgd", 2, "adaptive"),
                                  ("frozen", 8, "whole", "pgd", 2, "margin"))
@@ -376,3 +379,36 @@ def test_a_new_drift_calibration_keeps_the_accuracy_cells_and_reruns_only_drift(
     assert _calibration_digest(recalibrated) != _calibration_digest(card)
     assert _card_digest(replace(card, policy="batch")) != _card_digest(card)
     assert _card_digest(replace(card, weights_sha256="cd" * 32)) != _card_digest(card)
+
+
+def test_the_unknown_batchmates_attacker_guesses_from_images_never_put_in_its_batch(
+        model_and_card: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    import robustnorm.evaluate as evaluate
+
+    model, card = model_and_card
+    x, y = images(6)
+    pool, pool_labels = torch.rand(30, 3, 32, 32), torch.randint(0, 10, (30,))
+    seen: dict[str, torch.Tensor] = {}
+    real_assemble, real_sampler = evaluate.assemble_batches, evaluate._unknown_batchmates_sampler
+
+    def assemble(x01, labels, batchmates, *args, **kwargs):
+        seen["batchmates"] = batchmates
+        return real_assemble(x01, labels, batchmates, *args, **kwargs)
+
+    def sampler(model, card, policy, n, eot_pool, groups):
+        seen["eot"] = eot_pool
+        return real_sampler(model, card, policy, n, eot_pool, groups)
+
+    monkeypatch.setattr(evaluate, "assemble_batches", assemble)
+    monkeypatch.setattr(evaluate, "_unknown_batchmates_sampler", sampler)
+    record = robust_evaluation(model, card, x, y, policy="batch", n=4, threat="lone", attack="pgd", eps=4 / 255,
+                               steps=1, gradient="unknown", pool=pool, pool_labels=pool_labels)
+    assert record.scored_images == 6
+
+    def rows(batch: torch.Tensor) -> set[tuple]:
+        return {tuple(image.flatten().tolist()) for image in batch}
+
+    assert rows(seen["batchmates"]).isdisjoint(rows(seen["eot"]))
+    assert rows(seen["batchmates"]) | rows(seen["eot"]) == rows(pool)
+    # Under frozen statistics no guess is made, and the batchmates come from the whole pool as before.
+    assert evaluate.split_pool(card, "frozen", 4, "unknown", pool, pool_labels)[0] is pool
