@@ -506,12 +506,28 @@ def _cell_key(record: dict) -> tuple:
     return (record["policy"], record["n"], record["threat"], record["attack"], record["eps_255"], record["gradient"])
 
 
+@dataclass(frozen=True)
+class CellFilter:
+    """A slice of the robust cells (``--only-*``): an empty field admits every value."""
+
+    sizes: Sequence[int] = ()
+    threats: Sequence[str] = ()
+    gradients: Sequence[str] = ()
+    eps_255: Sequence[float] = ()
+    policies: Sequence[str] = ()
+
+    def admits(self, policy: str, n: int, threat: str, eps_255: float, gradient: str) -> bool:
+        return ((not self.sizes or n in self.sizes) and (not self.threats or threat in self.threats)
+                and (not self.gradients or gradient in self.gradients)
+                and (not self.eps_255 or any(abs(eps_255 - e) < 1e-6 for e in self.eps_255))
+                and (not self.policies or policy in self.policies))
+
+
 def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_labels: Tensor, robust_x01: Tensor,
                    robust_labels: Tensor, grid: Grid, seed: int = 0, pool: Tensor | None = None,
                    pool_labels: Tensor | None = None, previous: dict | None = None,
                    on_progress: Callable[[dict], None] | None = None, max_cell_images: int | None = None,
-                   only_sizes: Sequence[int] | None = None, only_threats: Sequence[str] | None = None,
-                   only_gradients: Sequence[str] | None = None, only_eps_255: Sequence[float] | None = None) -> dict:
+                   only: CellFilter | None = None) -> dict:
     """Run the whole grid for one model; returns a JSON-ready dict.
 
     ``pool``: clean batchmates for the threat models with clean images in the batch (default: the robust
@@ -519,9 +535,8 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
     sections and robust cells are kept rather than recomputed. ``on_progress(results)`` runs after every
     robust cell, so a caller can save partial results. ``max_cell_images``: leave out the cells whose attack
     runs more images per step than this (lone attackers and EOT at large n), to be filled in later with
-    ``--resume`` on faster hardware; left-out cells are logged, never reported. ``only_sizes``,
-    ``only_threats``, ``only_gradients`` and ``only_eps_255`` likewise leave out the robust cells of other batch
-    sizes, threat models, gradients or eps.
+    ``--resume`` on faster hardware; left-out cells are logged, never reported. ``only`` likewise leaves out
+    the robust cells it does not admit.
     """
     results: dict = {"model": card.name, "version": card.version, "policy": card.policy, "p": card.p,
                      "clean": [], "skewed": [], "robust": []}
@@ -539,9 +554,7 @@ def evaluate_model(model: nn.Module, card: ModelCard, test_x01: Tensor, test_lab
         key = (policy, n, threat, attack, round(eps_255, 3), gradient)
         if key in done:
             continue
-        if ((only_sizes and n not in only_sizes) or (only_threats and threat not in only_threats)
-                or (only_gradients and gradient not in only_gradients)
-                or (only_eps_255 and all(abs(eps_255 - e) > 1e-6 for e in only_eps_255))):
+        if only is not None and not only.admits(policy, n, threat, eps_255, gradient):
             continue
         cost = _cell_images(card, policy, n, threat, gradient, subset)
         if max_cell_images is not None and cost > max_cell_images:
@@ -688,6 +701,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only the robust cells of these gradients ({', '.join(GRADIENTS)})")
     parser.add_argument("--only-eps", type=float, nargs="+", metavar="EPS_255",
                         help="run only the robust cells of these eps, in 1/255 (e.g. 2)")
+    parser.add_argument("--only-policies", nargs="+", metavar="POLICY",
+                        help="run only the robust cells of these policies, e.g. batch blend:512 (two processes on "
+                        "two copies of --out can then share a model's cells; --merge them afterwards)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="COPY",
+                        help="run nothing: add to --out the robust cells that runs on copies of it wrote")
     parser.add_argument("--resume", action="store_true",
                         help="keep what --out already holds for the same models, data and grid, and run only the "
                         "rest (the file is rewritten after every robust cell)")
@@ -704,7 +722,46 @@ def evaluation_images(test: ImageDataset, test_images: int, robust_images: int,
     return test, balanced_subset(test.labels, robust_images // len(test.classes), seed=seed + 1)
 
 
+def _timeless(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "seconds"}
+
+
+def merge_results(into: dict, other: dict) -> int:
+    """Add to ``into`` the robust cells of ``other`` (the same models, data, grid and seed, e.g. a copy that
+    another process resumed with ``--only-policies``) that it does not hold; returns how many were added. Cells
+    both hold must have the same figures (their times may differ): an earlier figure is never replaced."""
+    same = ("format", "dataset", "grid", "seed", "robust_images", "test_images")
+    if any(into.get(key) != other.get(key) for key in same):
+        raise ValueError("--merge: the results are for another format, other data, another grid or seed")
+    small, large = sorted((into.get("grid_spec") or {}, other.get("grid_spec") or {}), key=len)
+    if any(large.get(key) != value for key, value in small.items()):
+        raise ValueError("--merge: the results are for another grid")
+    into["grid_spec"] = large
+    added = 0
+    for entry in other["models"]:
+        target = next((mine for mine in into["models"] if mine["model"] == entry["model"]), None)
+        if target is None or target.get("card_digest") != entry.get("card_digest"):
+            raise ValueError(f"--merge: {entry['model']} is not the same model in both results")
+        held = {_cell_key(record): record for record in target["robust"]}
+        for record in entry["robust"]:
+            if _cell_key(record) not in held:
+                target["robust"].append(record)
+                target["seconds"] = round(target.get("seconds", 0.0) + record["seconds"], 1)
+                added += 1
+            elif _timeless(held[_cell_key(record)]) != _timeless(record):
+                raise ValueError(f"--merge: {entry['model']} cell {_cell_key(record)} differs between the results")
+    into["device"] = " + ".join(dict.fromkeys([*into["device"].split(" + "), *other["device"].split(" + ")]))
+    return added
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        merged = json.loads(args.out.read_text())
+        for path in args.merge:
+            logger.info("%s: %d cells added from %s", args.out, merge_results(merged, json.loads(path.read_text())),
+                        path)
+        args.out.write_text(json.dumps(merged, indent=1, allow_nan=False) + "\n")
+        return 0
     device = torch.device(args.device)
     test, robust_index = evaluation_images(load_cifar10("test", args.data), args.test_images, args.robust_images,
                                            args.seed)
@@ -761,8 +818,9 @@ def run(args: argparse.Namespace) -> int:
             result.update(evaluate_model(model, card, test_x01, test.labels, robust_x01, robust_labels, grid,
                                          args.seed, pool=pool_x01, pool_labels=pool_labels, previous=previous,
                                          on_progress=progress, max_cell_images=args.max_cell_images,
-                                         only_sizes=args.only_sizes, only_threats=args.only_threats,
-                                         only_gradients=args.only_gradients, only_eps_255=args.only_eps))
+                                         only=CellFilter(args.only_sizes or (), args.only_threats or (),
+                                                         args.only_gradients or (), args.only_eps or (),
+                                                         args.only_policies or ())))
         if "drift" in args.sections and "drift" not in result:
             result["drift"] = drift_evidence(model, card, robust_x01, robust_labels, steps=grid.steps, seed=args.seed)
             result["drift"]["calibration_digest"] = _calibration_digest(card)

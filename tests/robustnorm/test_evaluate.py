@@ -226,12 +226,23 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
     missing = cells - {(r["policy"], r["n"], r["threat"], r["attack"], r["eps_255"], r["gradient"]) for r in left}
     # batch statistics at n = 8: the lone attacker (10 x 8 images) and its EOT variant (x 4) cost more than 20
     assert missing == {("batch", 8, "lone", "pgd", 8.0, "adaptive"), ("batch", 8, "lone", "pgd", 8.0, "unknown")}
+    copies = [tmp_path / "adaptive.json", tmp_path / "unknown.json", tmp_path / "merged.json"]
+    for copy in copies:
+        copy.write_text(cheap_out.read_text())
     assert cli([*argv[:-1], str(cheap_out), "--resume"]) == 0
     filled = json.loads(cheap_out.read_text())["models"][0]["robust"]
     def timeless(records: list[dict]) -> list[str]:
         return sorted(str({key: value for key, value in r.items() if key != "seconds"}) for r in records)
 
     assert timeless(filled) == timeless(again["robust"])  # the same attacks, the same numbers
+    # ... and so do two processes, each resuming a copy with one slice of what is missing, merged afterwards
+    for copy, gradient in zip(copies, ("adaptive", "unknown")):
+        assert cli([*argv[:-1], str(copy), "--resume", "--only-policies", "batch", "--only-gradients", gradient]) == 0
+        assert len(json.loads(copy.read_text())["models"][0]["robust"]) == len(left) + 1
+    assert cli(["evaluate", "--out", str(copies[2]), "--merge", str(copies[0]), str(copies[1])]) == 0
+    assert timeless(json.loads(copies[2].read_text())["models"][0]["robust"]) == timeless(filled)
+    assert cli(["evaluate", "--out", str(copies[2]), "--merge", str(out)]) == 0  # nothing new, nothing changed
+    assert timeless(json.loads(copies[2].read_text())["models"][0]["robust"]) == timeless(filled)
     # --only-sizes / --only-threats run a slice of the robust cells, with the same numbers
     only_out, size = tmp_path / "only.json", min(cell[1] for cell in cells)
     assert cli([*argv[:-1], str(only_out), "--only-sizes", str(size), "--only-threats", "whole"]) == 0
@@ -412,3 +423,26 @@ def test_the_unknown_batchmates_attacker_guesses_from_images_never_put_in_its_ba
     assert rows(seen["batchmates"]) | rows(seen["eot"]) == rows(pool)
     # Under frozen statistics no guess is made, and the batchmates come from the whole pool as before.
     assert evaluate.split_pool(card, "frozen", 4, "unknown", pool, pool_labels)[0] is pool
+
+
+def test_merging_results_adds_missing_cells_and_never_replaces_a_figure() -> None:
+    from robustnorm.evaluate import merge_results
+
+    def cell(policy: str, accuracy: float, seconds: float = 1.0) -> dict:
+        return {"policy": policy, "n": 8, "threat": "whole", "attack": "pgd", "eps_255": 8.0, "gradient": "margin",
+                "robust_accuracy": accuracy, "seconds": seconds}
+
+    def results(*cells: dict, digest: str = "d1") -> dict:
+        return {"format": 2, "dataset": "d", "grid": "core", "seed": 0, "robust_images": 20, "test_images": 40,
+                "grid_spec": {"steps": 20}, "device": "cpu",
+                "models": [{"model": "m", "card_digest": digest, "seconds": 5.0, "robust": list(cells)}]}
+
+    into = results(cell("frozen", 0.1))
+    assert merge_results(into, results(cell("frozen", 0.1, seconds=9.0), cell("batch", 0.2))) == 1
+    assert [c["policy"] for c in into["models"][0]["robust"]] == ["frozen", "batch"]
+    assert into["models"][0]["seconds"] == 6.0
+    for other in (results(cell("frozen", 0.3)), results(cell("frozen", 0.1), digest="d2"),
+                  {**results(), "seed": 1}, {**results(), "grid_spec": {"steps": 10}}):
+        with pytest.raises(ValueError, match="--merge"):
+            merge_results(into, other)
+    assert len(into["models"][0]["robust"]) == 2
