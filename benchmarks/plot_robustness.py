@@ -44,8 +44,8 @@ SIZE_STYLES = {1: (":", "v"), 8: ("-.", "s"), 32: ("--", "^"), 128: ("-", "o")}
 
 def _strongest(rows: list[dict]) -> dict[tuple, dict]:
     """Per (policy, threat, n, eps): the PGD cell of lowest robust accuracy over the gradients measured
-    (adaptive, transferred from ``frozen``, unknown batchmates). A masked adaptive gradient shows higher
-    accuracy than a transferred one; an attacker uses the stronger, so the plots do too."""
+    (adaptive cross-entropy, adaptive margin, transferred from ``frozen``, unknown batchmates). A masked or weak
+    adaptive gradient shows higher accuracy than another; an attacker uses the stronger, so the plots do too."""
     best: dict[tuple, dict] = {}
     for r in rows:
         key = (r["policy"], r["threat"], r["n"], r["eps_255"])
@@ -56,7 +56,7 @@ def _strongest(rows: list[dict]) -> dict[tuple, dict]:
 
 def plot_robust(report: dict, out: Path) -> Path:
     """One row per model, one panel per threat model; colour: policy, line style and marker: batch size.
-    Each point is the strongest gradient's; a hollow marker where that was not the adaptive one."""
+    Each point is the strongest gradient's; a hollow marker where that was not the adaptive cross-entropy."""
     models = report["models"]
     figure, axes = plt.subplots(len(models), len(THREATS), figsize=(6.5 * len(THREATS), 4.5 * len(models)),
                                 squeeze=False)
@@ -81,8 +81,8 @@ def plot_robust(report: dict, out: Path) -> Path:
             axis.set_ylim(bottom=-1)
             axis.grid(alpha=0.3)
             if axis.lines:
-                axis.legend(fontsize=7, ncol=2, title="hollow: transferred or unknown-batchmates gradient stronger",
-                            title_fontsize=7)
+                axis.legend(fontsize=7, ncol=2, title_fontsize=7,
+                            title="hollow: margin, transferred or unknown-batchmates gradient stronger")
             else:
                 axis.text(0.5, 0.5, "not measured", transform=axis.transAxes, ha="center", va="center")
     figure.tight_layout()
