@@ -730,11 +730,10 @@ def merge_results(into: dict, other: dict) -> int:
     """Add to ``into`` the robust cells of ``other`` (the same models, data, grid and seed, e.g. a copy that
     another process resumed with ``--only-policies``) that it does not hold; returns how many were added. Cells
     both hold must have the same figures (their times may differ): an earlier figure is never replaced."""
-    same = ("format", "dataset", "grid", "seed", "robust_images", "test_images")
-    if any(into.get(key) != other.get(key) for key in same):
+    if any(into.get(key) != other.get(key) for key in _SAME_RUN):
         raise ValueError("--merge: the results are for another format, other data, another grid or seed")
     small, large = sorted((into.get("grid_spec") or {}, other.get("grid_spec") or {}), key=len)
-    if any(large.get(key) != value for key, value in small.items()):
+    if not _grown(small, large):
         raise ValueError("--merge: the results are for another grid")
     into["grid_spec"] = large
     added = 0
@@ -760,7 +759,7 @@ def run(args: argparse.Namespace) -> int:
         for path in args.merge:
             logger.info("%s: %d cells added from %s", args.out, merge_results(merged, json.loads(path.read_text())),
                         path)
-        args.out.write_text(json.dumps(merged, indent=1, allow_nan=False) + "\n")
+        _write_results(args.out, merged)
         return 0
     device = torch.device(args.device)
     test, robust_index = evaluation_images(load_cifar10("test", args.data), args.test_images, args.robust_images,
@@ -786,10 +785,7 @@ def run(args: argparse.Namespace) -> int:
             report["device"] = " + ".join(dict.fromkeys(devices))
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_suffix(".partial")
-        partial.write_text(json.dumps(_without_nan(report), indent=1, allow_nan=False) + "\n")
-        partial.replace(args.out)
+        _write_results(args.out, report)
 
     for name in args.models:
         model, card = load_model(name, device=device)
@@ -846,16 +842,31 @@ def _calibration_digest(card: ModelCard) -> str:
     return _digest(card.calibration and card.calibration.to_dict())
 
 
+_SAME_RUN = ("format", "dataset", "grid", "seed", "robust_images", "test_images")  # results that can be combined
+
+
+def _grown(spec: dict, later: dict) -> bool:
+    """Whether grid ``later`` is ``spec`` with fields added since (such as margin_threats): those only add cells,
+    and every cell is keyed on its own."""
+    return all(key in later and later[key] == value for key, value in spec.items())
+
+
+def _write_results(path: Path, report: dict) -> None:
+    """Write atomically, so that a run cut off mid-write leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(_without_nan(report), indent=1, allow_nan=False) + "\n")
+    partial.replace(path)
+
+
 def _resumable(path: Path, report: dict) -> list[dict]:
     """The model entries an earlier run with the same format, data, grid and seed left in ``path``."""
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    same = ("format", "dataset", "grid", "seed", "robust_images", "test_images")
     spec, earlier_spec = json.loads(json.dumps(report["grid_spec"])), earlier.get("grid_spec") or {}
-    # A grid field added since (such as margin_threats) only adds cells; every cell is keyed on its own.
-    grown = set(earlier_spec) <= set(spec) and all(spec[key] == value for key, value in earlier_spec.items())
-    if not grown or any(earlier.get(key) != json.loads(json.dumps(report[key])) for key in same):
+    if not _grown(earlier_spec, spec) or any(earlier.get(key) != json.loads(json.dumps(report[key]))
+                                             for key in _SAME_RUN):
         raise ValueError(f"--resume: {path} holds results for another format, other data or another grid; "
                          "choose another --out")
     return list(earlier.get("models", []))
