@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .grouping import GroupRun, batch_groups
-from .layers import policy_layers, set_policy
+from .layers import policy_layers
 
 MEASURES = ("mean_shift", "log_var_ratio", "kl")
 DEFAULT_CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -196,8 +196,7 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
     ``images`` is a (N, C, H, W) float tensor already normalised by the model card's mean/std, on the
     model's device. For each size ``n``, ``batches_per_size`` clean batches are drawn at random (distinct
     images within a batch) so that large sizes get as many samples as small ones. The model's policy is used
-    for the batch score (the statistics it is deployed with) and ``frozen`` for the image score; the policy
-    is restored afterwards.
+    for the batch score (the statistics it is deployed with) and ``frozen`` for the image score.
     """
     model.eval()
     layers = policy_layers(model)
@@ -222,15 +221,11 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
         log_std.append(float(logs.std()) if logs.numel() > 1 else 1.0)
     original = layers[0][1].policy
     names = [name for name, _ in layers[:image_layers]]
-    set_policy(model, "frozen")
-    try:
-        features = []
-        for start in range(0, images.shape[0], chunk):
-            with batch_groups(model, record=True) as run:
-                model(images[start:start + chunk])
-            features.append(image_features(run, names))
-    finally:
-        set_policy(model, original)
+    features = []
+    for start in range(0, images.shape[0], chunk):
+        with batch_groups(model, policy="frozen", record=True) as run:
+            model(images[start:start + chunk])
+        features.append(image_features(run, names))
     feats = torch.cat(features)
     feature_mean, feature_std = feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6)
     raw = ((feats - feature_mean) / feature_std).square().mean(dim=1)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .policy import Policy, parse_policy
+from .policy import GroupPlan, Policy, parse_policy
 
 if TYPE_CHECKING:
     from .grouping import GroupRun
@@ -43,6 +43,7 @@ class GroupStatistics:
     counts: Tensor  # (G,) number of images per group
     image_mean: Tensor  # (n_real, C)
     image_spread: Tensor  # (n_real, C)
+    image_rows: Tensor | None = None  # (n_real, R, C): what a stream keeps of each image (robustnorm.stream)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -96,15 +97,15 @@ class _PolicyNorm(nn.BatchNorm2d):
         image_mean = real.mean(dim=(2, 3))
         mean = _group_reduce(image_mean, sizes, "mean")
         segments = _segments(sizes, x.device)
-        spread, image_spread = self._spreads(real, image_mean, mean[segments], sizes)
+        spread, image_spread, image_rows = self._spreads(real, image_mean, mean[segments], sizes)
         counts = torch.tensor(sizes, device=x.device)
         return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean,
-                               image_spread=image_spread)
+                               image_spread=image_spread, image_rows=image_rows)
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """Spread of each group and of each image alone; ``image_mean`` is each image's channel mean,
-        ``group_mean`` its group's."""
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """Spread of each group and of each image alone, and each image's stream row; ``image_mean`` is each
+        image's channel mean, ``group_mean`` its group's."""
         raise NotImplementedError
 
     # -- forward ----------------------------------------------------------------------------------------
@@ -122,21 +123,21 @@ class _PolicyNorm(nn.BatchNorm2d):
         sizes = run.sizes if run is not None and run.sizes is not None else (x.shape[0],)
         if sum(sizes) > x.shape[0]:
             raise ValueError(f"group sizes {sizes} add up to more than the {x.shape[0]} images in the batch")
-        plans = [self.policy.resolve(n, self.robust) for n in sizes]
-        if run is not None:
-            run.add_plans(self, sizes, plans)
+        # The one place that decides which statistics this forward uses: the policy's plan per group (the
+        # forward's own policy inside batch_groups(..., policy=...), else the layer's default).
+        plans = run.plans(self, sizes) if run is not None else self.policy.plan(sizes, self.robust)
+        streaming = run is not None and run.streaming
         record = run is not None and run.record
-        # The one place that decides which statistics this forward uses: the weight of the batch
-        # statistics per group is 0 for frozen, 1 for batch and n / (N0 + n) for blend.
-        batch_weights = [_batch_weight(plan, n) for plan, n in zip(plans, sizes)]
-        stats = self.group_statistics(x, sizes) if record or any(batch_weights) else None
-        if record:
-            assert run is not None and stats is not None
+        needs_batch = any(plan.uses_batch for plan in plans)
+        stats = self.group_statistics(x, sizes) if record or needs_batch or streaming else None
+        if run is not None and (record or streaming):
+            assert stats is not None
             run.add_statistics(self, stats)
-        if not any(batch_weights):
+        if not needs_batch and not any(plan.stream_weight for plan in plans):
             return self._normalize_frozen(x)
         assert stats is not None
-        return self._normalize_groups(x, sizes, batch_weights, stats)
+        stream_stats = run.stream_statistics(self) if run is not None else None
+        return self._normalize_groups(x, sizes, plans, stats, stream_stats)
 
     def _population(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Population mean and spread (running variance, or running range for RobustNorm)."""
@@ -147,12 +148,19 @@ class _PolicyNorm(nn.BatchNorm2d):
         scale, shift = self._affine(*self._population(_compute_dtype(x)))
         return _apply_affine(x, scale, shift)
 
-    def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], batch_weights: list[float],
-                          stats: GroupStatistics) -> Tensor:
-        weight = torch.tensor(batch_weights, device=x.device, dtype=stats.mean.dtype).unsqueeze(1)
-        population_mean, population_spread = (t.unsqueeze(0) for t in self._population(stats.mean.dtype))
-        mean = (1 - weight) * population_mean + weight * stats.mean
-        spread = (1 - weight) * population_spread + weight * stats.spread
+    def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], plans: list[GroupPlan],
+                          stats: GroupStatistics, stream_stats: list[tuple[Tensor, Tensor] | None] | None) -> Tensor:
+        dtype = stats.mean.dtype
+        population_mean, population_spread = (t.unsqueeze(0) for t in self._population(dtype))
+        batch_weight, stream_weight = (torch.tensor(weights, device=x.device, dtype=dtype).unsqueeze(1) for weights
+                                       in zip(*[(plan.batch_weight, plan.stream_weight) for plan in plans]))
+        mean = (1 - batch_weight - stream_weight) * population_mean + batch_weight * stats.mean
+        spread = (1 - batch_weight - stream_weight) * population_spread + batch_weight * stats.spread
+        if stream_stats is not None and any(plan.stream_weight for plan in plans):
+            # groups whose stream holds nothing have weight 0: the population stands in
+            rows = [held if held is not None else (population_mean[0], population_spread[0]) for held in stream_stats]
+            mean = mean + stream_weight * torch.stack([m for m, _ in rows]).to(dtype)
+            spread = spread + stream_weight * torch.stack([s for _, s in rows]).to(dtype)
         # Row G holds the population statistics, used for padding images past the last group.
         scale, shift = self._affine(torch.cat([mean, population_mean]), torch.cat([spread, population_spread]))
         segments = torch.full((x.shape[0],), len(sizes), device=x.device, dtype=torch.long)
@@ -181,15 +189,6 @@ class _PolicyNorm(nn.BatchNorm2d):
 def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` with per-channel ``scale`` and ``shift`` of shape (C,), in ``x``'s dtype."""
     return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-
-def _batch_weight(plan: Policy, n: int) -> float:
-    if plan.kind == "frozen":
-        return 0.0
-    if plan.kind == "batch":
-        return 1.0
-    assert plan.kind == "blend" and plan.n0 is not None
-    return n / (plan.n0 + n)
 
 
 def _sync_enabled(layer: _PolicyNorm) -> bool:
@@ -230,11 +229,12 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
         return torch.sqrt(spread + self.eps)
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         deviation = (real - group_mean[:, :, None, None]).square().mean(dim=(2, 3))  # two passes: accurate
         # an image's own variance is its mean squared deviation from the group mean less its mean's own
         image_variance = (deviation - (image_mean - group_mean).square()).clamp_min(0)
-        return _group_reduce(deviation, sizes, "mean"), image_variance
+        rows = torch.stack([image_mean, image_variance + image_mean.square()], dim=1)  # mean, second moment
+        return _group_reduce(deviation, sizes, "mean"), image_variance, rows
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
         # nn.BatchNorm2d's own eval path, so a converted model's frozen outputs equal the original's.
@@ -287,10 +287,10 @@ class RobustNorm2d(_PolicyNorm):
         return spread.pow(self.p) + self.eps
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         image_max, image_min = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))
         spread = _group_reduce(image_max, sizes, "amax") - _group_reduce(image_min, sizes, "amin")
-        return spread, image_max - image_min
+        return spread, image_max - image_min, torch.stack([image_mean, image_max, image_min], dim=1)
 
     def _forward_train(self, x: Tensor) -> Tensor:
         synchronised = _sync_enabled(self)

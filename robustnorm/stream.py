@@ -1,0 +1,276 @@
+"""Per-stream running statistics of the recent traffic, for the ``stream`` and ``auto`` policies.
+
+A stream is one source of traffic: the whole service (one global stream) or one tenant. For every
+normalization layer it keeps, in a ring buffer, one row per recent image: the image's own per-channel mean
+and second moment (BatchNorm layers) or mean, maximum and minimum (RobustNorm layers), for the last
+``window`` images. Its statistics are those of the pooled window: the mean of the means, the pooled variance
+``E[x^2] - E[x]^2``, and for RobustNorm the range ``max - min`` over every image of the window.
+
+Why a range over the window: a range grows with the number of values it spans, and RobustNorm's tracked
+range is the range of a training batch. A range over the last ``window`` images is therefore on the tracked
+range's scale when ``window`` is near the training batch size (128 for the bundled models), and it does not
+shrink towards one image's range when traffic arrives one image at a time, as an average of per-batch ranges
+would.
+
+The store bounds its state: at most ``max_streams`` streams (the least recently used one is dropped), idle
+streams expire after ``idle_seconds``, and one micro-batch contributes at most ``max_batch_share`` of the
+window, so no single batch can replace a stream's estimate. Streams are updated only from the engine's
+thread; :meth:`StreamStore.reset` may be called from any thread.
+
+The drift gate of the ``auto`` policy reads each stream's window at the first normalization layer, whose
+input does not depend on the policy (nothing is normalised before it), so the score means the same under
+every policy. It compares the window's statistics with the population's (a Gaussian KL averaged over
+channels, as :func:`robustnorm.layer_drift` defines it), standardised by clean windows of the same size
+(:class:`GateCalibration`), and switches with hysteresis: on above ``on``, off below ``off``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .grouping import GroupRun
+
+GLOBAL_STREAM = ""  # the key of the one stream that serves traffic without a tenant
+
+
+@dataclass
+class GateCalibration:
+    """How clean windows of the first norm layer score, per window size, and the gate's thresholds."""
+
+    layer: str
+    sizes: list[int]
+    log_kl_mean: list[float]
+    log_kl_std: list[float]
+    on: float = 4.0  # switch to stream statistics above this standardised score
+    off: float = 2.0  # and back to the population below this one
+    min_images: int = 32  # the gate decides nothing on fewer images
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GateCalibration:
+        return cls(**data)
+
+    def standardise(self, raw: float, n: int) -> float:
+        """``(log(raw) - mu_n) / sigma_n``, interpolated linearly in ``log2 n`` between calibrated sizes."""
+        logs = [math.log2(size) for size in self.sizes]
+        position = min(max(math.log2(max(n, 1)), logs[0]), logs[-1])
+        mean, std = self.log_kl_mean[-1], self.log_kl_std[-1]
+        for i in range(len(logs) - 1):
+            if position <= logs[i + 1]:
+                t = (position - logs[i]) / (logs[i + 1] - logs[i])
+                mean = (1 - t) * self.log_kl_mean[i] + t * self.log_kl_mean[i + 1]
+                std = (1 - t) * self.log_kl_std[i] + t * self.log_kl_std[i + 1]
+                break
+        return (math.log(max(raw, 1e-30)) - mean) / std
+
+
+def rows_statistics(rows: Tensor, robust: bool) -> tuple[Tensor, Tensor]:
+    """Mean and spread (pooled variance, or range) of per-image rows (k, R, C)."""
+    mean = rows[:, 0].mean(dim=0)
+    if robust:
+        return mean, rows[:, 1].amax(dim=0) - rows[:, 2].amin(dim=0)
+    return mean, (rows[:, 1].mean(dim=0) - mean.square()).clamp_min(0)
+
+
+def gate_raw(mean: Tensor, spread: Tensor, population: tuple[Tensor, Tensor], robust: bool) -> float:
+    """The gate's raw score: the channel-mean Gaussian KL of window statistics against the population."""
+    from .drift import layer_drift
+
+    measures = layer_drift(mean[None], spread[None], population[0][None].to(mean.dtype),
+                           population[1][None].to(mean.dtype), robust)
+    return float(measures["kl"][0])
+
+
+@dataclass
+class _Ring:
+    rows: Tensor  # (window, R, C)
+    count: int = 0
+    position: int = 0
+
+    def push(self, new: Tensor) -> None:
+        window = self.rows.shape[0]
+        new = new[-window:]
+        index = (self.position + torch.arange(new.shape[0], device=new.device)) % window
+        self.rows[index.to(self.rows.device)] = new.to(self.rows.dtype)
+        self.position = (self.position + new.shape[0]) % window
+        self.count = min(window, self.count + new.shape[0])
+
+    def held(self) -> Tensor:
+        return self.rows[: self.count]
+
+
+@dataclass
+class Stream:
+    """The running statistics of one stream, per norm layer, and its drift gate's state."""
+
+    key: str
+    window: int
+    layers: dict[str, _Ring] = field(default_factory=dict)
+    robust: dict[str, bool] = field(default_factory=dict)
+    images: int = 0  # images ever pushed
+    last_used: float = 0.0
+    shifted: bool = False  # the gate's decision (auto): True while the traffic looks shifted
+    gate_score: float | None = None
+    switches: int = 0
+
+    @property
+    def count(self) -> int:
+        """Images the estimate holds: ``min(images pushed, window)``."""
+        return min(self.images, self.window)
+
+    def statistics(self, layer: str) -> tuple[Tensor, Tensor] | None:
+        """The window's (mean, spread) for ``layer``, or ``None`` while the stream holds nothing."""
+        ring = self.layers.get(layer)
+        if ring is None or ring.count == 0:
+            return None
+        return rows_statistics(ring.held(), self.robust[layer])
+
+    def push(self, rows: dict[str, Tensor], robust: dict[str, bool]) -> None:
+        """Add one micro-batch's per-image rows, ``layer -> (n, R, C)``."""
+        added = 0
+        for name, new in rows.items():
+            ring = self.layers.get(name)
+            if ring is None:
+                ring = _Ring(new.new_zeros((self.window, *new.shape[1:])))
+                self.layers[name] = ring
+                self.robust[name] = robust[name]
+            ring.push(new.detach())
+            added = new.shape[0]
+        self.images += added
+
+    def update_gate(self, calibration: GateCalibration, population: tuple[Tensor, Tensor]) -> bool | None:
+        """Re-score the window and switch with hysteresis. Returns the new state when it changed, else None."""
+        stats = self.statistics(calibration.layer)
+        if stats is None or self.count < calibration.min_images:
+            return None
+        raw = gate_raw(*stats, population, self.robust[calibration.layer])
+        self.gate_score = calibration.standardise(raw, self.count)
+        if not self.shifted and self.gate_score > calibration.on:
+            self.shifted = True
+        elif self.shifted and self.gate_score < calibration.off:
+            self.shifted = False
+        else:
+            return None
+        self.switches += 1
+        return self.shifted
+
+
+class StreamStore:
+    """Streams by key, bounded in number and age; what the engine reads before and updates after a batch."""
+
+    def __init__(self, window: int, *, max_streams: int = 256, idle_seconds: float = 3600.0,
+                 max_batch_share: float = 0.25, gate: GateCalibration | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if window < 1 or max_streams < 1 or idle_seconds <= 0 or not 0 < max_batch_share <= 1:
+            raise ValueError("a stream store needs window >= 1, max_streams >= 1, idle_seconds > 0 and "
+                             "0 < max_batch_share <= 1")
+        self.window = window
+        self.max_streams = max_streams
+        self.idle_seconds = idle_seconds
+        self.max_batch_images = max(1, math.ceil(max_batch_share * window))
+        self.gate = gate
+        self._clock = clock
+        self._streams: OrderedDict[str, Stream] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._streams)
+
+    def peek(self, key: str) -> Stream | None:
+        with self._lock:
+            return self._streams.get(key)
+
+    def select(self, keys: Sequence[str | None]) -> StreamSelection:
+        """The streams of a forward's groups, one per key (``None``: the global stream)."""
+        return StreamSelection(self, [self.get(key) for key in keys])
+
+    def get(self, key: str | None) -> Stream:
+        """The stream for ``key`` (``None``: the global stream), created when new; expires idle streams and
+        drops the least recently used one past ``max_streams``."""
+        key = GLOBAL_STREAM if key is None else key
+        now = self._clock()
+        with self._lock:
+            self._expire(now)
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = Stream(key=key, window=self.window)
+                self._streams[key] = stream
+                while len(self._streams) > self.max_streams:
+                    self._streams.popitem(last=False)
+                    self.evicted += 1
+            self._streams.move_to_end(key)
+            stream.last_used = now
+            return stream
+
+    def _expire(self, now: float) -> None:
+        stale = [key for key, stream in self._streams.items() if now - stream.last_used > self.idle_seconds]
+        for key in stale:
+            del self._streams[key]
+        self.expired += len(stale)
+
+    def admit(self, rows: Tensor) -> Tensor:
+        """The part of one micro-batch's rows that may enter a stream: at most ``max_batch_images``, evenly
+        spaced, so one batch never replaces more than its share of the window."""
+        n = rows.shape[0]
+        if n <= self.max_batch_images:
+            return rows
+        index = torch.linspace(0, n - 1, self.max_batch_images, device=rows.device).round().long()
+        return rows[index]
+
+    def reset(self, keys: Iterable[str] | None = None) -> int:
+        """Forget the given streams (all when ``keys`` is None). Returns how many were dropped."""
+        with self._lock:
+            if keys is None:
+                dropped = len(self._streams)
+                self._streams.clear()
+                return dropped
+            dropped = 0
+            for key in keys:
+                dropped += self._streams.pop(key, None) is not None
+            return dropped
+
+
+@dataclass
+class StreamSelection:
+    """The streams of one forward's groups (``batch_groups(..., streams=...)``) and the store they live in."""
+
+    store: StreamStore | None
+    streams: list[Stream | None]
+    switched: list[tuple[str, bool]] = field(default_factory=list)  # (stream key, shifted) gate switches
+
+    def update(self, run: GroupRun) -> None:
+        """Add each group's images to its stream (bounded per batch) and re-score the gate (auto)."""
+        sizes = run.sizes if run.sizes is not None else (next(iter(run.stats.values())).image_mean.shape[0],)
+        start = 0
+        gate = self.store.gate if self.store is not None else None
+        for stream, n in zip(self.streams, sizes):
+            if stream is not None:
+                rows = {name: stats.image_rows[start:start + n] for name, stats in run.stats.items()
+                        if stats.image_rows is not None}
+                if self.store is not None:
+                    rows = {name: self.store.admit(value) for name, value in rows.items()}
+                stream.push(rows, run.robust_layers)
+                if gate is not None and run.policy is not None and run.policy.kind == "auto" \
+                        and gate.layer in run.population:
+                    changed = stream.update_gate(gate, run.population[gate.layer])
+                    if changed is not None:
+                        self.switched.append((stream.key, changed))
+            start += n
