@@ -57,8 +57,11 @@ def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
 
 
-def _group_reduce(values: Tensor, sizes: tuple[int, ...], how: str) -> Tensor:
-    """Reduce per-image rows (n_real, C) to per-group rows (G, C) with ``how`` in mean, amax, amin."""
+def _group_reduce(values: Tensor, sizes: tuple[int, ...] | None, how: str) -> Tensor:
+    """Reduce per-image rows (n_real, C) to per-group rows (G, C) with ``how`` in mean, amax, amin; ``sizes``
+    None: all rows are one group (traceable)."""
+    if sizes is None:
+        return getattr(values, how)(dim=0, keepdim=True)
     groups, channels = len(sizes), values.shape[1]
     if len(set(sizes)) == 1:  # equal groups: a reshape, the common case in evaluation
         grouped = values.view(groups, sizes[0], channels)
@@ -102,8 +105,18 @@ class _PolicyNorm(nn.BatchNorm2d):
         return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean,
                                image_spread=image_spread, image_rows=image_rows)
 
+    def batch_statistics(self, x: Tensor) -> GroupStatistics:
+        """The statistics of the whole batch ``x`` as one group, in traceable tensor operations only (no
+        Python sizes): what an exported graph computes (:mod:`robustnorm.export`)."""
+        real = x.to(_compute_dtype(x))
+        image_mean = real.mean(dim=(2, 3))
+        mean = image_mean.mean(dim=0, keepdim=True)
+        spread, image_spread, image_rows = self._spreads(real, image_mean, mean, None)
+        return GroupStatistics(mean=mean, spread=spread, counts=torch._shape_as_tensor(x)[:1],
+                               image_mean=image_mean, image_spread=image_spread, image_rows=image_rows)
+
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+                 sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor, Tensor]:
         """Spread of each group and of each image alone, and each image's stream row; ``image_mean`` is each
         image's channel mean, ``group_mean`` its group's."""
         raise NotImplementedError
@@ -139,19 +152,19 @@ class _PolicyNorm(nn.BatchNorm2d):
         stream_stats = run.stream_statistics(self) if run is not None else None
         return self._normalize_groups(x, sizes, plans, stats, stream_stats)
 
-    def _population(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def population(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Population mean and spread (running variance, or running range for RobustNorm)."""
         assert self.running_mean is not None and self.running_var is not None
         return self.running_mean.to(dtype), self.running_var.to(dtype)
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
-        scale, shift = self._affine(*self._population(_compute_dtype(x)))
+        scale, shift = self.scale_shift(*self.population(_compute_dtype(x)))
         return _apply_affine(x, scale, shift)
 
     def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], plans: list[GroupPlan],
                           stats: GroupStatistics, stream_stats: list[tuple[Tensor, Tensor] | None] | None) -> Tensor:
         dtype = stats.mean.dtype
-        population_mean, population_spread = (t.unsqueeze(0) for t in self._population(dtype))
+        population_mean, population_spread = (t.unsqueeze(0) for t in self.population(dtype))
         batch_weight, stream_weight = (torch.tensor(weights, device=x.device, dtype=dtype).unsqueeze(1) for weights
                                        in zip(*[(plan.batch_weight, plan.stream_weight) for plan in plans]))
         mean = (1 - batch_weight - stream_weight) * population_mean + batch_weight * stats.mean
@@ -162,13 +175,13 @@ class _PolicyNorm(nn.BatchNorm2d):
             mean = mean + stream_weight * torch.stack([m for m, _ in rows]).to(dtype)
             spread = spread + stream_weight * torch.stack([s for _, s in rows]).to(dtype)
         # Row G holds the population statistics, used for padding images past the last group.
-        scale, shift = self._affine(torch.cat([mean, population_mean]), torch.cat([spread, population_spread]))
+        scale, shift = self.scale_shift(torch.cat([mean, population_mean]), torch.cat([spread, population_spread]))
         segments = torch.full((x.shape[0],), len(sizes), device=x.device, dtype=torch.long)
         segments[: sum(sizes)] = _segments(sizes, x.device)
         scale, shift = scale[segments].to(x.dtype), shift[segments].to(x.dtype)
         return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # one pass over x
 
-    def _affine(self, mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
+    def scale_shift(self, mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel ``scale`` and ``shift`` with ``y = x * scale + shift``."""
         scale = 1.0 / self._denominator(spread)
         if self.weight is not None:
@@ -229,7 +242,7 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
         return torch.sqrt(spread + self.eps)
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+                 sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor, Tensor]:
         deviation = (real - group_mean[:, :, None, None]).square().mean(dim=(2, 3))  # two passes: accurate
         # an image's own variance is its mean squared deviation from the group mean less its mean's own
         image_variance = (deviation - (image_mean - group_mean).square()).clamp_min(0)
@@ -258,7 +271,7 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
             unbiased = variance * count / (count - 1)
             self.running_mean.mul_(1 - factor).add_(factor * mean)
             self.running_var.mul_(1 - factor).add_(factor * unbiased)
-        scale, shift = self._affine(mean, variance)
+        scale, shift = self.scale_shift(mean, variance)
         return _apply_affine(x, scale, shift)
 
 
@@ -287,7 +300,7 @@ class RobustNorm2d(_PolicyNorm):
         return spread.pow(self.p) + self.eps
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor,
-                 sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+                 sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor, Tensor]:
         image_max, image_min = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))
         spread = _group_reduce(image_max, sizes, "amax") - _group_reduce(image_min, sizes, "amin")
         return spread, image_max - image_min, torch.stack([image_mean, image_max, image_min], dim=1)
@@ -313,7 +326,7 @@ class RobustNorm2d(_PolicyNorm):
             maximum, minimum = values.amax(dim=(0, 2, 3)), values.amin(dim=(0, 2, 3))
         value_range = maximum - minimum
         self._update_running(mean, value_range)
-        scale, shift = self._affine(mean, value_range)
+        scale, shift = self.scale_shift(mean, value_range)
         return _apply_affine(x, scale, shift)
 
     @torch.no_grad()
