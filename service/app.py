@@ -15,6 +15,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -128,7 +129,10 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             logger.info("draining: finishing queued requests")
             await predictor.stop()
 
-    app = FastAPI(title="robustnorm", version=robustnorm.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc load their scripts and styles from the package (under /static-offline-docs), not a CDN,
+    # so the API docs work where the service has no internet access.
+    app = FastAPIOffline(title="robustnorm", version=robustnorm.__version__, description=DESCRIPTION,
+                         lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

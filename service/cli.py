@@ -4,7 +4,8 @@ With no arguments it serves the bundled default model on 127.0.0.1:8000, on the 
 setting of :class:`service.settings.Settings` is an option (``--max-batch-size``), also settable as an
 environment variable (``ROBUSTNORM_MAX_BATCH_SIZE``) or in a config file (``--config-file``); options win over
 the environment, which wins over the file. API keys are read from the environment or the config file only,
-so that they never show in a process list.
+so that they never show in a process list. ``--help`` answers without importing torch: the model, the engine
+and the app are imported only once the settings are valid.
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-import robustnorm
-
-from .app import create_app
-from .engine_onnx import create_engine
 from .settings import ENV_PREFIX, Settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Every option can also be set in the environment as {ENV_PREFIX}<OPTION> (for example "
                f"{ENV_PREFIX}MAX_BATCH_SIZE=64) or in a TOML/JSON file given by --config-file. API keys "
                f"({ENV_PREFIX}API_KEYS, a JSON object of key -> tenant) come only from the environment or "
-               f"the file. Bundled models: {', '.join(robustnorm.list_models()) or 'none yet'}.",
+               f"the file. 'robustnorm models' lists the bundled models.",
     )
     for name, field in Settings.model_fields.items():
         if name in _NOT_FLAGS:
@@ -66,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.is_factory_model and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # 'module:factory' resolves from the working directory, as with uvicorn
+    from .app import create_app
+    from .engine_onnx import create_engine
+
     try:
         engine = create_engine(settings)
     except (ValueError, OSError, ImportError) as error:

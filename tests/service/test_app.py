@@ -74,3 +74,25 @@ def test_not_ready_until_warmed_up_then_ready_then_draining() -> None:
     finally:
         server.stop()
     assert predictor.state == "stopped"
+
+
+def test_api_docs_load_their_assets_from_the_app_not_a_cdn() -> None:
+    import asyncio
+    import re
+
+    app = create_app(Settings(device="cpu"), registry=CollectorRegistry(), engine_factory=build_engine)
+
+    async def fetch_docs() -> dict[str, httpx.Response]:
+        # no lifespan: the docs need no model
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://docs.test") as client:
+            pages = {path: await client.get(path) for path in ("/docs", "/redoc")}
+            assets = {url for page in pages.values()
+                      for url in re.findall(r'(?:src|href)="([^"]+)"', page.text)}
+            assert assets, "the docs pages reference no scripts or styles"
+            external = [url for url in assets if re.match(r"(?:[a-z]+:)?//", url)]
+            assert not external, f"docs assets fetched from outside the app: {external}"
+            return {**pages, **{url: await client.get(url) for url in assets}}
+
+    for url, response in asyncio.run(fetch_docs()).items():
+        assert response.status_code == 200 and response.content, url

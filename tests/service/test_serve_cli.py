@@ -38,6 +38,16 @@ def test_every_setting_is_an_option_except_api_keys() -> None:
     assert {"--host", "--port", "--model", "--device", "--policy", "--no-allow-policy-override"} <= options
 
 
+def test_help_is_plain_text_and_imports_no_torch() -> None:
+    code = ("import sys\nfrom service.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as exited:\n"
+            "    assert exited.code == 0\nprint('TORCH IMPORTED' if 'torch' in sys.modules else 'NO TORCH')")
+    text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          cwd=REPO_ROOT).stdout
+    assert text.rstrip().endswith("NO TORCH")
+    assert "usage: robustnorm-serve" in text and "--max-batch-size" in text
+    assert "``" not in text and ":class:" not in text and ":func:" not in text
+
+
 def test_invalid_options_exit_with_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--policy", "sometimes"])
