@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's models on a CPU with native bf16, one thread per run (two runs side by side on two cores).
+# The CIFAR-10 ResNet-20 models on a CPU with native bf16, one thread per run (two runs side by side on two cores).
 #
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02            # first cycle: 60 epochs, lr 0.1 cosine, seed 0
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 cycle2     # second cycle from the first: lr 0.05, seed 1
@@ -8,10 +8,11 @@
 #                                                            # rn103), their weights averaged: seed 3
 #   bash benchmarks/cpu/train_cpu.sh bn|rn10|rn02 long       # one 200-epoch cosine schedule from scratch, lr 0.1,
 #                                                            # the last 20 epochs' weights averaged: seed 4
-#                                                            # (runs/cpu/SHORT-long; several sessions on one core)
+#                                                            # (runs/cpu/SHORT-long; 5.5-6.5 hours on one core)
 #
 # Writes runs/cpu/SHORT (SHORT2, SHORT3, SHORT-swa, SHORT-long) and SHORT.train.txt; continues from the checkpoint when one exists, so
-# a run cut off by the end of a session is started again with the same command.
+# a run that was stopped is continued with the same command (benchmarks/cpu/checkpoint.sh moves one between
+# machines).
 set -euo pipefail
 short="${1:?usage: train_cpu.sh bn|rn10|rn02 [cycle2|cycle3|swa|long]}"
 case "$short" in

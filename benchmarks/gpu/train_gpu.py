@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/train_gpu.py --total-s 570 --out /tmp/gpu
 
-A device lease is short and fixed, so the number of epochs is measured, not guessed: every variant first
+The time budget is fixed, so the number of epochs is measured, not guessed: every variant first
 trains a short probe (3 epochs of --probe-images images) at the same time as the others, as they will share
 the GPU in the real runs; the slowest probe epoch, scaled to 45,000 images, sets
 

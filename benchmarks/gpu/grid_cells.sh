@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call (10 minutes at most) for the robustness cells only a GPU finishes, and the GPU checks of the
-# training path. Run on the GPU machine from the repository root, CIFAR-10's archives copied into data/cifar10
-# (git-ignored; `mkdir -p data/cifar10 && cp ../shared/data/cifar10/*.tar.gz data/cifar10/`, then carry it):
+# Within a fixed time budget on a GPU: the GPU checks of the training path, then the robustness cells only a GPU
+# finishes. Run on the GPU machine from the repository root, CIFAR-10's archives copied into data/cifar10
+# (git-ignored; `mkdir -p data/cifar10 && cp /path/to/cifar10/*.tar.gz data/cifar10/`):
 #
-#   OUT=/some/folder bash benchmarks/gpu/lease_grid.sh 560    # seconds for the whole call, all told
+#   OUT=/some/folder bash benchmarks/gpu/grid_cells.sh 560    # seconds for the whole script, all told
 #
 # 1. `bench_train_step.py --device cuda`: one ResNet-20 step per norm, precision and layout, RobustNorm with
 #    both hand-written training normalisations, and bf16 steps under torch.compile (-> train_step_cuda.json).
@@ -11,12 +11,13 @@
 #    for the GPU is printed once (-> sync_check.txt; the training loop is meant to have none per step).
 # 3. `robustnorm evaluate --resume` on a copy of the committed robustness.json: the bundled models' missing
 #    grid cells, cheapest first, written after each cell, until the time left runs out (-> robustness.json,
-#    evaluate.log). All of them take about 30 minutes of an H200: copy the result back (below), then call again.
+#    evaluate.log). All of them take about 30 minutes of a Hopper GPU: copy the result back (below), then run
+#    the script again.
 # Merge back with `cp OUT/robustness.json benchmarks/results/robustness/`, then regenerate headline.md and the
 # plots (benchmarks/headline.py, benchmarks/plot_robustness.py).
 set -uo pipefail
 total="${1:-560}"
-out="${OUT:?set OUT to the folder that comes back}"
+out="${OUT:?set OUT to the folder for the results}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. ROBUSTNORM_CACHE=/tmp/robustnorm-cache ROBUSTNORM_CIFAR10=data/cifar10
 started=$SECONDS
 nvidia-smi -L

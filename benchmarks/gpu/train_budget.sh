@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call (10 minutes at most): train the candidate models side by side (train_gpu.py) and bring back
-# what they wrote. Run on the GPU machine from the repository root, CIFAR-10's archives in data/cifar10:
+# Within a fixed time budget on a GPU: train the candidate models side by side (train_gpu.py) and collect what
+# they wrote in OUT. Run on the GPU machine from the repository root, CIFAR-10's archives in data/cifar10:
 #
-#   OUT=/some/folder bash benchmarks/gpu/lease_train.sh 540    # seconds for the training driver, all told
+#   OUT=/some/folder bash benchmarks/gpu/train_budget.sh 540    # seconds for the training driver, all told
 #
 # Back in OUT: driver.log, plan.json (probe times, chosen epochs, exact commands, final log lines),
 # gpu_utilisation.csv, and runs.tar.gz (each run's weights, card, log; checkpoints of unfinished runs).

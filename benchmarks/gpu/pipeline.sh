@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 3 on one GPU, in stages that each fit a 10-minute device call. Run from the repository root with the
-# CIFAR-10 archives copied into data/cifar10 (git-ignored) and results written under OUT (default runs/gpu).
+# The candidate models from scratch on one GPU: train, calibrate, evaluate, in stages that each can be cut off
+# and resumed. Run from the repository root with the CIFAR-10 archives copied into data/cifar10 (git-ignored)
+# and results written under OUT (default runs/gpu).
 #
-#   bash benchmarks/gpu/issue3.sh train       # BN, RobustNorm p=0.2 and p=1.0 trained side by side (resumable)
-#   bash benchmarks/gpu/issue3.sh calibrate   # MIN_BATCH, N0, drift calibration on the validation split
-#   bash benchmarks/gpu/issue3.sh evaluate    # the robustness grid, drift evidence, ART cross-check, plots
+#   bash benchmarks/gpu/pipeline.sh train       # BN, RobustNorm p=0.2 and p=1.0 trained side by side (resumable)
+#   bash benchmarks/gpu/pipeline.sh calibrate   # MIN_BATCH, N0, drift calibration on the validation split
+#   bash benchmarks/gpu/pipeline.sh evaluate    # the robustness grid, drift evidence, ART cross-check, plots
 #
 # Knobs: EPOCHS (default 60), BATCH (128), GRID (core), ROBUST_IMAGES (2000), LIMIT_TRAIN (unset = 45,000),
 # VAL_IMAGES (5,000), TEST_IMAGES (10,000).
@@ -12,7 +13,7 @@
 # cells already in robustness.json (written after every cell); calibrate redoes its work. Dry run on a CPU: EPOCHS=1 LIMIT_TRAIN=512 VAL_IMAGES=256 GRID=smoke
 # ROBUST_IMAGES=40 TEST_IMAGES=200 ART_N=8 ...
 set -euo pipefail
-stage="${1:?usage: issue3.sh train|calibrate|evaluate}"
+stage="${1:?usage: pipeline.sh train|calibrate|evaluate}"
 out="${OUT:-runs/gpu}"
 export ROBUSTNORM_CIFAR10="${ROBUSTNORM_CIFAR10:-data/cifar10}"
 export PYTHONPATH="${PYTHONPATH:-.}"
