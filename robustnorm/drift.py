@@ -92,11 +92,13 @@ class DriftCalibration:
     samples: dict[str, int] = field(default_factory=dict)
     image_features: str = "mean"  # the default reads cards calibrated before per-image spreads were scored
     policy: str | None = None  # the policy the batch score was calibrated under (None: older cards, the card's)
+    gate: dict | None = None  # the auto policy's drift gate (robustnorm.stream.GateCalibration), when calibrated
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if data["policy"] is None:
-            del data["policy"]  # older cards read and hash as they were written
+        for optional in ("policy", "gate"):
+            if data[optional] is None:
+                del data[optional]  # older cards read and hash as they were written
         return data
 
     @classmethod

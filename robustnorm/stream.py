@@ -84,6 +84,13 @@ def rows_statistics(rows: Tensor, robust: bool) -> tuple[Tensor, Tensor]:
     return mean, (rows[:, 1].mean(dim=0) - mean.square()).clamp_min(0)
 
 
+def image_spread_from_rows(rows: Tensor, robust: bool) -> Tensor:
+    """Each image's own spread (variance, or range) from its rows (n, R, C)."""
+    if robust:
+        return rows[:, 1] - rows[:, 2]
+    return (rows[:, 1] - rows[:, 0].square()).clamp_min(0)
+
+
 def gate_raw(mean: Tensor, spread: Tensor, population: tuple[Tensor, Tensor], robust: bool) -> float:
     """The gate's raw score: the channel-mean Gaussian KL of window statistics against the population."""
     from .drift import layer_drift

@@ -29,6 +29,8 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from robustnorm.policy import Policy
+
 from .errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, Unavailable
 from .metrics import Metrics
 
@@ -41,8 +43,8 @@ R = TypeVar("R")
 class BatchKey:
     """What decides which requests may share a forward pass."""
 
-    policy: str  # the effective statistics policy: never mixed within a forward
-    tenant: str | None = None  # None when requests are not isolated by tenant
+    policy: Policy  # the effective statistics policy: never mixed within a forward
+    tenant: str | None = None  # None when requests are not isolated by tenant (also their stream's key)
 
 
 class Queued(Protocol):
@@ -122,10 +124,9 @@ def group_by_tenant(items: Sequence[Q], share_tenants: bool) -> list[list[Q]]:
 class WorkItem(Generic[R]):
     """Images of one request (or a ``max_batch_size`` chunk of them) waiting for their batch."""
 
-    id: str  # "<request id>:<chunk>": results are routed back by it
+    id: str  # "<server-generated request id>:<chunk>": results are routed back by it
     pixels: torch.Tensor  # (k, C, H, W), normalised
     key: BatchKey
-    top_k: int
     enqueued_at: float
     deadline: float
     future: asyncio.Future[list[R]] = field(repr=False)
@@ -140,7 +141,7 @@ class Batch(Generic[R]):
     """A micro-batch: items in statistics groups (consecutive in the batch tensor), all with one policy."""
 
     id: str
-    policy: str
+    policy: Policy
     groups: list[list[WorkItem[R]]]
 
     @property
@@ -151,6 +152,11 @@ class Batch(Generic[R]):
     def sizes(self) -> list[int]:
         """Real images per statistics group."""
         return [sum(item.size for item in group) for group in self.groups]
+
+    @property
+    def tenants(self) -> list[str | None]:
+        """The tenant of each statistics group (``None`` where requests are not isolated by tenant)."""
+        return [group[0].key.tenant for group in self.groups]
 
 
 RunBatch = Callable[[Batch[R]], Awaitable[Mapping[str, list[R]]]]
@@ -250,9 +256,10 @@ class MicroBatcher(Generic[R]):
         self._set_queued(0)
 
     # -- producer side ---------------------------------------------------------------------------------
-    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, top_k: int, deadline: float,
-                     request_id: str) -> list[R]:
+    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float) -> list[R]:
         """Queue a request's images and wait for their results (in image order) until ``deadline``.
+
+        Results are routed back by an id the batcher makes, never by one a client sent.
 
         Raises :class:`QueueFull` (429), :class:`DeadlineExceeded` (504), :class:`Draining` or
         :class:`Unavailable` (503), or :class:`InferenceFailed` (500) if the model raised on the batch.
@@ -271,7 +278,8 @@ class MicroBatcher(Generic[R]):
         if deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         loop = asyncio.get_running_loop()
-        items = [WorkItem(id=f"{request_id}:{index}", pixels=chunk, key=key, top_k=top_k, enqueued_at=now,
+        routing_id = secrets.token_hex(8)
+        items = [WorkItem(id=f"{routing_id}:{index}", pixels=chunk, key=key, enqueued_at=now,
                           deadline=deadline, future=loop.create_future())
                  for index, chunk in enumerate(pixels.split(self.max_batch_size))]
         self._queue.extend(items)

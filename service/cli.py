@@ -64,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.is_factory_model and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # 'module:factory' resolves from the working directory, as with uvicorn
     from .app import create_app
-    from .engine_onnx import create_engine
+    from .engines import load_engine
 
     try:
-        engine = create_engine(settings)
+        engine = load_engine(settings)
     except (ValueError, OSError, ImportError) as error:
         logger.error("cannot serve model %r: %s", settings.model or "(the bundled default)", error)
         return 1

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .errors import InvalidRequest, NotReady, Unauthorized
+from .errors import Forbidden, InvalidRequest, NotFound, NotReady, Unauthorized
 from .metrics import Metrics
 from .predictor import Predictor
 from .settings import Settings
@@ -43,6 +43,31 @@ def _api_key(request: Request) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
+def _matches(keys: dict[str, str], key: str | None) -> list[str]:
+    """Names of the configured keys equal to ``key``; every key is compared in constant time, so the time
+    taken does not say which prefix matched."""
+    matches = [name for known, name in keys.items()
+               if hmac.compare_digest(known.encode(), (key or "").encode())]
+    return matches if key else []
+
+
+def require_admin(request: Request, settings: SettingsDep) -> str:
+    """The admin's name, for admin routes: 404 when no admin key is configured, 401 without a valid key, 403
+    for a tenant's key."""
+    if not settings.admin_keys:
+        raise NotFound("admin routes are off: set ROBUSTNORM_ADMIN_KEYS to enable them")
+    key = _api_key(request)
+    admins = _matches(settings.admin_keys, key)
+    if admins:
+        return admins[0]
+    if _matches(settings.api_keys, key):
+        raise Forbidden("this route needs an admin key; a tenant's key may not use it")
+    raise Unauthorized("an admin key is required: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'")
+
+
+AdminDep = Annotated[str, Depends(require_admin)]
+
+
 def get_tenant(request: Request, settings: SettingsDep) -> str | None:
     """The tenant a request's images are batched with, after checking its API key when keys are configured.
 
@@ -51,10 +76,7 @@ def get_tenant(request: Request, settings: SettingsDep) -> str | None:
     """
     tenant: str | None = None
     if settings.api_keys:
-        key = _api_key(request)
-        # Compare against every key, so the time taken does not say which prefix matched.
-        matches = [name for known, name in settings.api_keys.items()
-                   if key is not None and hmac.compare_digest(known.encode(), key.encode())]
+        matches = _matches(settings.api_keys, _api_key(request))
         if not matches:
             raise Unauthorized("a valid API key is required: send it as 'X-API-Key: KEY' or "
                                "'Authorization: Bearer KEY'")

@@ -44,6 +44,21 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ServiceError):
+    """403: the key is valid but its role may not use this route (admin routes need an admin key)."""
+
+    status_code = 403
+    code = "forbidden"
+    reason = "unauthorized"
+
+
+class NotFound(ServiceError):
+    """404: the route is switched off (admin routes exist only when an admin key is configured)."""
+
+    status_code = 404
+    code = "not_found"
+
+
 class TooLarge(ServiceError):
     """413: an image or the body has too many bytes, or an image has too many pixels."""
 

@@ -7,11 +7,14 @@ from bounded sets: route templates, status codes, layer names, policies, rejecti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STATISTICS = ("batch", "blend", "frozen")
+if TYPE_CHECKING:
+    from .engines import BatchReport
+
+STATISTICS = ("batch", "blend", "frozen", "stream")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
                      "invalid", "unauthorized")
 
@@ -62,6 +65,11 @@ class Metrics:
                                            buckets=IMAGE_SCORE_BUCKETS, registry=registry)
         self.rejected = Counter("robustnorm_rejected_total", "Requests rejected, by reason.", ["reason"],
                                 registry=registry)
+        self.gate_switches = Counter("robustnorm_gate_switches_total",
+                                     "Drift gate switches of the auto policy, by the statistics switched to.",
+                                     ["to"], registry=registry)
+        self.streams = Gauge("robustnorm_streams", "Streams whose running statistics the service holds.",
+                             registry=registry)
         self.model_info = Gauge("robustnorm_model_info", "The model being served (always 1).",
                                 ["model", "version", "norm", "policy"], registry=registry)
         for statistics in STATISTICS:  # so that rate() sees every series from the start
@@ -69,6 +77,8 @@ class Metrics:
                 self.batches.labels(statistics, fallback)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
+        for target in ("stream", "population"):
+            self.gate_switches.labels(target)
 
     def set_model(self, *, model: str, version: str, norm: str, policy: str) -> None:
         self.model_info.clear()
@@ -81,21 +91,22 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
-    def observe_batch(self, *, images: int, seconds: float, statistics: Sequence[str],
-                      fallback: Sequence[bool], batch_scores: Sequence[float | None],
-                      image_scores: Sequence[float] | None,
-                      layers: dict[str, dict[str, list[float]]]) -> None:
+    def observe_batch(self, report: BatchReport) -> None:
         """One forward pass: its size and time, and per statistics group what ran and how far it drifted."""
-        self.batch_size.observe(images)
-        self.inference_duration.observe(seconds)
-        for ran, fell_back in zip(statistics, fallback):
-            self.batches.labels(ran, "true" if fell_back else "false").inc()
-        for score in batch_scores:
-            if score is not None:
-                self.batch_drift_score.observe(score)
-        for score in image_scores or ():
+        self.batch_size.observe(report.images)
+        self.inference_duration.observe(report.seconds)
+        for group in report.groups:
+            self.batches.labels(group.statistics, "true" if group.fallback else "false").inc()
+            if group.batch_score is not None:
+                self.batch_drift_score.observe(group.batch_score)
+        for score in report.image_scores or ():
             self.image_drift_score.observe(score)
-        for layer, measures in layers.items():
+        for layer, measures in report.layers.items():
             for measure, per_group in measures.items():
                 if per_group:  # the latest batch is the last group of this forward
                     self.layer_drift.labels(layer, measure).set(per_group[-1])
+        for _, shifted in report.switches:
+            self.gate_switches.labels("stream" if shifted else "population").inc()
+
+    def set_streams(self, count: int) -> None:
+        self.streams.set(count)

@@ -17,9 +17,11 @@ from typing import Literal
 
 import torch
 
+import robustnorm
+from robustnorm.policy import Policy
+
 from .batcher import Batch, BatchKey, MicroBatcher
-from .engine import GroupReport, ImageOutput, TorchEngine, canonical_policy
-from .engine_onnx import create_engine
+from .engines import BatchReport, Engine, GroupOutcome, GroupSpec, load_engine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, NotReady, Unavailable
 from .imaging import Preprocessing, decode_images
 from .metrics import Metrics
@@ -28,7 +30,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 State = Literal["starting", "warming_up", "ready", "draining", "stopped", "failed"]
-EngineFactory = Callable[[Settings], TorchEngine]
+EngineFactory = Callable[[Settings], Engine]
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,67 @@ class Totals:
     fallback_groups: int = 0
 
 
+@dataclass(frozen=True)
+class GroupPlace:
+    """The statistics group an image ran in: its forward pass, its place in it and what ran."""
+
+    batch_id: str
+    index: int
+    policy: str
+    outcome: GroupOutcome
+    layers: dict[str, dict[str, float]]  # layer -> measure -> drift of this group
+    inference_seconds: float
+    finished_at: float  # wall-clock time (time.time()) the forward finished
+
+
+@dataclass(frozen=True)
+class ImageAnswer:
+    """One image's result: its class probabilities (on the CPU), drift score and group."""
+
+    probabilities: torch.Tensor
+    drift_score: float | None
+    group: GroupPlace
+
+
+def _places(batch: Batch[ImageAnswer], report: BatchReport) -> list[GroupPlace]:
+    finished_at = time.time()
+    return [GroupPlace(batch_id=batch.id, index=g, policy=str(batch.policy), outcome=outcome,
+                       layers={layer: {measure: values[g] for measure, values in measures.items()}
+                               for layer, measures in report.layers.items()},
+                       inference_seconds=report.seconds, finished_at=finished_at)
+            for g, outcome in enumerate(report.groups)]
+
+
+def split_answers(batch: Batch[ImageAnswer], probabilities: torch.Tensor, report: BatchReport
+                  ) -> dict[str, list[ImageAnswer]]:
+    """Each work item's answers, one per image in order, routed by the item's id."""
+    places = _places(batch, report)
+    results: dict[str, list[ImageAnswer]] = {}
+    row = 0
+    for g, group_items in enumerate(batch.groups):
+        for item in group_items:
+            rows = range(row, row + item.size)
+            results[item.id] = [ImageAnswer(probabilities=probabilities[r], group=places[g],
+                                            drift_score=report.image_scores[r] if report.image_scores else None)
+                                for r in rows]
+            row += item.size
+    return results
+
+
 class Predictor:
     """Everything between a decoded request and its answer."""
 
     def __init__(self, settings: Settings, metrics: Metrics, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._engine_factory = engine_factory or create_engine
+        self._engine_factory = engine_factory or load_engine
         self.state: State = "starting"
         self.failure: str | None = None
-        self.latest: GroupReport | None = None
+        self.latest: GroupPlace | None = None
         self.totals = Totals()
-        self._engine: TorchEngine | None = None
-        self._batcher: MicroBatcher[ImageOutput] | None = None
+        self._engine: Engine | None = None
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-engine")
+        self._batcher: MicroBatcher[ImageAnswer] | None = None
         self._preprocessing: Preprocessing | None = None
         self._decoder = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="robustnorm-decode")
         self._warm_up_task: asyncio.Task[None] | None = None
@@ -63,9 +113,11 @@ class Predictor:
         background; the predictor is ready once the warm-up is done."""
         engine = await asyncio.to_thread(self._engine_factory, self.settings)
         self._engine = engine
-        self._preprocessing = engine.preprocessing(self.settings.max_image_pixels)
         card = engine.card
-        self.metrics.set_model(model=card.name, version=card.version, norm=card.norm, policy=engine.policy)
+        channels, height, width = (int(v) for v in card.input_size)
+        self._preprocessing = Preprocessing(channels=channels, height=height, width=width, mean=tuple(card.mean),
+                                            std=tuple(card.std), max_pixels=self.settings.max_image_pixels)
+        self.metrics.set_model(model=card.name, version=card.version, norm=card.norm, policy=str(engine.policy))
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=self.settings.max_batch_size, max_wait=self.settings.max_wait,
             queue_limit=self.settings.queue_limit, share_tenants=self.settings.isolation == "grouped",
@@ -77,7 +129,7 @@ class Predictor:
     async def _warm_up(self) -> None:
         assert self._engine is not None
         try:
-            await self._engine.warm_up()
+            await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._engine.warm_up)
         except Exception as error:
             logger.exception("warm-up failed; the service stays unready")
             self.state, self.failure = "failed", f"warm-up failed: {type(error).__name__}: {error}"
@@ -96,6 +148,7 @@ class Predictor:
         if self._batcher is not None:
             await self._batcher.drain(self.settings.drain_timeout)
             await self._batcher.stop()
+        self._engine_thread.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.close)
         self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -103,7 +156,7 @@ class Predictor:
 
     # -- state -----------------------------------------------------------------------------------------
     @property
-    def engine(self) -> TorchEngine:
+    def engine(self) -> Engine:
         if self._engine is None:
             raise NotReady("the model is still loading; retry shortly")
         return self._engine
@@ -133,7 +186,7 @@ class Predictor:
     def queued_images(self) -> int:
         return self._batcher.queued_images if self._batcher is not None else 0
 
-    def resolve_policy(self, requested: str | None) -> str:
+    def resolve_policy(self, requested: str | None) -> Policy:
         """The effective policy of a request: its own when overrides are allowed, else the service's."""
         if requested is None:
             return self.engine.policy
@@ -141,9 +194,15 @@ class Predictor:
             raise InvalidRequest("this service does not accept a per-request policy (the operator can allow it "
                                  "with ROBUSTNORM_ALLOW_POLICY_OVERRIDE=true); leave out 'policy'")
         try:
-            return canonical_policy(requested)
+            return robustnorm.parse_policy(requested)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
+
+    def reset_streams(self, keys: Sequence[str] | None) -> int:
+        """Forget per-stream statistics (all streams when ``keys`` is None); how many were dropped."""
+        dropped = self.engine.reset_streams(keys)
+        logger.info("reset %d stream(s)%s", dropped, "" if keys is None else f" of {len(keys)} named")
+        return dropped
 
     # -- work ------------------------------------------------------------------------------------------
     async def decode(self, blobs: Sequence[bytes], deadline: float) -> torch.Tensor:
@@ -158,21 +217,23 @@ class Predictor:
             raise DeadlineExceeded("the request's deadline passed while its images were waiting for or in "
                                    "decoding") from None
 
-    async def predict(self, pixels: torch.Tensor, *, policy: str, tenant: str | None, top_k: int,
-                      deadline: float, request_id: str) -> list[ImageOutput]:
+    async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
+                      ) -> list[ImageAnswer]:
         """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic)."""
         self.check_ready()
         assert self._batcher is not None
         key = BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
-        return await self._batcher.submit(pixels, key=key, top_k=top_k, deadline=deadline, request_id=request_id)
+        return await self._batcher.submit(pixels, key=key, deadline=deadline)
 
-    async def _run_batch(self, batch: Batch[ImageOutput]) -> dict[str, list[ImageOutput]]:
-        output = await self.engine.run(batch)
-        self.metrics.observe_batch(
-            images=output.images, seconds=output.seconds, statistics=[g.statistics for g in output.groups],
-            fallback=[g.fallback for g in output.groups], batch_scores=[g.batch_score for g in output.groups],
-            image_scores=output.image_scores, layers=output.layers)
-        self.latest = output.groups[-1]
-        self.totals = Totals(batches=self.totals.batches + 1, images=self.totals.images + output.images,
-                             fallback_groups=self.totals.fallback_groups + sum(g.fallback for g in output.groups))
-        return output.results
+    async def _run_batch(self, batch: Batch[ImageAnswer]) -> dict[str, list[ImageAnswer]]:
+        groups = [GroupSpec(size, tenant) for size, tenant in zip(batch.sizes, batch.tenants)]
+        pixels = torch.cat([item.pixels for item in batch.items])
+        probabilities, report = await asyncio.get_running_loop().run_in_executor(
+            self._engine_thread, self.engine.run, pixels, groups, batch.policy)
+        results = split_answers(batch, probabilities, report)
+        self.metrics.observe_batch(report)
+        self.metrics.set_streams(self.engine.stream_count())
+        self.latest = results[batch.items[-1].id][0].group  # the latest batch is the last group of this forward
+        self.totals = Totals(batches=self.totals.batches + 1, images=self.totals.images + report.images,
+                             fallback_groups=self.totals.fallback_groups + sum(g.fallback for g in report.groups))
+        return results

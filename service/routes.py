@@ -11,23 +11,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import MetricsDep, PredictorDep, SettingsDep, TenantDep
-from .engine import GroupReport, ImageOutput
+from .deps import AdminDep, MetricsDep, PredictorDep, SettingsDep, TenantDep
 from .errors import InvalidRequest
 from .inputs import read_images
 from .schemas import (
-    BatchInfo,
     ErrorResponse,
     HealthResponse,
-    ImagePrediction,
     LatestBatch,
     LayerDrift,
     ModelResponse,
     PredictResponse,
     ReadyResponse,
     StatsResponse,
+    StreamReset,
+    StreamResetResponse,
     Timings,
-    TopClass,
+    image_prediction,
 )
 
 router = APIRouter()
@@ -53,18 +52,6 @@ _PREDICT_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-def _batch_info(group: GroupReport) -> BatchInfo:
-    return BatchInfo(id=group.batch_id, group=group.index, size=group.size, policy=group.policy,
-                     statistics=group.statistics, fallback=group.fallback, drift_score=group.batch_score,
-                     inference_seconds=group.inference_seconds)
-
-
-def _prediction(output: ImageOutput) -> ImagePrediction:
-    return ImagePrediction(label=output.label, index=output.index, score=output.score,
-                           top_k=[TopClass(index=t.index, label=t.label, score=t.score) for t in output.top_k],
-                           drift_score=output.drift_score, batch=_batch_info(output.group))
 
 
 @router.post("/predict", status_code=status.HTTP_200_OK, openapi_extra=_PREDICT_BODY,
@@ -97,13 +84,12 @@ async def predict(
     images = await read_images(request, settings)
     pixels = await predictor.decode(images, deadline)
     decoded = time.monotonic()
-    outputs = await predictor.predict(pixels, policy=effective_policy, tenant=tenant, top_k=min(k, classes),
-                                      deadline=deadline, request_id=request_id)
-    forwards = {output.group.batch_id: output.group.inference_seconds for output in outputs}
+    answers = await predictor.predict(pixels, policy=effective_policy, tenant=tenant, deadline=deadline)
+    forwards = {answer.group.batch_id: answer.group.inference_seconds for answer in answers}
     card = predictor.engine.card
     return PredictResponse(
         request_id=request_id, model=card.name, version=card.version,
-        predictions=[_prediction(output) for output in outputs],
+        predictions=[image_prediction(answer, card.labels, k) for answer in answers],
         timings=Timings(decode_seconds=decoded - started, inference_seconds=sum(forwards.values()),
                         total_seconds=time.monotonic() - started),
     )
@@ -138,7 +124,7 @@ async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelRes
     return ModelResponse(
         name=card.name, version=card.version, architecture=card.architecture, norm=card.norm, p=card.p,
         labels=list(card.labels), input_size=[int(v) for v in card.input_size], mean=list(card.mean),
-        std=list(card.std), card_policy=card.policy, policy=engine.policy,
+        std=list(card.std), card_policy=card.policy, policy=str(engine.policy),
         policy_override=settings.allow_policy_override, calibrated=engine.drift_calibration(engine.policy) is not None,
         calibration=card.calibration.to_dict() if card.calibration is not None else None,
         max_batch_size=settings.max_batch_size, batch_key=settings.batch_key, isolation=settings.isolation,
@@ -154,9 +140,20 @@ async def stats(predictor: PredictorDep) -> StatsResponse:
     return StatsResponse(
         model=card.name, version=card.version, batches=totals.batches, images=totals.images,
         fallback_groups=totals.fallback_groups, queued_images=predictor.queued_images,
+        streams=predictor.engine.stream_count(),
         latest=None if latest is None else LatestBatch(
-            id=latest.batch_id, group=latest.index, size=latest.size, policy=latest.policy,
-            statistics=latest.statistics, fallback=latest.fallback, drift_score=latest.batch_score,
+            id=latest.batch_id, group=latest.index, size=latest.outcome.size, policy=latest.policy,
+            statistics=latest.outcome.statistics, fallback=latest.outcome.fallback,  # type: ignore[arg-type]
+            stream_images=latest.outcome.stream_images, drift_score=latest.outcome.batch_score,
             finished_at=datetime.fromtimestamp(latest.finished_at, tz=timezone.utc),
             layers={name: LayerDrift(**measures) for name, measures in latest.layers.items()}),
     )
+
+
+@router.post("/v1/streams/reset", responses=_errors(401, 403, 404, 503))
+async def reset_streams(predictor: PredictorDep, _: AdminDep, body: StreamReset | None = None
+                        ) -> StreamResetResponse:
+    """Forget the running statistics of the named streams (every stream when none are named). Admin key only;
+    the route does not exist unless an admin key is configured."""
+    keys = None if body is None or body.streams is None else list(body.streams)
+    return StreamResetResponse(dropped=predictor.reset_streams(keys))

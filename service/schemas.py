@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-StatisticsRan = Literal["batch", "blend", "frozen"]
+if TYPE_CHECKING:
+    from .predictor import GroupPlace, ImageAnswer
+
+StatisticsRan = Literal["batch", "blend", "frozen", "stream"]
 
 
 class ErrorDetail(BaseModel):
@@ -34,7 +38,10 @@ class BatchInfo(BaseModel):
     size: int = Field(description="real images in the group: the n the policy saw (padding excluded)")
     policy: str = Field(description="effective policy of the batch, e.g. 'adaptive:16'")
     statistics: StatisticsRan = Field(description="the statistics that actually ran")
-    fallback: bool = Field(description="true when an adaptive policy fell back (n below its MIN_BATCH)")
+    fallback: bool = Field(description="true when an adaptive policy fell back (n below its MIN_BATCH) or an auto "
+                                       "policy's drift gate held the population statistics")
+    stream_images: int = Field(description="images the stream's running statistics held when the batch ran (0 "
+                                           "unless the policy is 'stream' or 'auto')")
     drift_score: float | None = Field(description="calibrated batch drift score (null when uncalibrated)")
     inference_seconds: float
 
@@ -117,6 +124,7 @@ class LatestBatch(BaseModel):
     policy: str
     statistics: StatisticsRan
     fallback: bool
+    stream_images: int
     drift_score: float | None
     finished_at: datetime
     layers: dict[str, LayerDrift] = Field(description="drift per normalization layer, in forward order")
@@ -129,4 +137,32 @@ class StatsResponse(BaseModel):
     images: int = Field(description="images answered since start")
     fallback_groups: int = Field(description="statistics groups where an adaptive policy fell back")
     queued_images: int
+    streams: int = Field(description="streams whose running statistics the service holds (stream policies)")
     latest: LatestBatch | None = Field(description="the latest batch (null before the first)")
+
+
+class StreamReset(BaseModel):
+    """Which streams to forget; none named: every stream."""
+
+    streams: list[str] | None = Field(None, description="stream keys (tenant names; '' is the global stream)")
+
+
+class StreamResetResponse(BaseModel):
+    dropped: int = Field(description="streams forgotten")
+
+
+def batch_info(place: GroupPlace) -> BatchInfo:
+    """The response's view of the group an image ran in."""
+    outcome = place.outcome
+    return BatchInfo(id=place.batch_id, group=place.index, size=outcome.size, policy=place.policy,
+                     statistics=outcome.statistics, fallback=outcome.fallback,  # type: ignore[arg-type]
+                     stream_images=outcome.stream_images, drift_score=outcome.batch_score,
+                     inference_seconds=place.inference_seconds)
+
+
+def image_prediction(answer: ImageAnswer, labels: Sequence[str], top_k: int) -> ImagePrediction:
+    """Label one image's probabilities: the best class and the ``top_k`` first."""
+    scores, indices = answer.probabilities.topk(min(top_k, len(labels)))
+    top = [TopClass(index=int(i), label=labels[int(i)], score=float(s)) for s, i in zip(scores, indices)]
+    return ImagePrediction(label=top[0].label, index=top[0].index, score=top[0].score, top_k=top,
+                           drift_score=answer.drift_score, batch=batch_info(answer.group))

@@ -86,6 +86,17 @@ class Settings(BaseSettings):
         default_factory=dict, repr=False,
         description="API key -> tenant name (JSON); when set, /predict requires a key (X-API-Key or Bearer)")
 
+    admin_keys: dict[str, str] = Field(
+        default_factory=dict, repr=False,
+        description="admin key -> admin name (JSON); admin routes (POST /v1/streams/reset) exist only when set")
+
+    # -- stream statistics (policies 'stream' and 'auto') -------------------------------------------------------
+    max_streams: int = Field(256, ge=1, description="streams held at most; the least recently used is dropped")
+    stream_idle_seconds: float = Field(3600.0, gt=0, description="seconds after which an idle stream is dropped")
+    stream_batch_share: float = Field(
+        0.25, gt=0, le=1, description="share of a stream's window one micro-batch may fill at most (bounds how far "
+                                      "one batch moves the statistics later batches run with)")
+
     # -- inputs ----------------------------------------------------------------------------------------
     max_image_bytes: int = Field(8 * MiB, ge=1, description="bytes per encoded image at most")
     max_image_pixels: int = Field(
@@ -149,6 +160,8 @@ class Settings(BaseSettings):
         if self.max_request_pixels < self.max_image_pixels:
             raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least max_image_pixels "
                              f"({self.max_image_pixels})")
+        if set(self.admin_keys) & set(self.api_keys):
+            raise ValueError("a key cannot be both an admin key and a tenant's API key")
         if self.batch_key == "api_key" and not self.api_keys:
             raise ValueError("batch_key='api_key' needs api_keys (a JSON object of API key -> tenant name)")
         if self.config_file is not None and not self.config_file.is_file():

@@ -1,0 +1,151 @@
+"""The engine contract: pixels, statistics groups and a policy in; probabilities and one batch report out.
+
+An engine runs one micro-batch at a time on whatever thread calls it (the predictor gives it one thread of
+its own). It knows tensors and the library's types, never HTTP: labelling, top-k and response shapes belong
+to the schemas, counting to the metrics. Both engines (:mod:`service.engines.torch`,
+:mod:`service.engines.onnx`) share what does not depend on the runtime through :class:`EngineBase`: the card,
+the policy, the per-stream statistics (:class:`robustnorm.StreamStore`, one per stream policy) and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+import robustnorm
+from robustnorm.policy import Policy
+from robustnorm.stream import GateCalibration, StreamSelection, StreamStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One statistics group of a micro-batch: ``size`` consecutive images of the pixel tensor, normalised
+    together, and the stream they belong to (``None``: the global stream)."""
+
+    size: int
+    stream: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """What ran for one group."""
+
+    size: int
+    statistics: str  # "frozen", "batch", "blend" or "stream"
+    fallback: bool  # adaptive fell back, or an auto gate held the population statistics
+    stream_images: int  # images the stream estimate held when the group ran (0 without a stream policy)
+    batch_score: float | None  # calibrated batch drift score, None where there is no calibration for the policy
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One forward pass: its groups, per-layer drift (layer -> measure -> one value per group), image scores."""
+
+    groups: list[GroupOutcome]
+    layers: dict[str, dict[str, list[float]]]
+    image_scores: list[float] | None
+    seconds: float
+    padded_to: int
+    switches: list[tuple[str, bool]] = field(default_factory=list)  # gate switches: (stream key, shifted)
+
+    @property
+    def images(self) -> int:
+        return sum(group.size for group in self.groups)
+
+
+class Engine(Protocol):
+    """What the predictor needs of an engine."""
+
+    card: robustnorm.ModelCard
+    device: torch.device
+    policy: Policy
+    labels: list[str]
+    pad_sizes: tuple[int, ...]
+
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy
+            ) -> tuple[torch.Tensor, BatchReport]: ...
+    def warm_up(self) -> None: ...
+    def close(self) -> None: ...
+    def drift_calibration(self, policy: Policy) -> robustnorm.DriftCalibration | None: ...
+    def reset_streams(self, keys: Sequence[str] | None = None) -> int: ...
+    def stream_count(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Bounds of the per-stream state (the service's ``stream_*`` settings)."""
+
+    max_streams: int = 256
+    idle_seconds: float = 3600.0
+    max_batch_share: float = 0.25
+
+
+class EngineBase:
+    """What both engines share: card, policy, streams, calibration and the report."""
+
+    def __init__(self, card: robustnorm.ModelCard, policy: Policy, streams: StreamSettings) -> None:
+        self.card = card
+        self.policy = policy
+        self.labels = list(card.labels)
+        self.stream_settings = streams
+        self._stores: dict[str, StreamStore] = {}
+        calibration = card.calibration
+        self.calibrated_policy = robustnorm.parse_policy(
+            calibration.policy if calibration is not None and calibration.policy else card.policy)
+        self.gate = (GateCalibration.from_dict(calibration.gate)
+                     if calibration is not None and calibration.gate else None)
+        if policy.kind == "auto" and self.gate is None:
+            logger.warning("policy %s needs a drift gate calibration, which the card of %s lacks: the gate never "
+                           "switches, so every batch runs population statistics; calibrate the model", policy,
+                           card.name)
+
+    def drift_calibration(self, policy: Policy) -> robustnorm.DriftCalibration | None:
+        """The card's drift calibration for a batch run under ``policy``, or ``None`` (no scores).
+
+        A calibration is made under one policy, and only there do clean batches score about 0; a misleading
+        score is worse than none, so other policies report per-layer drift only (docs/drift.md).
+        """
+        if self.card.calibration is None or policy != self.calibrated_policy:
+            return None
+        return self.card.calibration
+
+    def streams_for(self, policy: Policy, groups: Sequence[GroupSpec]) -> StreamSelection | None:
+        """Each group's stream under a stream policy (one store per policy), else None."""
+        if not policy.uses_streams:
+            return None
+        key = str(policy)
+        store = self._stores.get(key)
+        if store is None:
+            assert policy.window is not None
+            settings = self.stream_settings
+            store = StreamStore(policy.window, max_streams=settings.max_streams, idle_seconds=settings.idle_seconds,
+                                max_batch_share=settings.max_batch_share, gate=self.gate)
+            self._stores[key] = store
+        return store.select([group.stream for group in groups])
+
+    def reset_streams(self, keys: Sequence[str] | None = None) -> int:
+        """Forget the given streams (every stream when ``keys`` is None) in every store; how many were dropped."""
+        return sum(store.reset(keys) for store in list(self._stores.values()))
+
+    def stream_count(self) -> int:
+        return sum(len(store) for store in list(self._stores.values()))
+
+    def report(self, run: robustnorm.GroupRun, groups: Sequence[GroupSpec], policy: Policy, seconds: float,
+               padded_to: int, selection: StreamSelection | None) -> BatchReport:
+        """The batch report of a recorded grouped forward."""
+        drift = robustnorm.drift_report(run, self.drift_calibration(policy))
+        outcomes = [GroupOutcome(size=group.size, statistics=run.ran[g], fallback=run.fallback[g],
+                                 stream_images=run.stream_images[g] if run.stream_images else 0,
+                                 batch_score=drift.batch_score[g] if g < len(drift.batch_score) else None)
+                    for g, group in enumerate(groups)]
+        for key, shifted in selection.switched if selection is not None else ():
+            logger.info("drift gate of stream %r switched to %s statistics", key or "global",
+                        "stream" if shifted else "population")
+        return BatchReport(groups=outcomes, layers=drift.layers, image_scores=drift.image_score, seconds=seconds,
+                           padded_to=padded_to, switches=list(selection.switched) if selection is not None else [])
