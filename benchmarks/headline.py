@@ -1,5 +1,5 @@
-"""The README's headline table: which claims of arXiv 2006.11007 reproduce, by threat model, from the JSON
-that ``robustnorm evaluate`` wrote.
+"""The headline table: which claims of arXiv 2006.11007 reproduce, by threat model, from the JSON that
+``robustnorm evaluate`` wrote. Its counted summary is pasted into ``docs/results.md``.
 
     python benchmarks/headline.py benchmarks/results/robustness/robustness.json
 
@@ -252,7 +252,7 @@ def claim_rows(report: dict) -> list[Row]:
 
 
 def summary(report: dict) -> str:
-    """The full table's verdicts counted per claim, threat model and eps: the README's headline table."""
+    """The full table's verdicts counted per claim, threat model and eps: the table in ``docs/results.md``."""
     counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for row in claim_rows(report):
         tally = counts.setdefault((row.claim, row.threat, row.eps), {})

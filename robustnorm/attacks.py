@@ -9,7 +9,7 @@ statistics (an adaptive attack)::
         with robustnorm.batch_groups(model, sizes=[group_size] * n_groups):
             return model(normalize(x01))
 
-Threat models (ARCHITECTURE.md) are expressed with two boolean masks over the batch:
+Threat models (docs/architecture.md) are expressed with two boolean masks over the batch:
 
 - ``mask``: the images the attacker may perturb; all others stay bit-for-bit clean. All images for the
   whole-batch threat model, :func:`lone_attacker_mask` for one attacker per batch, :func:`fraction_mask`
@@ -23,7 +23,7 @@ losses: ``"ce"``, cross-entropy, and ``"margin"``, the clamped logit margin ``mi
 MARGIN_CAP)`` (Carlini and Wagner 2017). Through batch statistics every image's gradient carries its batchmates'
 losses, and the cross-entropy of images already misclassified grows without bound, so it dominates the step and
 the summed cross-entropy rises while few more images flip; the clamped margin stops pushing an image once it is
-misclassified by ``MARGIN_CAP``, which makes the coupled attack far stronger (README, robustness).
+misclassified by ``MARGIN_CAP``, which makes the coupled attack far stronger (docs/results.md, claim B).
 
 Expectation over transformation (EOT), for an attacker who does not know its batchmates: pass
 ``eot_forward_samples=k`` to :func:`pgd` and, as ``forward``, a :data:`ForwardSampler`: a callable that

@@ -123,15 +123,15 @@ def test_the_drift_table_shows_both_scores_per_condition() -> None:
     assert "| jpeg | — | — |" in text
 
 
-def test_the_readme_headline_is_the_committed_results_counted() -> None:
+def test_the_results_headline_is_the_committed_results_counted() -> None:
     import json
 
     root = SCRIPT.parents[1]
     results = json.loads((root / "benchmarks" / "results" / "robustness" / "robustness.json").read_text())
-    readme = (root / "README.md").read_text()
+    record = (root / "docs" / "results.md").read_text()
     start, end = "<!-- headline summary: start -->\n", "<!-- headline summary: end -->"
-    block = readme[readme.index(start) + len(start): readme.index(end)]
-    assert block == headline.summary(results), "rerun benchmarks/headline.py and paste its summary into README.md"
+    block = record[record.index(start) + len(start): record.index(end)]
+    assert block == headline.summary(results), "rerun benchmarks/headline.py and paste its summary into docs/results.md"
     assert (root / "benchmarks" / "results" / "robustness" / "headline.md").read_text() == headline.headline(results)
 
 
