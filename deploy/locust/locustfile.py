@@ -15,7 +15,7 @@ summary counts 429s apart from real failures. The run's exit code is 1 only when
 
 Headless, bounded, with CSV output (``<prefix>_stats.csv``, ``<prefix>_failures.csv``)::
 
-    LOCUST_IMAGES=../shared/data/cifar10/test.tar.gz locust -f deploy/locust/locustfile.py --headless \\
+    LOCUST_IMAGES=/path/to/cifar10/test.tar.gz locust -f deploy/locust/locustfile.py --headless \\
         --users 20 --spawn-rate 10 --run-time 30s --host http://127.0.0.1:8000 --csv results/run
 """
 
