@@ -105,7 +105,7 @@ def main() -> int:
         f"python {shlex.join(sys.argv)}\n```\n\n"
         + (f"Training ran in {len(commands)} cycles, each from the weights of the one before (`--init-from`); "
            f"their logs are {', '.join(logs)} and `train_log.jsonl` (the last). " if earlier else "")
-        + ("`--resume` marks a run continued from its last epoch's checkpoint after a session ended; without it "
+        + ("`--resume` marks a run continued from its last epoch's checkpoint after it was stopped; without it "
            "the same command trains the run in one go. " if resumed else "")
         + f"`train_log.jsonl` is the training log (one line per epoch). Validation accuracy (frozen, "
         f"{card.training.get('val_images')} images held out from training): "

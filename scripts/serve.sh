@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "service"
-echo "==> starting robustnorm-serve $* (ready when it logs 'Uvicorn running'; stop with Ctrl-C)" >&2
+echo "==> starting robustnorm-serve${*:+ $*} (ready when it logs 'Uvicorn running'; stop with Ctrl-C)" >&2
 exec .venv/bin/robustnorm-serve "$@"
