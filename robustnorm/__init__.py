@@ -22,7 +22,8 @@ _EXPORTS = {
     "layers": ("AdaptiveBatchNorm2d", "GroupStatistics", "RobustNorm2d", "convert_norms", "enable_sync",
                "policy_layers", "set_policy"),
     "models": ("create_model", "create_norm", "get_norm_layer", "list_architectures", "list_norms"),
-    "policy": ("Policy", "parse_policy"),
+    "policy": ("GroupPlan", "Policy", "parse_policy"),
+    "stream": ("GateCalibration", "Stream", "StreamSelection", "StreamStore"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -32,12 +33,17 @@ __all__ = [
     "AdaptiveBatchNorm2d",
     "DriftCalibration",
     "DriftReport",
+    "GateCalibration",
+    "GroupPlan",
     "GroupRun",
     "GroupStatistics",
     "ModelCard",
     "ModelLoadError",
     "Policy",
     "RobustNorm2d",
+    "Stream",
+    "StreamSelection",
+    "StreamStore",
     "batch_groups",
     "build_model",
     "calibrate_drift",

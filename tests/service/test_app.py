@@ -14,7 +14,7 @@ from service_support import LiveServer
 
 import robustnorm
 from service.app import create_app
-from service.engine import TorchEngine
+from service.engines import TorchEngine
 from service.settings import Settings
 
 
@@ -23,9 +23,9 @@ class SlowWarmUpEngine(TorchEngine):
 
     release = threading.Event()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         assert self.release.wait(timeout=30)
-        super()._warm_up()
+        super().warm_up()
 
 
 def build_engine(settings: Settings) -> TorchEngine:
@@ -33,7 +33,8 @@ def build_engine(settings: Settings) -> TorchEngine:
     model = robustnorm.create_model("resnet20", norm="robustnorm", p=0.2).eval()
     card = robustnorm.ModelCard(name="tiny", architecture="resnet20", norm="robustnorm", p=0.2,
                                 labels=[str(i) for i in range(10)], policy="adaptive:4")
-    return SlowWarmUpEngine(model, card, device=torch.device("cpu"), policy=settings.policy or card.policy,
+    return SlowWarmUpEngine(model, card, device=torch.device("cpu"),
+                            policy=robustnorm.parse_policy(settings.policy or card.policy),
                             max_batch_size=settings.max_batch_size, padding=False)
 
 

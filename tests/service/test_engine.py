@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import textwrap
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import robustnorm
-from service.batcher import Batch, BatchKey, WorkItem
-from service.engine import TorchEngine, default_model, pad_sizes, resolve_device
-from service.engine_onnx import create_engine
+from service.engines import GroupSpec, TorchEngine, default_model, load_engine, pad_sizes, resolve_device
 from service.settings import Settings
 
 LABELS = [f"class{i}" for i in range(10)]
+P = robustnorm.parse_policy
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +27,17 @@ def robust_model() -> tuple[nn.Module, robustnorm.ModelCard]:
     model = robustnorm.create_model("resnet20", norm="robustnorm", p=0.2).eval()
     card = robustnorm.ModelCard(name="tiny", architecture="resnet20", norm="robustnorm", p=0.2, labels=LABELS,
                                 policy="adaptive:4")
-    robustnorm.set_policy(model, card.policy)
     return model, card
 
 
-def make_batch(groups: list[list[torch.Tensor]], policy: str, top_k: int = 3) -> Batch:
-    items = [[WorkItem(id=f"r{g}-{i}:0", pixels=pixels, key=BatchKey(policy, str(g)), top_k=top_k, enqueued_at=0.0,
-                       deadline=1e9, future=Future())  # type: ignore[arg-type]
-              for i, pixels in enumerate(group)] for g, group in enumerate(groups)]
-    return Batch(id="test-1", policy=policy, groups=items)
+def make_engine(model: nn.Module, card: robustnorm.ModelCard, policy: str = "adaptive:4", max_batch_size: int = 8,
+                padding: bool = False) -> TorchEngine:
+    return TorchEngine(model, card, device=torch.device("cpu"), policy=P(policy), max_batch_size=max_batch_size,
+                       padding=padding)
 
 
 def offline(model: nn.Module, pixels: torch.Tensor, sizes: list[int], policy: str) -> tuple[torch.Tensor, list[str]]:
-    robustnorm.set_policy(model, policy)
-    with torch.inference_mode(), robustnorm.batch_groups(model, sizes, record=True) as run:
+    with torch.inference_mode(), robustnorm.batch_groups(model, sizes, policy=policy, record=True) as run:
         probabilities = model(pixels).softmax(dim=1)
     return probabilities, run.ran
 
@@ -71,40 +66,71 @@ def test_auto_device_is_the_cpu_without_a_gpu() -> None:
 def test_padding_never_changes_an_answer(robust_model: tuple[nn.Module, robustnorm.ModelCard]) -> None:
     model, card = robust_model
     torch.manual_seed(1)
-    requests = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)]
-    padded = TorchEngine(model, card, device=torch.device("cpu"), policy="adaptive:4", max_batch_size=16,
-                         padding=True)
-    output = padded.forward(make_batch([requests], "adaptive:4"))
-    assert output.padded_to == 8 and output.images == 5
-    expected, ran = offline(model, torch.cat(requests), [5], "adaptive:4")
+    pixels = torch.randn(5, 3, 32, 32)
+    padded = make_engine(model, card, max_batch_size=16, padding=True)
+    probabilities, report = padded.run(pixels, [GroupSpec(5)], P("adaptive:4"))
+    assert report.padded_to == 8 and report.images == 5 and probabilities.shape == (5, 10)
+    expected, ran = offline(model, pixels, [5], "adaptive:4")
     assert ran == ["batch"]
-    answers = output.results["r0-0:0"] + output.results["r0-1:0"]
-    for row, answer in enumerate(answers):
-        assert answer.group.statistics == "batch" and answer.group.size == 5 and not answer.group.fallback
-        assert answer.index == int(expected[row].argmax())
-        assert [t.score for t in answer.top_k] == pytest.approx(expected[row].topk(3).values.tolist(), abs=1e-5)
-    padded.close()
+    assert [(g.statistics, g.size, g.fallback) for g in report.groups] == [("batch", 5, False)]
+    assert torch.allclose(probabilities, expected, atol=1e-5)
 
 
 def test_groups_are_normalised_apart_and_policies_switch_per_batch(
         robust_model: tuple[nn.Module, robustnorm.ModelCard]) -> None:
     model, card = robust_model
     torch.manual_seed(2)
-    tenant_a, tenant_b = [torch.randn(4, 3, 32, 32)], [torch.randn(1, 3, 32, 32)]
-    engine = TorchEngine(model, card, device=torch.device("cpu"), policy="adaptive:4", max_batch_size=8,
-                         padding=False)
-    output = engine.forward(make_batch([tenant_a, tenant_b], "adaptive:4"))
-    assert [(g.size, g.statistics, g.fallback) for g in output.groups] == [(4, "batch", False), (1, "frozen", True)]
-    alone_a, _ = offline(model, tenant_a[0], [4], "adaptive:4")
-    alone_b, _ = offline(model, tenant_b[0], [1], "adaptive:4")
-    assert output.results["r0-0:0"][0].score == pytest.approx(float(alone_a[0].max()), abs=1e-5)
-    assert output.results["r1-0:0"][0].score == pytest.approx(float(alone_b[0].max()), abs=1e-5)
-    frozen = engine.forward(make_batch([tenant_a], "frozen"))
-    assert [(g.statistics, g.fallback, g.policy) for g in frozen.groups] == [("frozen", False, "frozen")]
-    again = engine.forward(make_batch([tenant_a], "adaptive:4"))
+    tenant_a, tenant_b = torch.randn(4, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    engine = make_engine(model, card)
+    probabilities, report = engine.run(torch.cat([tenant_a, tenant_b]), [GroupSpec(4, "a"), GroupSpec(1, "b")],
+                                       P("adaptive:4"))
+    assert [(g.size, g.statistics, g.fallback) for g in report.groups] == [(4, "batch", False), (1, "frozen", True)]
+    alone_a, _ = offline(model, tenant_a, [4], "adaptive:4")
+    alone_b, _ = offline(model, tenant_b, [1], "adaptive:4")
+    assert torch.allclose(probabilities, torch.cat([alone_a, alone_b]), atol=1e-5)
+    _, frozen = engine.run(tenant_a, [GroupSpec(4)], P("frozen"))
+    assert [(g.statistics, g.fallback) for g in frozen.groups] == [("frozen", False)]
+    _, again = engine.run(tenant_a, [GroupSpec(4)], P("adaptive:4"))
     assert again.groups[0].statistics == "batch"
-    assert set(output.layers) == {name for name, _ in robustnorm.policy_layers(model)}
-    engine.close()
+    assert set(report.layers) == {name for name, _ in robustnorm.policy_layers(model)}
+    assert all(layer.policy == P("frozen") for _, layer in robustnorm.policy_layers(model)), \
+        "the engine passes the policy to each forward; it never changes the layers' own"
+
+
+def test_streams_adapt_single_images_per_tenant_and_reset(robust_model: tuple[nn.Module, robustnorm.ModelCard]
+                                                          ) -> None:
+    model, card = robust_model
+    torch.manual_seed(4)
+    engine = make_engine(model, card, policy="stream:8")
+    policy = P("stream:8")
+    images = torch.randn(12, 3, 32, 32)
+    held = []
+    for image in images:
+        _, report = engine.run(image[None], [GroupSpec(1, "a")], policy)
+        held.append(report.groups[0].stream_images)
+        assert report.groups[0].statistics == "stream"
+    assert held == [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8], "the stream holds the last WINDOW images"
+    engine.run(images[:4], [GroupSpec(4, "c")], policy)
+    _, after = engine.run(images[:1], [GroupSpec(1, "c")], policy)
+    assert after.groups[0].stream_images == 2, "one batch fills at most max_batch_share (1/4) of the window"
+    engine.reset_streams(["c"])
+    # The answer under a stream equals the library's: stream statistics of the images before it.
+    store = robustnorm.StreamStore(8)
+    for image in images[:-1]:
+        with torch.inference_mode(), robustnorm.batch_groups(model, [1], policy=policy, streams=store.select(["a"])):
+            model(image[None])
+    with torch.inference_mode(), robustnorm.batch_groups(model, [1], policy=policy, streams=store.select(["a"])):
+        expected = model(images[-1:]).softmax(dim=1)
+    engine.reset_streams(["a"])
+    for image in images[:-1]:
+        engine.run(image[None], [GroupSpec(1, "a")], policy)
+    probabilities, _ = engine.run(images[-1:], [GroupSpec(1, "a")], policy)
+    assert torch.allclose(probabilities, expected, atol=1e-5)
+    # Another tenant starts from the population; a reset forgets one tenant's stream only.
+    _, other = engine.run(images[:1], [GroupSpec(1, "b")], policy)
+    assert other.groups[0].stream_images == 0 and engine.stream_count() == 2
+    assert engine.reset_streams(["a"]) == 1 and engine.stream_count() == 1
+    assert engine.reset_streams() == 1 and engine.stream_count() == 0
 
 
 def test_drift_is_scored_only_under_the_policy_it_was_calibrated_for(
@@ -114,19 +140,18 @@ def test_drift_is_scored_only_under_the_policy_it_was_calibrated_for(
     robustnorm.set_policy(model, card.policy)
     calibrated = dataclasses.replace(card, calibration=robustnorm.calibrate_drift(
         model, torch.randn(64, 3, 32, 32), batch_sizes=(1, 4, 8), batches_per_size=8))
-    engine = TorchEngine(model, calibrated, device=torch.device("cpu"), policy=card.policy, max_batch_size=8,
-                         padding=False)
-    pixels = [torch.randn(4, 3, 32, 32)]
+    robustnorm.set_policy(model, "frozen")
+    engine = make_engine(model, calibrated, policy=card.policy)
+    pixels = torch.randn(4, 3, 32, 32)
     for policy, scored in ((card.policy, True), ("frozen", False), ("batch", False)):
-        output = engine.forward(make_batch([pixels], policy))
-        assert isinstance(output.groups[0].batch_score, float) == scored, policy
-        assert (output.image_scores is not None) == scored, policy
-        assert output.groups[0].layers, "per-layer drift is reported under every policy"
-    engine.close()
+        _, report = engine.run(pixels, [GroupSpec(4)], P(policy))
+        assert isinstance(report.groups[0].batch_score, float) == scored, policy
+        assert (report.image_scores is not None) == scored, policy
+        assert report.layers, "per-layer drift is reported under every policy"
 
     robustnorm.save_model(model, calibrated, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="service.engine_onnx"):
-        create_engine(Settings(model=str(tmp_path), device="cpu", policy="frozen")).close()
+    with caplog.at_level(logging.WARNING, logger="service.engines.loader"):
+        load_engine(Settings(model=str(tmp_path), device="cpu", policy="frozen")).close()
     assert "calibrated for policy adaptive:4, not for frozen" in caplog.text
     assert "robustnorm calibrate" in caplog.text
 
@@ -148,17 +173,16 @@ def test_any_batchnorm_model_as_module_factory_with_weights_and_card(tmp_path: P
                                                     "mean": [0.5] * 3, "std": [0.25] * 3, "policy": "adaptive:8"}))
     settings = Settings(model="tiny_bn_net:build", weights=tmp_path / "weights.safetensors",
                         card=tmp_path / "card.json", device="cpu", policy="adaptive:2")
-    engine = TorchEngine.from_settings(settings)
-    assert engine.policy == "adaptive:2" and engine.card.policy == "adaptive:8"  # the flag wins over the card
-    assert engine.preprocessing(100).shape == (3, 16, 16)
-    lone = engine.forward(make_batch([[torch.randn(1, 3, 16, 16)]], engine.policy))
+    engine = load_engine(settings)
+    assert str(engine.policy) == "adaptive:2" and engine.card.policy == "adaptive:8"  # the flag wins over the card
+    assert list(engine.card.input_size) == [3, 16, 16]
+    _, lone = engine.run(torch.randn(1, 3, 16, 16), [GroupSpec(1)], engine.policy)
     assert (lone.groups[0].statistics, lone.groups[0].fallback) == ("blend", True)  # BatchNorm falls back to blend
-    pair = engine.forward(make_batch([[torch.randn(2, 3, 16, 16)]], engine.policy))
-    assert pair.groups[0].statistics == "batch"
-    assert pair.results["r0-0:0"][0].label in {"a", "b", "c"}
+    probabilities, pair = engine.run(torch.randn(2, 3, 16, 16), [GroupSpec(2)], engine.policy)
+    assert pair.groups[0].statistics == "batch" and probabilities.shape == (2, 3)
     engine.close()
 
 
 def test_an_unknown_model_fails_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="save_model"):
-        TorchEngine.from_settings(Settings(model="no-such-model", device="cpu"))
+        load_engine(Settings(model="no-such-model", device="cpu"))

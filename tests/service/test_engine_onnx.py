@@ -7,6 +7,7 @@ request is its own batch, under the card's policy and per-request overrides.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,12 @@ import httpx
 import pytest
 import torch
 from service_support import MIN_BATCH, LiveServer, Sample, serve
-from test_engine import make_batch
 
 import robustnorm
 from robustnorm.export import export_onnx
 from service.app import create_app
-from service.engine import BatchOutput, TorchEngine
-from service.engine_onnx import (
-    CPU_PROVIDER,
-    CUDA_PROVIDER,
-    TENSORRT_PROVIDER,
-    OnnxEngine,
-    choose_providers,
-    create_engine,
-)
+from service.engines import BatchReport, GroupSpec, TorchEngine, load_engine
+from service.engines.onnx import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, OnnxEngine, choose_providers
 from service.settings import Settings
 
 pytest.importorskip("onnxruntime")
@@ -75,26 +68,26 @@ def saved_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     return directory
 
 
-def comparable(output: BatchOutput) -> dict[str, Any]:
+def comparable(result: tuple[torch.Tensor, BatchReport]) -> dict[str, Any]:
     """What a batch answers, without timings."""
-    def group(report: Any) -> dict[str, Any]:
-        return {"index": report.index, "size": report.size, "policy": report.policy, "statistics": report.statistics,
-                "fallback": report.fallback, "batch_score": report.batch_score, "layers": report.layers}
+    probabilities, report = result
+    return {"probabilities": probabilities.tolist(), "groups": [dataclasses.asdict(g) for g in report.groups],
+            "image_scores": report.image_scores, "layers": report.layers, "images": report.images}
 
-    return {
-        "policy": output.policy, "images": output.images, "groups": [group(g) for g in output.groups],
-        "image_scores": output.image_scores, "layers": output.layers,
-        "results": {item: [{"index": a.index, "label": a.label, "score": a.score, "drift_score": a.drift_score,
-                            "top_k": [(t.index, t.label, t.score) for t in a.top_k], "group": a.group.index}
-                           for a in answers] for item, answers in output.results.items()},
-    }
+
+def run(engine: TorchEngine | OnnxEngine, groups: list[list[torch.Tensor]], policy: str
+        ) -> tuple[torch.Tensor, BatchReport]:
+    """One batch of groups (a group: requests of one tenant) under ``policy``."""
+    pixels = torch.cat([request for group in groups for request in group])
+    specs = [GroupSpec(sum(int(request.shape[0]) for request in group), f"tenant{g}") for g, group in enumerate(groups)]
+    return engine.run(pixels, specs, robustnorm.parse_policy(policy))
 
 
 @pytest.fixture(scope="module")
 def engines(saved_model: Path) -> Iterator[tuple[TorchEngine, OnnxEngine]]:
     """Both engines on the saved model, chosen by the ``engine`` setting."""
-    torch_engine = create_engine(Settings(model=str(saved_model), device="cpu"))
-    onnx_engine = create_engine(Settings(model=str(saved_model), device="cpu", engine="onnx"))
+    torch_engine = load_engine(Settings(model=str(saved_model), device="cpu"))
+    onnx_engine = load_engine(Settings(model=str(saved_model), device="cpu", engine="onnx"))
     assert isinstance(onnx_engine, OnnxEngine) and not isinstance(torch_engine, OnnxEngine)
     yield torch_engine, onnx_engine
     torch_engine.close()
@@ -113,28 +106,32 @@ def test_engines_answer_alike_for_groups_and_policy_switches(engines: tuple[Torc
         ([[torch.randn(1, 3, 32, 32)]], "batch"),
         ([[torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32)]], "blend:4"),
         ([[torch.randn(2, 3, 32, 32)]], ENGINE_POLICY),
+        *[([[torch.randn(1, 3, 32, 32)], [torch.randn(2, 3, 32, 32)]], "stream:6:4") for _ in range(5)],
+        ([[torch.randn(3, 3, 32, 32)]], "stream:6:4"),
     ]
     for groups, policy in batches:
-        expected = torch_engine.forward(make_batch(groups, policy, top_k=5))
-        answered = onnx_engine.forward(make_batch(groups, policy, top_k=5))
+        expected = run(torch_engine, groups, policy)
+        answered = run(onnx_engine, groups, policy)
         scored = policy == ENGINE_POLICY  # drift is scored under the policy it was calibrated for only
-        assert (answered.groups[0].batch_score is not None) == scored == (answered.image_scores is not None)
+        assert (answered[1].groups[0].batch_score is not None) == scored == (answered[1].image_scores is not None)
         assert_same(comparable(expected), comparable(answered), policy)
+    assert answered[1].groups[0].stream_images == 5, "tenant0 sent five single images before"
+    assert torch_engine.stream_count() == onnx_engine.stream_count() == 2
 
 
 def test_an_exported_onnx_file_serves_with_its_card(saved_model: Path, engines: tuple[TorchEngine, OnnxEngine],
                                                     tmp_path: Path) -> None:
     model, card = robustnorm.load_model(saved_model)
     exported = export_onnx(model, card, tmp_path / "served.onnx", policy="blend:4")
-    engine = create_engine(Settings(model=str(exported.onnx_path), device="cpu", engine="onnx"))
+    engine = load_engine(Settings(model=str(exported.onnx_path), device="cpu", engine="onnx"))
     try:
-        assert isinstance(engine, OnnxEngine) and engine.policy == "blend:4"  # the card beside the file
+        assert isinstance(engine, OnnxEngine) and str(engine.policy) == "blend:4"  # the card beside the file
         assert engine.card.version == card.version
         # ... whose drift calibration still says it was made under adaptive:4, so blend:4 batches get no score
-        assert engine.calibrated_policy == ENGINE_POLICY and engine.drift_calibration("blend:4") is None
+        blend = robustnorm.parse_policy("blend:4")
+        assert str(engine.calibrated_policy) == ENGINE_POLICY and engine.drift_calibration(blend) is None
         groups = [[torch.randn(3, 3, 32, 32)]]
-        assert_same(comparable(engines[0].forward(make_batch(groups, "blend:4"))),
-                    comparable(engine.forward(make_batch(groups, "blend:4"))))
+        assert_same(comparable(run(engines[0], groups, "blend:4")), comparable(run(engine, groups, "blend:4")))
     finally:
         engine.close()
 
@@ -144,7 +141,7 @@ def test_missing_onnx_file_and_engine_setting_fail_clearly(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="engine"):
         Settings(engine="tensorflow")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not found"):
-        create_engine(Settings(model=str(tmp_path / "absent.onnx"), device="cpu", engine="onnx"))
+        load_engine(Settings(model=str(tmp_path / "absent.onnx"), device="cpu", engine="onnx"))
 
 
 def test_providers_follow_the_device_setting() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from service.engines import BatchReport, GroupOutcome
 from service.metrics import Metrics, batch_size_buckets
 
 
@@ -22,9 +23,10 @@ def test_a_batch_is_recorded_per_statistics_group() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=32)
     metrics.set_model(model="m", version="abc", norm="robustnorm", policy="adaptive:16")
-    metrics.observe_batch(images=20, seconds=0.01, statistics=["batch", "frozen"], fallback=[False, True],
-                          batch_scores=[0.5, None], image_scores=[0.1] * 20,
-                          layers={"bn1": {"mean_shift": [0.1, 0.3], "log_var_ratio": [0.0, 0.2], "kl": [0.01, 0.05]}})
+    metrics.observe_batch(BatchReport(
+        groups=[GroupOutcome(16, "batch", False, 0, 0.5), GroupOutcome(4, "frozen", True, 0, None)],
+        layers={"bn1": {"mean_shift": [0.1, 0.3], "log_var_ratio": [0.0, 0.2], "kl": [0.01, 0.05]}},
+        image_scores=[0.1] * 20, seconds=0.01, padded_to=20, switches=[("", True), ("tenant", True)]))
     value = registry.get_sample_value
     assert value("robustnorm_model_info", {"model": "m", "version": "abc", "norm": "robustnorm",
                                            "policy": "adaptive:16"}) == 1
@@ -37,6 +39,8 @@ def test_a_batch_is_recorded_per_statistics_group() -> None:
     assert value("robustnorm_image_drift_score_count") == 20
     assert value("robustnorm_layer_drift", {"layer": "bn1", "measure": "kl"}) == 0.05  # the latest group
     assert value("robustnorm_inference_duration_seconds_count") == 1
+    assert value("robustnorm_gate_switches_total", {"to": "stream"}) == 2
+    assert value("robustnorm_gate_switches_total", {"to": "population"}) == 0
 
 
 def test_requests_and_rejections() -> None:
