@@ -28,10 +28,10 @@ from torch import nn
 
 from .data import cifar10_train_val, normalize, to_float
 from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
-from .evaluate import accuracy
 from .io import ModelCard, load_model, model_directory, save_model
 from .layers import set_policy
 from .policy import parse_policy
+from .scoring import accuracy
 
 logger = logging.getLogger(__name__)
 

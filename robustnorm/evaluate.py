@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,49 +36,14 @@ from .grouping import batch_groups
 from .io import ModelCard, load_model
 from .layers import set_policy
 from .policy import parse_policy
+from .scoring import accuracy, chunks, deployed_forward, predictions
 
 logger = logging.getLogger(__name__)
 
 ALL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MAX_IMAGES_PER_FORWARD = 2048
 
 
 # ----------------------------------------------------------------------------------------- forwards
-
-
-def deployed_forward(model: nn.Module, card: ModelCard, policy: str, group_size: int) -> attacks.Forward:
-    """``forward(x01) -> logits``: the model as deployed with ``policy`` on consecutive batches of
-    ``group_size`` images (differentiable through the batch statistics). Trailing images that do not fill a
-    group are padding."""
-
-    def forward(x01: Tensor) -> Tensor:
-        set_policy(model, policy)
-        groups = [group_size] * (x01.shape[0] // group_size)
-        with batch_groups(model, groups):
-            return model(normalize(x01, card.mean, card.std))
-
-    return forward
-
-
-def _chunks(total: int, group_size: int) -> Iterator[slice]:
-    """Slices of whole groups, at most MAX_IMAGES_PER_FORWARD images (at least one group) each."""
-    step = max(1, MAX_IMAGES_PER_FORWARD // group_size) * group_size
-    usable = total - total % group_size
-    for start in range(0, usable, step):
-        yield slice(start, min(start + step, usable))
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, card: ModelCard, x01: Tensor, policy: str, group_size: int) -> Tensor:
-    """Predicted classes of the images, in consecutive batches of ``group_size`` (a partial last batch
-    is dropped)."""
-    forward = deployed_forward(model, card, policy, group_size)
-    return torch.cat([forward(x01[part]).argmax(dim=1) for part in _chunks(x01.shape[0], group_size)])
-
-
-def accuracy(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, policy: str, group_size: int) -> float:
-    predicted = predictions(model, card, x01, policy, group_size)
-    return float((predicted == labels[: predicted.numel()]).float().mean())
 
 
 def skewed_order(labels: Tensor, group_size: int, classes_per_batch: int, seed: int = 0) -> Tensor:
@@ -250,7 +215,7 @@ def craft(model: nn.Module, card: ModelCard, x01: Tensor, labels: Tensor, *, pol
     masks, scored_masks = [], []
     _check_cell(threat, attack, gradient, pool)
     ignores_batchmates = _ignores_batchmates(card, policy, n, gradient)
-    for part in _chunks(x01.shape[0], n):
+    for part in chunks(x01.shape[0], n):
         x, y = x01[part], labels[part]
         groups = x.shape[0] // n
         if attackers is None:
@@ -309,7 +274,7 @@ class PerImageAttacks:
             generator = make_generator(seed, 1, int(eps * 255 * 1000))
             forward = deployed_forward(model, card, "frozen", 1)
             self._store[key] = torch.cat([_attack(forward, x01[part], labels[part], attack, eps, steps, generator,
-                                                  loss=loss) for part in _chunks(x01.shape[0], 1)])
+                                                  loss=loss) for part in chunks(x01.shape[0], 1)])
         return self._store[key]
 
 
@@ -420,7 +385,7 @@ def _drift_of(model: nn.Module, card: ModelCard, x01: Tensor, n: int) -> tuple[d
     set_policy(model, card.policy)
     layers: dict[str, dict[str, list[float]]] = {}
     batch_scores, image_scores = [], []
-    for part in _chunks(x01.shape[0], n):
+    for part in chunks(x01.shape[0], n):
         with batch_groups(model, [n] * ((part.stop - part.start) // n), record=True) as run:
             model(normalize(x01[part], card.mean, card.std))
         report = drift_report(run, card.calibration)

@@ -62,7 +62,7 @@ from .data import (
     normalize,
     to_float,
 )
-from .evaluate import accuracy
+from .scoring import accuracy
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from robustnorm.data import balanced_subset, load_cifar10, to_float
-from robustnorm.evaluate import accuracy
 from robustnorm.io import BUNDLED_DIR, load_model, save_model
 from robustnorm.runtime import retain_freed_memory
+from robustnorm.scoring import accuracy
 from robustnorm.train import LOG_FILE
 
 FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}  # as tests/robustnorm/test_bundled.py

@@ -10,7 +10,8 @@ import torch
 
 import robustnorm
 from robustnorm.data import balanced_subset, load_cifar10, to_float
-from robustnorm.evaluate import accuracy, robust_evaluation
+from robustnorm.evaluate import robust_evaluation
+from robustnorm.scoring import accuracy
 
 FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}
 

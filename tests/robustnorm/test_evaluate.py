@@ -10,8 +10,9 @@ import torch
 from robustnorm import ModelCard, calibrate_drift, create_model, set_policy
 from robustnorm.calibrate import calibrate, choose_policy
 from robustnorm.data import make_generator, normalize
-from robustnorm.evaluate import accuracy, craft, predictions, robust_evaluation, skewed_order
+from robustnorm.evaluate import craft, robust_evaluation, skewed_order
 from robustnorm.io import CIFAR10_LABELS
+from robustnorm.scoring import accuracy, predictions
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_ba
 
 
 def test_frozen_predictions_run_each_distinct_image_once_and_agree(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import _distinct_predictions, assemble_batches, predictions
+    from robustnorm.evaluate import _distinct_predictions, assemble_batches
 
     model, card = model_and_card
     x, y = images(12)

@@ -17,6 +17,7 @@ import torch
 
 import robustnorm
 from robustnorm import train
+from robustnorm.scoring import accuracy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT_RUN = ["--limit-train", "384", "--limit-val", "100", "--batch-size", "64", "--warmup-epochs", "0"]
@@ -251,7 +252,7 @@ def test_weight_averaging_saves_the_mean_of_the_last_epochs_with_statistics_reco
     assert int(saved["bn1.num_batches_tracked"]) == 6
     assert card.training["swa"] == {"epochs": 2, "lr": 0.03, "averaged": 2, "val_acc_last_epoch": log[-1]["val_acc"]}
     assert card.training["final"]["val_acc_frozen"] == pytest.approx(
-        robustnorm.evaluate.accuracy(model, card, *validation_set(cifar10, 100), policy="frozen", group_size=1))
+        accuracy(model, card, *validation_set(cifar10, 100), policy="frozen", group_size=1))
 
     # Stopped inside the averaging window and resumed: the same average; other averaging settings are refused.
     with monkeypatch.context() as patch:
