@@ -23,7 +23,7 @@ from .settings import ENV_PREFIX, Settings
 
 logger = logging.getLogger(__name__)
 
-_NOT_FLAGS = frozenset({"api_keys"})  # secrets stay out of argv
+_NOT_FLAGS = frozenset({"api_keys", "admin_keys"})  # secrets stay out of argv
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,11 @@
 """ONNX export: the checker passes, and ONNX Runtime (CPU provider) matches PyTorch for every policy and size.
 
-Parity: logits within 1e-4 of PyTorch's (eval mode under ``batch_groups(model, record=True)``) and the
-exported per-layer statistics equal ``run.stats``, for models built here and every bundled model and the
-policies frozen, batch, blend, adaptive (with default and explicit fallbacks): the adaptive policies at batch
-sizes 1, 2, MIN_BATCH - 1, MIN_BATCH, 64 and 256, the others at 1, 2 and 64. One graph serves every policy
-(fed as ``min_batch``/``fallback_n0``); one test runs through IO binding.
+Parity: logits within 1e-4 of PyTorch's (eval mode under ``batch_groups(model, policy=..., record=True)``) and
+the exported per-layer statistics and per-image rows equal ``run.stats``, for models built here and every
+bundled model and the policies frozen, batch, blend, adaptive (with default and explicit fallbacks) and
+stream (with a filled stream): the adaptive policies at batch sizes 1, 2, MIN_BATCH - 1, MIN_BATCH, 64 and
+256, the others at 1, 2 and 64. One graph serves every policy: the plan's weights and the stream's statistics
+are fed (:func:`plan_feeds`); one test runs through IO binding.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ import torch
 import robustnorm
 from robustnorm.export import (
     BATCH_WEIGHT,
-    FALLBACK_N0,
-    IMAGE_MEAN_SUFFIX,
-    IMAGE_SPREAD_SUFFIX,
+    IMAGE_ROWS_SUFFIX,
     IMAGES,
     LOGITS,
     MEAN_SUFFIX,
-    MIN_BATCH,
-    NEVER,
     SPREAD_SUFFIX,
+    STREAM_MEAN_SUFFIX,
+    STREAM_SPREAD_SUFFIX,
+    STREAM_WEIGHT,
     ExportedModel,
     card_path_for,
     export_onnx,
-    policy_feeds,
+    graph_input_names,
+    plan_feeds,
 )
 from robustnorm.io import CIFAR10_LABELS, ModelCard
 
@@ -88,11 +89,10 @@ class Exported:
         return torch.randn(n, *self.card.input_size, generator=generator) * 1.2 + 0.1
 
     def reference(self, policy: str, n: int) -> tuple[np.ndarray, robustnorm.GroupRun]:
-        """PyTorch's logits and recorded run (eval, ``batch_groups(record=True)``) for ``images(n)``."""
+        """PyTorch's logits and recorded run (eval, ``batch_groups(policy=..., record=True)``) for ``images(n)``."""
         key = (str(robustnorm.parse_policy(policy).resolve(n, self.exported.robust)), n)
         if key not in self.references:
-            robustnorm.set_policy(self.model, policy)
-            with torch.no_grad(), robustnorm.batch_groups(self.model, record=True) as run:
+            with torch.no_grad(), robustnorm.batch_groups(self.model, [n], policy=policy, record=True) as run:
                 logits = self.model(self.images(n))
             self.references[key] = (logits.numpy(), run)
         return self.references[key]
@@ -119,34 +119,29 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return Exported(model=model, card=card, exported=result, session=_session(path))
 
 
-def _expected_weight(policy: str, n: int, robust: bool) -> float:
-    plan = robustnorm.parse_policy(policy).resolve(n, robust)
-    if plan.kind == "blend":
-        assert plan.n0 is not None
-        return n / (plan.n0 + n)
-    return 1.0 if plan.kind == "batch" else 0.0
+def _assert_statistics(case: Exported, run: robustnorm.GroupRun, outputs: dict[str, np.ndarray]) -> None:
+    assert list(run.stats) and set(run.stats) == set(case.exported.layers)
+    for name, stats in run.stats.items():
+        np.testing.assert_allclose(outputs[name + MEAN_SUFFIX], stats.mean[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(outputs[name + SPREAD_SUFFIX], stats.spread[0].numpy(), rtol=1e-4, atol=1e-5)
+        assert stats.image_rows is not None
+        np.testing.assert_allclose(outputs[name + IMAGE_ROWS_SUFFIX], stats.image_rows.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _assert_matches(case: Exported, policy: str, n: int, outputs: dict[str, np.ndarray]) -> None:
     expected, run = case.reference(policy, n)
     difference = float(np.abs(outputs[LOGITS] - expected).max())
     assert difference < LOGIT_TOLERANCE, f"{policy} n={n}: max |logit difference| {difference:.2e}"
-    assert float(outputs[BATCH_WEIGHT]) == pytest.approx(_expected_weight(policy, n, case.exported.robust), abs=1e-6)
-    assert list(run.stats) and set(run.stats) == set(case.exported.layers)
-    for name, stats in run.stats.items():
-        np.testing.assert_allclose(outputs[name + MEAN_SUFFIX], stats.mean[0].numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(outputs[name + SPREAD_SUFFIX], stats.spread[0].numpy(), rtol=1e-4, atol=1e-5)
-        if name in case.exported.image_layers:
-            np.testing.assert_allclose(outputs[name + IMAGE_MEAN_SUFFIX], stats.image_mean.numpy(),
-                                       rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(outputs[name + IMAGE_SPREAD_SUFFIX], stats.image_spread.numpy(),
-                                       rtol=1e-4, atol=1e-5)
+    _assert_statistics(case, run, outputs)
 
 
 def _feeds(case: Exported, policy: str | None, n: int) -> dict[str, np.ndarray]:
-    """The ONNX Runtime inputs for ``images(n)``; ``policy=None`` leaves the graph's default policy."""
+    """The ONNX Runtime inputs for ``images(n)``; ``policy=None`` feeds the images only (frozen)."""
     feeds = {IMAGES: case.images(n).numpy()}
-    return feeds if policy is None else {**feeds, **policy_feeds(policy, case.exported.robust)}
+    if policy is None:
+        return feeds
+    (plan,) = robustnorm.parse_policy(policy).plan([n], case.exported.robust)
+    return {**feeds, **plan_feeds(plan)}
 
 
 def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,16 +162,12 @@ def test_checker_passes_and_card_travels_beside(exported: Exported) -> None:
     assert json.loads(card_path_for(path).read_text())["version"] == exported.card.version
     described = ExportedModel.read(path)
     assert described.layers == [name for name, _ in robustnorm.policy_layers(exported.model)]
-    calibration = exported.card.calibration
-    expected_image_layers = calibration.image_layers if calibration is not None else described.layers[:3]
-    assert described.image_layers == exported.exported.image_layers == expected_image_layers
     assert described.robust == (exported.card.norm == "robustnorm")
-    expected_outputs = [LOGITS, BATCH_WEIGHT]
+    expected_outputs = [LOGITS]
     for name in described.layers:
-        expected_outputs += [name + MEAN_SUFFIX, name + SPREAD_SUFFIX]
-        expected_outputs += ([name + IMAGE_MEAN_SUFFIX, name + IMAGE_SPREAD_SUFFIX] if name in described.image_layers
-                             else [])
+        expected_outputs += [name + MEAN_SUFFIX, name + SPREAD_SUFFIX, name + IMAGE_ROWS_SUFFIX]
     assert described.output_names == expected_outputs == [output.name for output in proto.graph.output]
+    assert [item.name for item in proto.graph.input] == graph_input_names(described.layers)
     # Serving reads the same description from ONNX Runtime's metadata, without the onnx package.
     from_session = ExportedModel.from_metadata(path, exported.session.get_modelmeta().custom_metadata_map)
     assert from_session == described
@@ -186,7 +177,7 @@ def test_checker_passes_and_card_travels_beside(exported: Exported) -> None:
         np.testing.assert_array_equal(population_spread, layer.running_var.float().numpy())
     # The batch statistics are graph operations, not constants folded from the running buffers.
     ops = {node.op_type for node in proto.graph.node}
-    assert {"ReduceMean", "Where", "Shape", "GreaterOrEqual"} <= ops
+    assert "ReduceMean" in ops
     assert ({"ReduceMax", "ReduceMin"} <= ops) == described.robust
 
 
@@ -203,10 +194,33 @@ def test_card_policy_around_its_min_batch(exported: Exported) -> None:
         _assert_matches(exported, policy, n, _run(exported.session, _feeds(exported, policy, n)))
 
 
-def test_default_policy_needs_no_policy_inputs(exported: Exported) -> None:
-    """Without min_batch/fallback_n0 the graph runs the card's policy: the Where switches on the batch size."""
-    for n in sorted({max(1, exported.min_batch - 1), exported.min_batch}):
-        _assert_matches(exported, exported.card.policy, n, _run(exported.session, _feeds(exported, None, n)))
+def test_images_alone_run_the_population_statistics(exported: Exported) -> None:
+    """Every input but the images is an initializer holding frozen statistics."""
+    for n in (1, 3):
+        _assert_matches(exported, "frozen", n, _run(exported.session, _feeds(exported, None, n)))
+
+
+def test_stream_plans_match_pytorch_with_a_filled_stream(exported: Exported) -> None:
+    policy = robustnorm.parse_policy("stream:32:8")
+    store = robustnorm.StreamStore(32, max_batch_share=1.0)
+    for n in (5, 9, 1):  # fill the stream as a service would, batch after batch
+        with torch.no_grad(), robustnorm.batch_groups(exported.model, [n], policy=policy,
+                                                      streams=store.select(["s"])):
+            exported.model(exported.images(n) + 0.5)
+    stream = store.get("s")
+    assert stream.count == 15
+    for n in (1, 4):  # each reference forward adds its images to the stream, as a service's would
+        (plan,) = policy.plan([n], exported.exported.robust, [stream])
+        assert plan.statistics == "stream" and plan.stream_images == stream.count
+        held = {name: stats for name in exported.exported.layers if (stats := stream.statistics(name)) is not None}
+        feeds = {IMAGES: exported.images(n).numpy(), **plan_feeds(plan, held)}
+        assert {name + STREAM_MEAN_SUFFIX for name in exported.exported.layers} <= set(feeds)
+        with torch.no_grad(), robustnorm.batch_groups(exported.model, [n], policy=policy, record=True,
+                                                      streams=[stream]) as run:
+            expected = exported.model(exported.images(n)).numpy()
+        outputs = _run(exported.session, feeds)
+        assert float(np.abs(outputs[LOGITS] - expected).max()) < LOGIT_TOLERANCE
+        _assert_statistics(exported, run, outputs)
 
 
 def test_io_binding_gives_the_same_outputs(exported: Exported) -> None:
@@ -214,9 +228,9 @@ def test_io_binding_gives_the_same_outputs(exported: Exported) -> None:
     feeds = _feeds(exported, policy, n)
     binding = session.io_binding()
     binding.bind_cpu_input(IMAGES, feeds[IMAGES])
-    # The policy inputs are overridable initializers, which bind as OrtValues (bind_cpu_input looks the name
+    # The plan inputs are overridable initializers, which bind as OrtValues (bind_cpu_input looks the name
     # up among the plain inputs only).
-    for name in (MIN_BATCH, FALLBACK_N0):
+    for name in (BATCH_WEIGHT, STREAM_WEIGHT):
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(feeds[name]))
     names = [output.name for output in session.get_outputs()]
     for name in names:
@@ -229,7 +243,7 @@ def test_io_binding_gives_the_same_outputs(exported: Exported) -> None:
     _assert_matches(exported, policy, n, bound)
 
 
-def test_export_policy_sets_the_graph_default(tmp_path: Path) -> None:
+def test_export_policy_is_recorded_with_the_graph(tmp_path: Path) -> None:
     model = trained_like("bn")
     card = ModelCard(name="bn-blend", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS))
     result = export_onnx(model, card, tmp_path / "nested" / "model.onnx", policy="blend:8")
@@ -237,22 +251,17 @@ def test_export_policy_sets_the_graph_default(tmp_path: Path) -> None:
     assert robustnorm.read_card(result.card_path).policy == "blend:8"
     assert card.policy == "frozen"  # the caller's card is left alone
     case = Exported(model=model, card=card, exported=result, session=_session(result.onnx_path))
-    _assert_matches(case, "blend:8", 3, _run(case.session, _feeds(case, None, 3)))
+    _assert_matches(case, "blend:8", 3, _run(case.session, _feeds(case, "blend:8", 3)))
 
 
-def test_policy_feeds_encode_every_policy() -> None:
-    def feeds(policy: str, robust: bool) -> tuple[int, float]:
-        values = policy_feeds(policy, robust)
-        assert values[MIN_BATCH].dtype == np.int64 and values[FALLBACK_N0].dtype == np.float32
-        return int(values[MIN_BATCH]), float(values[FALLBACK_N0])
-
-    assert feeds("frozen", False) == (NEVER, 0.0)
-    assert feeds("batch", True) == (1, 0.0)
-    assert feeds("blend:32", False) == (NEVER, 32.0)
-    assert feeds("adaptive:16", False) == (16, 16.0)  # BatchNorm falls back to blend:16
-    assert feeds("adaptive:16", True) == (16, 0.0)  # RobustNorm falls back to its tracked statistics
-    assert feeds("adaptive:8:blend:2.5", True) == (8, 2.5)
-    assert feeds("adaptive:8:frozen", False) == (8, 0.0)
+def test_plan_feeds_carry_the_weights_and_the_stream() -> None:
+    plan = robustnorm.GroupPlan("stream", 0.25, 0.5, stream_images=8)
+    feeds = plan_feeds(plan, {"bn1": (torch.ones(4), torch.full((4,), 2.0))})
+    assert feeds[BATCH_WEIGHT].dtype == np.float32 and float(feeds[BATCH_WEIGHT]) == 0.25
+    assert float(feeds[STREAM_WEIGHT]) == 0.5
+    np.testing.assert_array_equal(feeds["bn1" + STREAM_SPREAD_SUFFIX], np.full(4, 2.0, dtype=np.float32))
+    frozen = plan_feeds(robustnorm.parse_policy("frozen").plan([3], False)[0], {"bn1": (torch.ones(4),) * 2})
+    assert set(frozen) == {BATCH_WEIGHT, STREAM_WEIGHT}, "no stream statistics where the stream has no weight"
 
 
 def test_export_rejects_what_it_cannot_represent(tmp_path: Path) -> None:
@@ -260,8 +269,6 @@ def test_export_rejects_what_it_cannot_represent(tmp_path: Path) -> None:
     card = ModelCard(name="bn", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS))
     with pytest.raises(ValueError, match="opset 17"):
         export_onnx(model, card, tmp_path / "old.onnx", opset=13)
-    with pytest.raises(ValueError, match="image_layers"):
-        export_onnx(model, card, tmp_path / "bad.onnx", image_layers=["fc"])
     model.layer1[0].bn1 = robustnorm.RobustNorm2d(16)
     with pytest.raises(ValueError, match="mixes"):
         export_onnx(model, card, tmp_path / "mixed.onnx")

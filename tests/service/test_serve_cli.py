@@ -31,10 +31,10 @@ def build():
 '''
 
 
-def test_every_setting_is_an_option_except_api_keys() -> None:
+def test_every_setting_is_an_option_except_the_keys() -> None:
     options = {option for action in build_parser()._actions for option in action.option_strings}
     for name in Settings.model_fields:
-        assert (f"--{name.replace('_', '-')}" in options) == (name != "api_keys"), name
+        assert (f"--{name.replace('_', '-')}" in options) == (name not in ("api_keys", "admin_keys")), name
     assert {"--host", "--port", "--model", "--device", "--policy", "--no-allow-policy-override"} <= options
 
 
