@@ -15,8 +15,8 @@ free ports; the replicas, which publish none, are reached on the stack's own Doc
 In order: ``docker compose up`` (one replica, as users start it) and its health check turning healthy;
 predictions through HAProxy; ``--scale service=3`` with requests reaching every replica and Prometheus scraping
 every replica; noise traffic firing ``RobustnormBatchDriftHigh``; a headless locust run through the ``load``
-profile; every dashboard query returning data; and last ``docker compose stop`` under load, which must drain
-every accepted request.
+profile; every dashboard query returning data; and last ``docker compose stop service``, then ``docker compose
+stop``, under load: every accepted request must be answered.
 """
 
 from __future__ import annotations
