@@ -23,7 +23,8 @@ _EXPORTS = {
                "policy_layers", "set_policy"),
     "models": ("create_model", "create_norm", "get_norm_layer", "list_architectures", "list_norms"),
     "policy": ("GroupPlan", "Policy", "parse_policy"),
-    "stream": ("GateCalibration", "Stream", "StreamSelection", "StreamStore"),
+    "gate": ("GateCalibration",),
+    "stream": ("Stream", "StreamSelection", "StreamStore"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -112,12 +112,21 @@ def batch_groups(model: nn.Module, sizes: Sequence[int] | None = None, *, policy
     previous = [layer.group_run for _, layer in layers]
     for _, layer in layers:
         layer.group_run = run
+    seen: dict[str, Tensor] = {}
+    # The auto policy's gate reads the images and the model's predictions: catch both at the model's edge.
+    hook = model.register_forward_hook(lambda _, inputs, output: seen.update(pixels=inputs[0], logits=output)) \
+        if run.streaming and run.policy is not None and run.policy.kind == "auto" else None
     try:
         yield run
         if run.streaming and run.stats:
             assert streams is not None
-            streams.update(run)
+            real = sum(run.sizes) if run.sizes is not None else None
+            pixels, logits = seen.get("pixels"), seen.get("logits")
+            streams.update(run, pixels[:real] if pixels is not None else None,
+                           logits[:real].argmax(dim=1) if logits is not None else None)
     finally:
+        if hook is not None:
+            hook.remove()
         for (_, layer), before in zip(layers, previous):
             layer.group_run = before
         if not run.ran and run.sizes is not None:  # a model without norm layers has only fixed statistics

@@ -17,11 +17,8 @@ streams expire after ``idle_seconds``, and one micro-batch contributes at most `
 window, so no single batch can replace a stream's estimate. Streams are updated only from the engine's
 thread; :meth:`StreamStore.reset` may be called from any thread.
 
-The drift gate of the ``auto`` policy reads each stream's window at the first normalization layer, whose
-input does not depend on the policy (nothing is normalised before it), so the score means the same under
-every policy. It compares the window's statistics with the population's (a Gaussian KL averaged over
-channels, as :func:`robustnorm.layer_drift` defines it), standardised by clean windows of the same size
-(:class:`GateCalibration`), and switches with hysteresis: on above ``on``, off below ``off``.
+The drift gate of the ``auto`` policy (:mod:`robustnorm.gate`) keeps, per stream, each recent image's raw gate
+score beside its statistics; the stream's gate score is their mean over the window.
 """
 
 from __future__ import annotations
@@ -31,49 +28,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .gate import GateCalibration
+
 if TYPE_CHECKING:
     from .grouping import GroupRun
 
 GLOBAL_STREAM = ""  # the key of the one stream that serves traffic without a tenant
-
-
-@dataclass
-class GateCalibration:
-    """How clean windows of the first norm layer score, per window size, and the gate's thresholds."""
-
-    layer: str
-    sizes: list[int]
-    log_kl_mean: list[float]
-    log_kl_std: list[float]
-    on: float = 4.0  # switch to stream statistics above this standardised score
-    off: float = 2.0  # and back to the population below this one
-    min_images: int = 32  # the gate decides nothing on fewer images
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GateCalibration:
-        return cls(**data)
-
-    def standardise(self, raw: float, n: int) -> float:
-        """``(log(raw) - mu_n) / sigma_n``, interpolated linearly in ``log2 n`` between calibrated sizes."""
-        logs = [math.log2(size) for size in self.sizes]
-        position = min(max(math.log2(max(n, 1)), logs[0]), logs[-1])
-        mean, std = self.log_kl_mean[-1], self.log_kl_std[-1]
-        for i in range(len(logs) - 1):
-            if position <= logs[i + 1]:
-                t = (position - logs[i]) / (logs[i + 1] - logs[i])
-                mean = (1 - t) * self.log_kl_mean[i] + t * self.log_kl_mean[i + 1]
-                std = (1 - t) * self.log_kl_std[i] + t * self.log_kl_std[i + 1]
-                break
-        return (math.log(max(raw, 1e-30)) - mean) / std
 
 
 def rows_statistics(rows: Tensor, robust: bool) -> tuple[Tensor, Tensor]:
@@ -89,15 +55,6 @@ def image_spread_from_rows(rows: Tensor, robust: bool) -> Tensor:
     if robust:
         return rows[:, 1] - rows[:, 2]
     return (rows[:, 1] - rows[:, 0].square()).clamp_min(0)
-
-
-def gate_raw(mean: Tensor, spread: Tensor, population: tuple[Tensor, Tensor], robust: bool) -> float:
-    """The gate's raw score: the channel-mean Gaussian KL of window statistics against the population."""
-    from .drift import layer_drift
-
-    measures = layer_drift(mean[None], spread[None], population[0][None].to(mean.dtype),
-                           population[1][None].to(mean.dtype), robust)
-    return float(measures["kl"][0])
 
 
 @dataclass
@@ -131,6 +88,7 @@ class Stream:
     shifted: bool = False  # the gate's decision (auto): True while the traffic looks shifted
     gate_score: float | None = None
     switches: int = 0
+    gate_ring: _Ring | None = None  # each recent image's raw gate score, (window, 1, 1)
 
     @property
     def count(self) -> int:
@@ -157,13 +115,15 @@ class Stream:
             added = new.shape[0]
         self.images += added
 
-    def update_gate(self, calibration: GateCalibration, population: tuple[Tensor, Tensor]) -> bool | None:
-        """Re-score the window and switch with hysteresis. Returns the new state when it changed, else None."""
-        stats = self.statistics(calibration.layer)
-        if stats is None or self.count < calibration.min_images:
+    def update_gate(self, raw: Tensor, calibration: GateCalibration) -> bool | None:
+        """Add the images' raw gate scores (n,), re-score the window and switch with hysteresis. Returns the new
+        state when it changed, else None."""
+        if self.gate_ring is None:
+            self.gate_ring = _Ring(raw.new_zeros((self.window, 1, 1)))
+        self.gate_ring.push(raw.detach().reshape(-1, 1, 1))
+        if self.gate_ring.count < calibration.min_images:
             return None
-        raw = gate_raw(*stats, population, self.robust[calibration.layer])
-        self.gate_score = calibration.standardise(raw, self.count)
+        self.gate_score = float(self.gate_ring.held().mean())
         if not self.shifted and self.gate_score > calibration.on:
             self.shifted = True
         elif self.shifted and self.gate_score < calibration.off:
@@ -233,14 +193,16 @@ class StreamStore:
             del self._streams[key]
         self.expired += len(stale)
 
-    def admit(self, rows: Tensor) -> Tensor:
-        """The part of one micro-batch's rows that may enter a stream: at most ``max_batch_images``, evenly
-        spaced, so one batch never replaces more than its share of the window."""
-        n = rows.shape[0]
+    def admitted(self, n: int) -> slice | Tensor:
+        """Which of a group's ``n`` images may enter a stream: at most ``max_batch_images``, evenly spaced, so
+        one batch never replaces more than its share of the window."""
         if n <= self.max_batch_images:
-            return rows
-        index = torch.linspace(0, n - 1, self.max_batch_images, device=rows.device).round().long()
-        return rows[index]
+            return slice(None)
+        return torch.linspace(0, n - 1, self.max_batch_images).round().long()
+
+    def admit(self, rows: Tensor) -> Tensor:
+        """The admitted part of one group's rows (:meth:`admitted`)."""
+        return rows[self.admitted(rows.shape[0])]
 
     def reset(self, keys: Iterable[str] | None = None) -> int:
         """Forget the given streams (all when ``keys`` is None). Returns how many were dropped."""
@@ -263,21 +225,25 @@ class StreamSelection:
     streams: list[Stream | None]
     switched: list[tuple[str, bool]] = field(default_factory=list)  # (stream key, shifted) gate switches
 
-    def update(self, run: GroupRun) -> None:
-        """Add each group's images to its stream (bounded per batch) and re-score the gate (auto)."""
+    def update(self, run: GroupRun, pixels: Tensor | None = None, predicted: Tensor | None = None) -> None:
+        """Add each group's images to its stream (bounded per batch) and, for ``auto`` with a calibrated gate,
+        score the images (``pixels`` and the model's ``predicted`` classes, real images only) into its gate."""
         sizes = run.sizes if run.sizes is not None else (next(iter(run.stats.values())).image_mean.shape[0],)
-        start = 0
         gate = self.store.gate if self.store is not None else None
+        gating = gate is not None and run.policy is not None and run.policy.kind == "auto" and pixels is not None
+        raw = gate.image_raw(pixels, predicted) if gating and gate is not None and predicted is not None else None
+        start = 0
         for stream, n in zip(self.streams, sizes):
             if stream is not None:
                 rows = {name: stats.image_rows[start:start + n] for name, stats in run.stats.items()
                         if stats.image_rows is not None}
+                admitted = slice(None)
                 if self.store is not None:
                     rows = {name: self.store.admit(value) for name, value in rows.items()}
+                    admitted = self.store.admitted(n)
                 stream.push(rows, run.robust_layers)
-                if gate is not None and run.policy is not None and run.policy.kind == "auto" \
-                        and gate.layer in run.population:
-                    changed = stream.update_gate(gate, run.population[gate.layer])
+                if raw is not None and gate is not None:
+                    changed = stream.update_gate(raw[start:start + n][admitted], gate)
                     if changed is not None:
                         self.switched.append((stream.key, changed))
             start += n

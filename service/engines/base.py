@@ -17,8 +17,9 @@ from typing import Protocol
 import torch
 
 import robustnorm
+from robustnorm.gate import GateCalibration
 from robustnorm.policy import Policy
-from robustnorm.stream import GateCalibration, StreamSelection, StreamStore
+from robustnorm.stream import StreamSelection, StreamStore
 
 logger = logging.getLogger(__name__)
 

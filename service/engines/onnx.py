@@ -163,9 +163,9 @@ class OnnxEngine(EngineBase):
             outputs.append(self._run_group(array[start:start + size], plan_feeds(plan, held)))
             start += size
         run = self._group_run(sizes, policy, plans, outputs, selection)
-        if selection is not None:
-            selection.update(run)
         logits = torch.from_numpy(np.concatenate([output[LOGITS] for output in outputs]))
+        if selection is not None:
+            selection.update(run, pixels[: sum(sizes)], logits.argmax(dim=1))
         report = self.report(run, groups, policy, time.perf_counter() - started, sum(sizes), selection)
         return logits.float().softmax(dim=1), report
 

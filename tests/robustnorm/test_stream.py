@@ -1,0 +1,147 @@
+"""Stream statistics: the window's statistics, the store's bounds, tenant separation, reset, and the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustnorm
+from robustnorm.gate import GateCalibration, calibrate_gate, image_features
+from robustnorm.policy import GroupPlan, parse_policy
+from robustnorm.stream import StreamStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+def test_a_stream_holds_the_statistics_of_its_last_window_images(norm: str) -> None:
+    torch.manual_seed(0)
+    model = robustnorm.create_model("resnet20", norm=norm, p=0.2).eval()
+    images = torch.randn(10, 3, 32, 32) * 1.5 + 0.3
+    store = StreamStore(6, max_batch_share=1.0)
+    with torch.no_grad():
+        for start in (0, 3, 7):  # batches of 3, 4 and 3 images: the window keeps the last 6
+            stop = {0: 3, 3: 7, 7: 10}[start]
+            with robustnorm.batch_groups(model, [stop - start], policy="stream:6", streams=store.select(["s"])):
+                model(images[start:stop])
+        first_name, first = robustnorm.policy_layers(model)[0]
+        expected = first.group_statistics(model.conv1(images[4:]), (6,))  # the first norm layer's input
+    stream = store.get("s")
+    assert stream.count == 6 and stream.images == 10
+    mean, spread = stream.statistics(first_name)
+    assert torch.allclose(mean, expected.mean[0], atol=1e-5)
+    assert torch.allclose(spread, expected.spread[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_plan_mixes_population_stream_and_batch_by_image_counts() -> None:
+    policy = parse_policy("stream:100:20")
+    assert str(policy) == "stream:100:20" and policy.uses_streams
+
+    class Held:
+        count, shifted = 30, False
+
+    (plan,) = policy.plan([10], robust=False, streams=[Held()])
+    assert plan == GroupPlan("stream", 10 / 60, 30 / 60, stream_images=30)
+    assert plan.population_weight == pytest.approx(20 / 60)
+    (empty,) = policy.plan([10], robust=False)
+    assert empty.stream_weight == 0 and empty.batch_weight == pytest.approx(10 / 30)
+    auto = parse_policy("auto:64")
+    assert str(auto) == "auto:64" and auto.n0 == 16
+    assert auto.plan([4], True, [Held()])[0] == GroupPlan("frozen", 0.0, fallback=True, stream_images=30)
+    Held.shifted = True
+    assert auto.plan([4], True, [Held()])[0].statistics == "stream"
+    for bad in ("stream", "stream:0", "stream:8:0", "auto:8:1:2", "stream:x"):
+        with pytest.raises(ValueError, match="valid forms"):
+            parse_policy(bad)
+
+
+def test_the_store_is_bounded_expires_idle_streams_and_resets() -> None:
+    clock = Clock()
+    store = StreamStore(8, max_streams=2, idle_seconds=10, clock=clock)
+    a, b = store.get("a"), store.get("b")
+    store.get("a")  # a is now the most recently used
+    store.get("c")
+    assert store.keys() == ["a", "c"] and store.evicted == 1, "the least recently used stream is dropped"
+    assert store.get("a") is a and store.peek("b") is None and b.key == "b"
+    clock.now = 5
+    store.get("c")
+    clock.now = 12  # a was last used at 0, c at 5
+    store.get("d")
+    assert store.keys() == ["c", "d"] and store.expired == 1
+    assert store.reset(["c", "nobody"]) == 1 and store.keys() == ["d"]
+    assert store.reset() == 1 and len(store) == 0
+    with pytest.raises(ValueError):
+        StreamStore(0)
+
+
+def test_tenants_streams_are_apart_and_one_batch_fills_at_most_its_share() -> None:
+    torch.manual_seed(1)
+    model = robustnorm.create_model("resnet20", norm="bn").eval()
+    store = StreamStore(16, max_batch_share=0.25)
+    with torch.no_grad(), robustnorm.batch_groups(model, [12, 2], policy="stream:16",
+                                                  streams=store.select(["a", "b"])):
+        model(torch.randn(14, 3, 32, 32))
+    assert (store.get("a").count, store.get("b").count) == (4, 2), "a batch fills at most a quarter of the window"
+    assert store.get(None).count == 0, "the global stream is a stream of its own"
+    name = robustnorm.policy_layers(model)[0][0]
+    assert not torch.equal(store.get("a").statistics(name)[0], store.get("b").statistics(name)[0])
+
+
+def _synthetic_gate() -> GateCalibration:
+    features = image_features(torch.zeros(1, 3, 8, 8)).shape[1]
+    return GateCalibration(class_mean=[[0.0] * features] * 2, class_std=[[1.0] * features] * 2, on=2.0, off=1.5,
+                           min_images=4)
+
+
+def test_the_gate_switches_with_hysteresis_on_a_drift_sequence() -> None:
+    gate = _synthetic_gate()
+    store = StreamStore(8, max_batch_share=1.0, gate=gate)
+    stream = store.get("s")
+    sequence = [1.0] * 3 + [1.2] * 8 + [1.8] * 8 + [2.5] * 6 + [1.8] * 8 + [1.6] * 8 + [1.0] * 8
+    states, switches = [], []
+    for value in sequence:
+        changed = stream.update_gate(torch.tensor([value]), gate)
+        states.append(stream.shifted)
+        if changed is not None:
+            switches.append(changed)
+    assert stream.gate_score is not None
+    assert not any(states[:19]), "in distribution, and between off and on, the gate holds"
+    assert states[19 + 5], "shifted: the window's mean passes on"
+    assert all(states[25:41]), "between off and on it stays adapted (hysteresis)"
+    assert not states[-1], "back in distribution it switches back"
+    assert switches == [True, False]
+
+
+@pytest.mark.slow
+def test_the_calibrated_gate_ignores_label_skew_and_sees_shift(cifar10: Path) -> None:
+    from robustnorm.corruptions import corrupt
+    from robustnorm.data import load_cifar10, normalize, to_float
+
+    model, card = robustnorm.load_model("cifar10-resnet20-bn")
+    test_set = load_cifar10("test", cifar10)
+    order = torch.randperm(len(test_set.labels), generator=torch.Generator().manual_seed(0))
+    pixels, labels = to_float(test_set.images[order]), test_set.labels[order]
+    fit, test = slice(0, 3000), slice(3000, None)
+    norm = lambda x: normalize(x, card.mean, card.std)
+    gate = calibrate_gate(model, norm(pixels[fit]), labels[fit], window=128, classes=10)
+    assert gate.on > gate.off > gate.samples["skewed_max"]
+
+    def window_score(x: torch.Tensor) -> float:
+        with torch.no_grad(), robustnorm.batch_groups(model, policy="frozen"):
+            predicted = model(norm(x)).argmax(dim=1)
+        return float(gate.image_raw(norm(x), predicted).mean())
+
+    clean, test_labels = pixels[test], labels[test]
+    for c in range(10):
+        assert window_score(clean[test_labels == c][:128]) < gate.off, f"one class ({c}) is not a shift"
+    assert window_score(clean[:256]) < gate.off
+    for name in ("gaussian_noise", "contrast", "defocus_blur", "pixelate"):
+        assert window_score(corrupt(name, clean[:256], 5, 0)) > gate.on, name
