@@ -24,9 +24,9 @@ from pathlib import Path
 def measure(model_name: str, policy: str, n: int, images: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from robustnorm.evaluate import deployed_forward
     from robustnorm.io import load_model
     from robustnorm.runtime import retain_freed_memory
+    from robustnorm.scoring import deployed_forward
 
     applied = retain_freed_memory()
     torch.set_num_threads(threads)

@@ -19,8 +19,12 @@ from pathlib import Path
 
 import robustnorm
 from robustnorm.data import load_cifar10, to_float
-from robustnorm.evaluate import PerImageAttacks, accuracy, evaluation_images, robust_evaluation
+from robustnorm.evaluation.cells import Cell
+from robustnorm.evaluation.craft import PerImageAttacks
+from robustnorm.evaluation.grid import evaluation_images
+from robustnorm.evaluation.run import run_cell
 from robustnorm.runtime import retain_freed_memory
+from robustnorm.scoring import accuracy
 
 
 def main() -> None:
@@ -64,9 +68,9 @@ def main() -> None:
                     if policy == "frozen" and gradient == "transfer":
                         continue  # the same attack as the adaptive one
                     started = time.perf_counter()
-                    record = robust_evaluation(model, card, x01, labels, policy=policy, n=args.n, threat="whole",
-                                               attack="pgd", eps=eps_255 / 255, steps=args.steps, gradient=gradient,
-                                               seed=args.seed, per_image=per_image)
+                    cell = Cell.parse(policy, args.n, "whole", "pgd", eps_255, gradient)
+                    record = run_cell(model, card, x01, labels, cell, steps=args.steps, seed=args.seed,
+                                      per_image=per_image)
                     cell = {key: value for key, value in asdict(record).items() if key != "model"}
                     cell["seconds"] = round(time.perf_counter() - started, 1)
                     row["cells"].append(cell)

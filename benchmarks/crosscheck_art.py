@@ -27,8 +27,11 @@ from art.estimators.classification import PyTorchClassifier
 
 import robustnorm
 from robustnorm.data import load_cifar10, to_float
-from robustnorm.evaluate import evaluation_images, predictions, robust_evaluation
+from robustnorm.evaluation.cells import Cell
+from robustnorm.evaluation.grid import evaluation_images
+from robustnorm.evaluation.run import run_cell
 from robustnorm.runtime import retain_freed_memory
+from robustnorm.scoring import predictions
 
 
 def art_robust_accuracy(model: torch.nn.Module, card: robustnorm.ModelCard, x01: torch.Tensor, labels: torch.Tensor,
@@ -72,8 +75,8 @@ def main() -> None:
         for policy in args.policies:
             for eps_255 in args.eps_255:
                 started = time.perf_counter()
-                ours = robust_evaluation(model, card, x01, labels, policy=policy, n=args.n, threat="whole",
-                                         attack="pgd", eps=eps_255 / 255, steps=args.steps, gradient="adaptive")
+                cell = Cell.parse(policy, args.n, "whole", "pgd", eps_255, "adaptive")
+                ours = run_cell(model, card, x01, labels, cell, steps=args.steps)
                 art_accuracy = art_robust_accuracy(model, card, x01, labels, policy, args.n, eps_255 / 255,
                                                    args.steps, device)
                 rows.append({"model": name, "version": card.version, "policy": policy, "n": args.n,

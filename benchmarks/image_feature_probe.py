@@ -34,7 +34,9 @@ import robustnorm
 from robustnorm.corruptions import CORRUPTIONS, corrupt
 from robustnorm.data import balanced_subset, cifar10_train_val, load_cifar10, make_generator, normalize, to_float
 from robustnorm.drift import IMAGE_SCORE_LAYERS
-from robustnorm.evaluate import craft, roc_auc
+from robustnorm.evaluation.cells import Cell
+from robustnorm.evaluation.craft import craft
+from robustnorm.evaluation.evidence import roc_auc
 from robustnorm.layers import policy_layers, set_policy
 
 FEATURE_SETS = {
@@ -121,8 +123,8 @@ def probe(name: str, test_x01: Tensor, test_labels: Tensor, val_x01: Tensor, n: 
     generator = make_generator(seed, n)
     shifted: dict[str, tuple[Tensor, Tensor | None]] = {}
     for threat in ("whole", "lone"):
-        crafted = craft(model, card, test_x01, test_labels, policy=card.policy, n=n, threat=threat, attack="pgd",
-                        eps=eps, steps=steps, gradient="adaptive", generator=generator)
+        cell = Cell.parse(card.policy, n, threat, "pgd", eps * 255, "adaptive")
+        crafted = craft(model, card, test_x01, test_labels, cell, steps=steps, generator=generator)
         shifted[f"pgd_{threat}"] = (crafted.images, crafted.mask.cpu())
     for corruption in CORRUPTIONS:
         shifted[corruption] = (corrupt(corruption, test_x01, 3, generator=make_generator(seed, 7)), None)

@@ -4,7 +4,7 @@
     robustnorm card NAME_OR_PATH       print a model card
     robustnorm train ...               train a model (robustnorm.train)
     robustnorm calibrate ...           choose MIN_BATCH, N0 and the drift calibration (robustnorm.calibrate)
-    robustnorm evaluate ...            clean and robust accuracy grid (robustnorm.evaluate)
+    robustnorm evaluate ...            clean and robust accuracy grid (robustnorm.evaluation)
     robustnorm export ...              ONNX graph with the adaptive statistics inside (robustnorm.export)
 """
 
@@ -24,7 +24,7 @@ from .runtime import retain_freed_memory
 _SUBCOMMANDS = {
     "train": ("robustnorm.train", "train a model on an image archive"),
     "calibrate": ("robustnorm.calibrate", "choose MIN_BATCH, N0 and drift calibrations; write them into the card"),
-    "evaluate": ("robustnorm.evaluate", "clean and robust accuracy per policy, batch size and threat model"),
+    "evaluate": ("robustnorm.evaluation.cli", "clean and robust accuracy per policy, batch size and threat model"),
     "export": ("robustnorm.export", "export a model to ONNX with its adaptive statistics in the graph"),
 }
 

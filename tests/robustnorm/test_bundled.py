@@ -10,7 +10,8 @@ import torch
 
 import robustnorm
 from robustnorm.data import balanced_subset, load_cifar10, to_float
-from robustnorm.evaluate import robust_evaluation
+from robustnorm.evaluation.cells import Cell
+from robustnorm.evaluation.run import run_cell
 from robustnorm.scoring import accuracy
 
 FLOORS = {"cifar10-resnet20-bn": 0.88, "cifar10-resnet20-robustnorm": 0.87}
@@ -39,8 +40,7 @@ def test_bundled_model_reaches_its_clean_accuracy(name: str, test_subset: tuple)
 def test_pgd_breaks_the_frozen_batchnorm_model(test_subset: tuple) -> None:
     model, card = bundled("cifar10-resnet20-bn")
     x, y = test_subset
-    record = robust_evaluation(model, card, x[:200], y[:200], policy="frozen", n=1, threat="whole", attack="pgd",
-                               eps=8 / 255, steps=20, gradient="adaptive")
+    record = run_cell(model, card, x[:200], y[:200], Cell.parse("frozen", 1, "whole", "pgd", 8, "adaptive"), steps=20)
     assert record.robust_accuracy < 0.05
 
 

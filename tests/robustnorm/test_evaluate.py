@@ -1,4 +1,4 @@
-"""The evaluation grid's building blocks: threat-model batches, skewed batches, records, policy choice."""
+"""The evaluation package's building blocks: threat models, cells, batches, records, plans, results, policy choice."""
 
 from __future__ import annotations
 
@@ -9,9 +9,23 @@ import torch
 
 from robustnorm import ModelCard, calibrate_drift, create_model, set_policy
 from robustnorm.calibrate import calibrate, choose_policy
-from robustnorm.data import make_generator, normalize
-from robustnorm.evaluate import craft, robust_evaluation, skewed_order
-from robustnorm.io import CIFAR10_LABELS
+from robustnorm.data import CIFAR10_CLASSES, make_generator, normalize
+from robustnorm.evaluation import craft as crafting
+from robustnorm.evaluation import run as running
+from robustnorm.evaluation.cells import Cell
+from robustnorm.evaluation.craft import assemble_batches, craft
+from robustnorm.evaluation.grid import evaluate_model, skewed_order
+from robustnorm.evaluation.plan import (
+    GRIDS,
+    Grid,
+    attack_images,
+    in_cost_order,
+    policies,
+    robust_cells,
+    same_computation,
+)
+from robustnorm.evaluation.run import distinct_predictions, run_cell, split_pool
+from robustnorm.evaluation.threats import parse_threat
 from robustnorm.scoring import accuracy, predictions
 
 
@@ -22,7 +36,7 @@ def model_and_card() -> tuple[torch.nn.Module, ModelCard]:
     model.train()
     with torch.no_grad():
         model(torch.randn(64, 3, 32, 32))
-    card = ModelCard(name="tiny", architecture="resnet20", norm="robustnorm", p=1.0, labels=list(CIFAR10_LABELS),
+    card = ModelCard(name="tiny", architecture="resnet20", norm="robustnorm", p=1.0, labels=list(CIFAR10_CLASSES),
                      policy="adaptive:4")
     return model.eval(), card
 
@@ -46,8 +60,8 @@ def test_lone_attacker_batches_hold_n_minus_one_clean_images(model_and_card: tup
     model, card = model_and_card
     x, y = images(32)
     eps = 8 / 255
-    crafted = craft(model, card, x, y, policy="batch", n=8, threat="lone", attack="pgd", eps=eps, steps=3,
-                    gradient="adaptive", generator=make_generator(0))
+    crafted = craft(model, card, x, y, Cell.parse("batch", 8, "lone", "pgd", 8, "adaptive"), steps=3,
+                    generator=make_generator(0))
     for batch, clean, mask in zip(crafted.images.view(4, 8, -1), x.view(4, 8, -1), crafted.mask.view(4, 8)):
         identical = (batch == clean).all(dim=1)
         assert int(identical.sum()) == 7 and int(mask.sum()) == 1
@@ -59,8 +73,8 @@ def test_lone_attacker_batches_hold_n_minus_one_clean_images(model_and_card: tup
 def test_poisoning_scores_the_victims(model_and_card: tuple) -> None:
     model, card = model_and_card
     x, y = images(16)
-    crafted = craft(model, card, x, y, policy="batch", n=8, threat="poison:3", attack="pgd", eps=0.1, steps=2,
-                    gradient="adaptive", generator=make_generator(0))
+    crafted = craft(model, card, x, y, Cell.parse("batch", 8, "poison:3", "pgd", 25.5, "adaptive"), steps=2,
+                    generator=make_generator(0))
     assert int(crafted.mask.sum()) == 6 and torch.equal(crafted.scored, ~crafted.mask)
     assert torch.equal(crafted.images[~crafted.mask], x[~crafted.mask])
 
@@ -72,8 +86,8 @@ def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradien
     model, card = model_and_card
     x, y = images(24)
     pool, pool_labels = images(40)
-    record = robust_evaluation(model, card, x, y, policy="adaptive:4", n=8, threat=threat, attack="pgd", eps=4 / 255,
-                               steps=2, gradient=gradient, pool=pool[24:], pool_labels=pool_labels[24:])
+    record = run_cell(model, card, x, y, Cell.parse("adaptive:4", 8, threat, "pgd", 4, gradient), steps=2,
+                      pool=pool[24:], pool_labels=pool_labels[24:])
     attackers = {"whole": 24, "lone": 24, "fraction:0.5": 24}[threat]  # every image of x is scored
     batches = {"whole": 3, "lone": 24, "fraction:0.5": 6}[threat]
     assert record.scored_images == attackers and record.images == 8 * batches
@@ -81,14 +95,12 @@ def test_robust_record_is_consistent(model_and_card: tuple, threat: str, gradien
     assert 0 <= record.robust_accuracy <= 1 and 0 <= record.clean_accuracy <= 1
     assert (record.clean_batchmates_accuracy is None) == (threat == "whole")
     # The frozen reference is the same attack (the margin gradient's loss included) crafted against frozen.
-    frozen = robust_evaluation(model, card, x, y, policy="frozen", n=1, threat="whole", attack="pgd", eps=4 / 255,
-                               steps=2, gradient="margin" if gradient == "margin" else "adaptive")
+    frozen = run_cell(model, card, x, y, Cell.parse("frozen", 1, "whole", "pgd", 4, "margin" if gradient == "margin"
+                                                    else "adaptive"), steps=2)
     assert record.frozen_attack_accuracy == frozen.robust_accuracy == frozen.frozen_attack_accuracy
 
 
 def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_batchmates() -> None:
-    from robustnorm.evaluate import assemble_batches
-
     x, y = images(12)
     pool, pool_labels = torch.rand(20, 3, 32, 32), torch.randint(0, 10, (20,))
     batch, labels, mask, order = assemble_batches(x, y, pool, pool_labels, n=8, k=1, generator=make_generator(0))
@@ -108,8 +120,6 @@ def test_assembled_lone_attacker_batches_hold_each_image_once_with_clean_pool_ba
 
 
 def test_frozen_predictions_run_each_distinct_image_once_and_agree(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import _distinct_predictions, assemble_batches
-
     model, card = model_and_card
     x, y = images(12)
     pool, pool_labels = images(40)
@@ -117,7 +127,7 @@ def test_frozen_predictions_run_each_distinct_image_once_and_agree(model_and_car
     seen = []
     hook = model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[0]))
     try:
-        distinct = _distinct_predictions(model, card, batch, order)
+        distinct = distinct_predictions(model, card, batch, order)
     finally:
         hook.remove()
     assert sum(seen) == order.unique().numel() < batch.shape[0]
@@ -164,7 +174,7 @@ def test_calibrate_records_its_choice_and_can_deploy_and_calibrate_another_polic
 
 
 def test_roc_auc_reference_values() -> None:
-    from robustnorm.evaluate import roc_auc
+    from robustnorm.evaluation.evidence import roc_auc
 
     assert roc_auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
     assert roc_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
@@ -172,11 +182,8 @@ def test_roc_auc_reference_values() -> None:
 
 
 def test_drift_evidence_separates_noise_from_clean(model_and_card: tuple) -> None:
-    import dataclasses
-
-    from robustnorm import calibrate_drift
-    from robustnorm.data import normalize
-    from robustnorm.evaluate import drift_evidence
+    from robustnorm.corruptions import CORRUPTIONS
+    from robustnorm.evaluation.evidence import drift_evidence
 
     card = dataclasses.replace(model_and_card[1])
     torch.manual_seed(5)
@@ -189,7 +196,7 @@ def test_drift_evidence_separates_noise_from_clean(model_and_card: tuple) -> Non
                                        batches_per_size=16)
     x, y = images(32)
     result = drift_evidence(model, card, x, y, n=8, steps=1)
-    assert set(result["auc"]) == {"pgd_whole", "pgd_lone", "gaussian_noise", "gaussian_blur", "contrast", "jpeg"}
+    assert set(result["auc"]) == {"pgd_whole", "pgd_lone", *CORRUPTIONS} and "contrast" in CORRUPTIONS
     assert set(result["layers"]["clean"]["bn1"]) == {"mean_shift", "log_var_ratio", "kl"}
     assert result["layers"]["contrast"]["bn1"]["kl"] > result["layers"]["clean"]["bn1"]["kl"]
     assert result["auc"]["contrast"]["batch_score"] > 0.9
@@ -254,8 +261,6 @@ def test_evaluate_command_runs_the_grid_and_resumes_without_recomputing(cifar10:
 
 
 def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import Grid, evaluate_model
-
     model, card = model_and_card  # policy adaptive:4 on RobustNorm: frozen below 4 images, batch from 4
     x, y = images(16)
     pool, pool_labels = images(40)
@@ -282,126 +287,128 @@ def test_adaptive_cells_reuse_the_cells_whose_statistics_they_run(model_and_card
 
 
 def test_cells_run_cheapest_first_and_twins_follow_the_cell_they_copy(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import GRIDS, _cell_images, _ignores_batchmates, _in_cost_order, _robust_cells
-
     _, card = model_and_card  # adaptive:4 on RobustNorm
-    cells = _robust_cells(card, GRIDS["core"])
-    ordered = _in_cost_order(card, cells, 2000)
-    assert sorted(ordered) == sorted(cells)
-    reuses = [_ignores_batchmates(card, policy, n, gradient) and not threat.startswith("poison")
-              for policy, n, threat, _, _, gradient in ordered]
+    cells = robust_cells(card, GRIDS["core"])
+    ordered = in_cost_order(cells, robust=True, subset=2000)
+    assert sorted(cell.key for cell in ordered) == sorted(cell.key for cell in cells)
+    reuses = [cell.per_image(robust=True) for cell in ordered]
     assert reuses == sorted(reuses, reverse=True) and reuses[0]  # per-image attacks, forwards only: first
-    costs = [_cell_images(card, policy, n, threat, gradient, 2000) for policy, n, threat, _, _, gradient in ordered]
+    costs = [attack_images(cell, robust=True, subset=2000) for cell in ordered]
     rest = costs[reuses.index(False):]
     assert rest == sorted(rest) and rest[0] <= 2000 and rest[-1] == 2000 * 128  # lone at n = 128 last
-    position = {cell: i for i, cell in enumerate(ordered)}
-    for policy, n, *rest in ordered:
+    position = {cell.key: i for i, cell in enumerate(ordered)}
+    for cell in ordered:
+        policy, n, *rest = cell.key
         twin = ("batch", n, *rest)
         if policy == card.policy and n >= 4 and twin in position:  # adaptive:4 runs batch statistics from n = 4
-            assert position[twin] < position[(policy, n, *rest)]
+            assert position[twin] < position[cell.key]
 
 
 def test_fractions_get_every_gradient_and_poisoning_only_the_adaptive_one(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import GRIDS, _robust_cells
-
     _, card = model_and_card
-    cells = _robust_cells(card, GRIDS["core"])
-    extra = {(threat, gradient) for _, n, threat, _, eps, gradient in cells if n == 32 and eps == 8
-             and threat.startswith(("fraction:", "poison:"))}
+    cells = robust_cells(card, GRIDS["core"])
+    extra = {(str(cell.threat), cell.gradient) for cell in cells if cell.n == 32 and cell.eps_255 == 8
+             and cell.threat.kind in ("fraction", "poison")}
     assert extra == {(fraction, gradient) for fraction in ("fraction:0.1", "fraction:0.5")
                      for gradient in ("adaptive", "margin", "transfer")} | {("poison:3", "adaptive")}
     assert len(cells) == len(set(cells))
 
 
 def test_whole_batches_are_attacked_on_the_margin_too_and_impossible_cells_are_refused(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import GRIDS, _policies, _robust_cells, _same_computation
-
-    model, card = model_and_card
+    _, card = model_and_card
     grid = GRIDS["core"]
-    cells = _robust_cells(card, grid)
-    margin = {(policy, n, threat, eps) for policy, n, threat, _, eps, gradient in cells if gradient == "margin"}
-    assert margin == ({(policy, n, "whole", eps) for policy in _policies(card) for n in grid.robust_sizes
+    cells = robust_cells(card, grid)
+    margin = {(str(c.policy), c.n, str(c.threat), c.eps_255) for c in cells if c.gradient == "margin"}
+    deployed = [str(policy) for policy in policies(card)]
+    assert margin == ({(policy, n, "whole", eps) for policy in deployed for n in grid.robust_sizes
                        for eps in grid.robust_eps_255}
-                      | {(policy, 128, "whole", eps) for policy in _policies(card) for eps in (1, 2, 4, 8)}
-                      | {(policy, 32, threat, 8) for policy in _policies(card)
-                         for threat in ("fraction:0.1", "fraction:0.5")})
+                      | {(policy, 128, "whole", eps) for policy in deployed for eps in (1, 2, 4, 8)}
+                      | {(policy, 32, threat, 8) for policy in deployed for threat in ("fraction:0.1", "fraction:0.5")})
     # Under frozen statistics the margin attack is per image, but never the cross-entropy attack's twin.
-    assert not _same_computation(card, ("frozen", 8, "whole", "pgd", 2, "adaptive"),
-                                 ("frozen", 8, "whole", "pgd", 2, "margin"))
-    assert _same_computation(card, ("frozen", 8, "whole", "pgd", 2, "adaptive"),
-                             ("frozen", 8, "whole", "pgd", 2, "transfer"))
-    x, y = images(8)
-    for threat, attack, gradient in (("lone", "fgsm", "unknown"), ("poison:1", "pgd", "transfer")):
+    adaptive = Cell.parse("frozen", 8, "whole", "pgd", 2, "adaptive")
+    assert not same_computation(adaptive, Cell.parse("frozen", 8, "whole", "pgd", 2, "margin"), robust=True)
+    assert same_computation(adaptive, Cell.parse("frozen", 8, "whole", "pgd", 2, "transfer"), robust=True)
+    for threat, attack, gradient in (("lone", "fgsm", "unknown"), ("poison:1", "pgd", "transfer"),
+                                     ("whole", "pgd", "unknown"), ("whole", "cw", "adaptive"),
+                                     ("whole", "pgd", "sideways")):
         with pytest.raises(ValueError):
-            robust_evaluation(model, card, x, y, policy="batch", n=4, threat=threat, attack=attack, eps=2 / 255,
-                              steps=1, gradient=gradient, pool=x, pool_labels=y)
+            Cell.parse("batch", 4, threat, attack, 2, gradient)
+
+
+def test_threat_models_parse_once_into_their_canonical_strings() -> None:
+    for text, canonical in (("whole", "whole"), ("Lone", "lone"), ("fraction:0.50", "fraction:0.5"),
+                            ("fraction:1", "fraction:1"), ("poison:3", "poison:3")):
+        assert str(parse_threat(text)) == canonical and parse_threat(canonical) == parse_threat(text)
+    for bad in ("all", "whole:1", "fraction:0", "fraction:1.5", "fraction:x", "poison:0", "poison:1.5"):
+        with pytest.raises(ValueError, match="threat model"):
+            parse_threat(bad)
+    assert [parse_threat("fraction:0.1").attackers_per_batch(n) for n in (1, 8, 32)] == [1, 1, 3]
+    with pytest.raises(ValueError, match="larger than 3"):
+        parse_threat("poison:3").attackers_per_batch(3)
+    record = {"policy": "blend:512", "n": 32, "threat": "fraction:0.1", "attack": "pgd", "eps_255": 8.0,
+              "gradient": "margin"}
+    assert Cell.from_record(record).key == tuple(record.values())
 
 
 def test_the_eps_sweep_runs_under_every_policy_pgd_with_both_gradients(model_and_card: tuple) -> None:
-    from robustnorm.evaluate import GRIDS, _policies, _robust_cells
-
     _, card = model_and_card
     grid = GRIDS["core"]
-    sweep = {(policy, attack, eps, gradient) for policy, n, threat, attack, eps, gradient in _robust_cells(card, grid)
-             if n == grid.sweep_size and threat == "whole"}
-    for policy in _policies(card):
+    sweep = {(str(c.policy), c.attack, c.eps_255, c.gradient) for c in robust_cells(card, grid)
+             if c.n == grid.sweep_size and c.threat.kind == "whole"}
+    for policy in map(str, policies(card)):
         for eps in grid.sweep_eps_255:
             assert {(policy, "pgd", eps, "adaptive"), (policy, "pgd", eps, "transfer"),
                     (policy, "fgsm", eps, "adaptive")} <= sweep
     assert not any(attack == "fgsm" and gradient != "adaptive" for _, attack, _, gradient in sweep)
 
 
-def test_resume_refuses_results_of_another_format_and_json_has_no_nan(tmp_path: object) -> None:
+def test_resume_refuses_results_of_another_run_and_json_has_no_nan(tmp_path: object) -> None:
     import json
 
-    from robustnorm.evaluate import RESULTS_FORMAT, _resumable, _without_nan
+    from robustnorm.evaluation.store import RESULTS_FORMAT, resumable, without_nan
 
     report = {"format": RESULTS_FORMAT, "dataset": "d", "grid": "core", "grid_spec": {"steps": 20}, "seed": 0,
               "robust_images": 2000, "test_images": 10000, "models": [{"model": "a"}]}
     path = tmp_path / "robustness.json"
+    assert resumable(path, report) is None
     path.write_text(json.dumps(report))
-    assert _resumable(path, report) == [{"model": "a"}]
-    path.write_text(json.dumps(dict(report, format=1)))  # lone attackers scored one per subset batch
-    with pytest.raises(ValueError, match="another format"):
-        _resumable(path, report)
-    # A grid that gained a field (more cells) resumes the older results; a changed field does not.
-    grown = dict(report, grid_spec={"steps": 20, "margin_threats": ["whole"]})
-    path.write_text(json.dumps(report))
-    assert _resumable(path, grown) == [{"model": "a"}]
-    path.write_text(json.dumps(dict(report, grid_spec={"steps": 10})))
-    with pytest.raises(ValueError, match="another grid"):
-        _resumable(path, grown)
-    assert _without_nan({"a": [float("nan"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
+    assert resumable(path, report)["models"] == [{"model": "a"}]
+    for other, why in ((dict(report, format=1), "another format"),  # lone attackers scored one per subset batch
+                       (dict(report, grid_spec={"steps": 10}), "another grid"),
+                       (dict(report, grid_spec={"steps": 20, "margin_threats": ["whole"]}), "another grid"),
+                       (dict(report, test_images=200), "other data")):
+        path.write_text(json.dumps(other))
+        with pytest.raises(ValueError, match=why):
+            resumable(path, report)
+    assert without_nan({"a": [float("nan"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
 
 
 def test_a_new_drift_calibration_keeps_the_accuracy_cells_and_reruns_only_drift() -> None:
     from dataclasses import replace
 
     from robustnorm.drift import DriftCalibration
-    from robustnorm.evaluate import _calibration_digest, _card_digest
+    from robustnorm.evaluation.store import calibration_digest, card_digest
 
     calibration = DriftCalibration(batch_sizes=[1, 2], log_kl_mean=[0.0, 0.0], log_kl_std=[1.0, 1.0],
                                    image_layers=["bn1"], image_feature_mean=[0.0], image_feature_std=[1.0],
                                    image_threshold=1.0)
-    card = ModelCard(name="m", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS), policy="blend:512",
+    card = ModelCard(name="m", architecture="resnet20", norm="bn", labels=list(CIFAR10_CLASSES), policy="blend:512",
                      calibration=calibration,
                      weights_sha256="ab" * 32)
     recalibrated = replace(card, calibration=replace(calibration, image_threshold=2.0))
-    assert _card_digest(recalibrated) == _card_digest(card)  # accuracy cells do not read the calibration
-    assert _calibration_digest(recalibrated) != _calibration_digest(card)
-    assert _card_digest(replace(card, policy="batch")) != _card_digest(card)
-    assert _card_digest(replace(card, weights_sha256="cd" * 32)) != _card_digest(card)
+    assert card_digest(recalibrated) == card_digest(card)  # accuracy cells do not read the calibration
+    assert calibration_digest(recalibrated) != calibration_digest(card)
+    assert card_digest(replace(card, policy="batch")) != card_digest(card)
+    assert card_digest(replace(card, weights_sha256="cd" * 32)) != card_digest(card)
 
 
 def test_the_unknown_batchmates_attacker_guesses_from_images_never_put_in_its_batch(
         model_and_card: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    import robustnorm.evaluate as evaluate
-
     model, card = model_and_card
     x, y = images(6)
     pool, pool_labels = torch.rand(30, 3, 32, 32), torch.randint(0, 10, (30,))
     seen: dict[str, torch.Tensor] = {}
-    real_assemble, real_sampler = evaluate.assemble_batches, evaluate._unknown_batchmates_sampler
+    real_assemble, real_sampler = crafting.assemble_batches, crafting.unknown_batchmates_sampler
 
     def assemble(x01, labels, batchmates, *args, **kwargs):
         seen["batchmates"] = batchmates
@@ -411,10 +418,10 @@ def test_the_unknown_batchmates_attacker_guesses_from_images_never_put_in_its_ba
         seen["eot"] = eot_pool
         return real_sampler(model, card, policy, n, eot_pool, groups)
 
-    monkeypatch.setattr(evaluate, "assemble_batches", assemble)
-    monkeypatch.setattr(evaluate, "_unknown_batchmates_sampler", sampler)
-    record = robust_evaluation(model, card, x, y, policy="batch", n=4, threat="lone", attack="pgd", eps=4 / 255,
-                               steps=1, gradient="unknown", pool=pool, pool_labels=pool_labels)
+    monkeypatch.setattr(running, "assemble_batches", assemble)
+    monkeypatch.setattr(crafting, "unknown_batchmates_sampler", sampler)
+    cell = Cell.parse("batch", 4, "lone", "pgd", 4, "unknown")
+    record = run_cell(model, card, x, y, cell, steps=1, pool=pool, pool_labels=pool_labels)
     assert record.scored_images == 6
 
     def rows(batch: torch.Tensor) -> set[tuple]:
@@ -423,11 +430,12 @@ def test_the_unknown_batchmates_attacker_guesses_from_images_never_put_in_its_ba
     assert rows(seen["batchmates"]).isdisjoint(rows(seen["eot"]))
     assert rows(seen["batchmates"]) | rows(seen["eot"]) == rows(pool)
     # Under frozen statistics no guess is made, and the batchmates come from the whole pool as before.
-    assert evaluate.split_pool(card, "frozen", 4, "unknown", pool, pool_labels)[0] is pool
+    frozen = Cell.parse("frozen", 4, "lone", "pgd", 4, "unknown")
+    assert split_pool(frozen, True, pool, pool_labels)[0] is pool
 
 
 def test_merging_results_adds_missing_cells_and_never_replaces_a_figure() -> None:
-    from robustnorm.evaluate import merge_results
+    from robustnorm.evaluation.store import merge_results
 
     def cell(policy: str, accuracy: float, seconds: float = 1.0) -> dict:
         return {"policy": policy, "n": 8, "threat": "whole", "attack": "pgd", "eps_255": 8.0, "gradient": "margin",
@@ -439,9 +447,10 @@ def test_merging_results_adds_missing_cells_and_never_replaces_a_figure() -> Non
                 "models": [{"model": "m", "card_digest": digest, "seconds": 5.0, "robust": list(cells)}]}
 
     into = results(cell("frozen", 0.1))
-    assert merge_results(into, results(cell("frozen", 0.1, seconds=9.0), cell("batch", 0.2))) == 1
+    assert merge_results(into, dict(results(cell("frozen", 0.1, seconds=9.0), cell("batch", 0.2)),
+                                     device="cuda")) == 1
     assert [c["policy"] for c in into["models"][0]["robust"]] == ["frozen", "batch"]
-    assert into["models"][0]["seconds"] == 6.0
+    assert into["models"][0]["seconds"] == 6.0 and into["device"] == "cpu + cuda"
     for other in (results(cell("frozen", 0.3)), results(cell("frozen", 0.1), digest="d2"),
                   {**results(), "seed": 1}, {**results(), "grid_spec": {"steps": 10}}):
         with pytest.raises(ValueError, match="--merge"):
