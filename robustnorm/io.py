@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data import CIFAR10_MEAN, CIFAR10_STD
 from .drift import DriftCalibration
 from .layers import RobustNorm2d, convert_norms, policy_layers, set_policy
 from .models import create_model, list_architectures, list_norms
@@ -31,9 +32,6 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "cifar10-resnet20-robustnorm"
-CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
-CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 
 
 class ModelLoadError(ValueError):

@@ -13,20 +13,16 @@ import torch
 from PIL import Image
 
 from robustnorm import data
+from robustnorm.augment import crop_flip, crop_flip_params, cutout, cutout_centres, random_crop_flip
 from robustnorm.data import (
     CIFAR10_CLASSES,
     ImageDataset,
     balanced_subset,
-    crop_flip,
-    crop_flip_params,
-    cutout,
-    cutout_centres,
     iterate_batches,
     load_cifar10,
     load_images,
     make_generator,
     normalize,
-    random_crop_flip,
     stratified_split,
     to_float,
 )

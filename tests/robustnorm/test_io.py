@@ -10,12 +10,12 @@ import torch
 
 import robustnorm
 from robustnorm import ModelCard, ModelLoadError, batch_groups, create_model, load_model, save_model
-from robustnorm.io import CIFAR10_LABELS
+from robustnorm.data import CIFAR10_CLASSES
 
 
 def make_card(**overrides: object) -> ModelCard:
     fields = {"name": "test-model", "architecture": "resnet20", "norm": "robustnorm", "p": 0.5,
-              "labels": list(CIFAR10_LABELS), "policy": "adaptive:8"}
+              "labels": list(CIFAR10_CLASSES), "policy": "adaptive:8"}
     fields.update(overrides)
     return ModelCard(**fields)
 

@@ -1,4 +1,5 @@
-"""The ``train`` subcommand on real CIFAR-10: short runs learn, resume exactly, and DDP equals one process."""
+"""Training on real CIFAR-10 (``train(TrainConfig)`` and ``robustnorm train``): short runs learn, resume exactly,
+and DDP equals one process."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 import robustnorm
 from robustnorm import train
 from robustnorm.scoring import accuracy
+from robustnorm.train import TrainConfig, config_from_args
+from robustnorm.train_loop import LearningRateSchedule, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT_RUN = ["--limit-train", "384", "--limit-val", "100", "--batch-size", "64", "--warmup-epochs", "0"]
@@ -41,11 +44,11 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / train.CHECKPOINT_FILE, weights_only=True)["model"]
 
 
-def stop_after(last: int) -> Callable[[train._Trainer, int], None]:
+def stop_after(last: int) -> Callable[[Trainer, int], None]:
     """A ``save_checkpoint`` that saves, then interrupts the run after epoch ``last``."""
-    save_checkpoint = train._Trainer.save_checkpoint
+    save_checkpoint = Trainer.save_checkpoint
 
-    def save_then_stop(trainer: train._Trainer, epoch: int) -> None:
+    def save_then_stop(trainer: Trainer, epoch: int) -> None:
         save_checkpoint(trainer, epoch)
         if epoch == last:
             raise KeyboardInterrupt
@@ -54,27 +57,34 @@ def stop_after(last: int) -> Callable[[train._Trainer, int], None]:
 
 
 def test_learning_rate_schedule() -> None:
-    cosine = train.LearningRateSchedule(base_lr=0.1, total_steps=100, warmup_steps=10)
+    cosine = LearningRateSchedule(base_lr=0.1, total_steps=100, warmup_steps=10)
     assert [cosine(step) for step in (0, 4, 9)] == pytest.approx([0.01, 0.05, 0.1])
     assert cosine(10) == pytest.approx(0.1) and cosine(55) == pytest.approx(0.05) and cosine(99) < 1e-3
-    step = train.LearningRateSchedule(base_lr=0.1, total_steps=100, kind="step", milestones=(50, 75))
+    step = LearningRateSchedule(base_lr=0.1, total_steps=100, kind="step", milestones=(50, 75))
     assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     # weight averaging: cosine from 0.1 down to the held rate 0.02 by step 80, then 0.02
-    swa = train.LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=80)
+    swa = LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=80)
     assert swa(0) == pytest.approx(0.1) and swa(40) == pytest.approx(0.06) and swa(79) == pytest.approx(0.02, abs=1e-4)
     assert [swa(s) for s in (80, 99)] == [0.02, 0.02]
-    held = train.LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=0)
+    held = LearningRateSchedule(base_lr=0.1, total_steps=100, floor=0.02, hold_from=0)
     assert held(0) == held(99) == 0.02
 
 
-def test_options() -> None:
-    args = parse("--out", "x", "--adv-eps", "8/255", "--milestones", "120,80")
-    assert math.isclose(args.adv_eps, 8 / 255) and args.milestones == (80, 120) and args.augment
-    assert parse("--out", "x").cutout == 0 and parse("--out", "x", "--cutout", "16").cutout == 16
+def test_flags_map_onto_the_config() -> None:
+    config = config_from_args(parse("--out", "x", "--adv-eps", "8/255", "--milestones", "120,80"))
+    assert math.isclose(config.adv_eps, 8 / 255) and config.milestones == (80, 120) and config.augment
+    assert config == TrainConfig(out=Path("x"), adv_eps=config.adv_eps, milestones=(80, 120))
+    assert config_from_args(parse("--out", "x", "--cutout", "16")).cutout == 16
+    assert [config_from_args(parse("--out", "x", *flag)).progress for flag in ([], ["--quiet"], ["--progress"])] \
+        == [None, False, True]
     for bad in (["--adv-eps", "2"], ["--adv-eps", "8/0"], ["--norm", "layernorm"], ["--cutout", "-1"],
                 ["--cutout", "a"]):
         with pytest.raises(SystemExit):
             parse("--out", "x", *bad)
+    for contradiction, flag in (({"swa_lr": 0.1}, "--swa-lr"), ({"swa_epochs": 200}, "--swa-epochs"),
+                                ({"norm": "layernorm"}, "--norm"), ({"adv_eps": 2.0}, "--adv-eps")):
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(out=Path("x"), **contradiction)
 
 
 @pytest.mark.slow
@@ -95,7 +105,7 @@ def test_short_run_learns_saves_a_card_and_resumes_exactly(cifar10: Path, tmp_pa
 
     # A run stopped after two of three epochs, then resumed: the same weights as three epochs in one go.
     with monkeypatch.context() as patch:
-        patch.setattr(train._Trainer, "save_checkpoint", stop_after(2))
+        patch.setattr(Trainer, "save_checkpoint", stop_after(2))
         with pytest.raises(KeyboardInterrupt):
             train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3")
     assert train_in_process(cifar10, split, *SHORT_RUN, "--epochs", "3") == 2  # refuses to overwrite
@@ -180,13 +190,18 @@ def test_init_from_starts_at_the_saved_weights_and_records_them(cifar10: Path, t
     base = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32"]
     assert train_in_process(cifar10, tmp_path / "first", *base, "--epochs", "1") == 0
     first_model, first_card = robustnorm.load_model(tmp_path / "first")
-    # zero epochs of a second cycle: the saved model is the starting one, bit for bit
-    assert train_in_process(cifar10, tmp_path / "again", *base, "--epochs", "0",
-                            "--init-from", str(tmp_path / "first")) == 0
+    # zero epochs of a second cycle, from Python: the saved model is the starting one, bit for bit
+    config = TrainConfig(data=cifar10, out=tmp_path / "again", limit_train=64, limit_val=32, batch_size=32, epochs=0,
+                         init_from=tmp_path / "first", progress=False)
+    returned_model, returned_card = train.train(config)
     again_model, again_card = robustnorm.load_model(tmp_path / "again")
     first, again = first_model.state_dict(), again_model.state_dict()
     assert all(torch.equal(again[key], first[key]) for key in first)
-    assert again_card.training["init_from"]["version"] == first_card.version
+    assert all(torch.equal(returned_model.state_dict()[key].cpu(), first[key]) for key in first)
+    assert again_card.training["init_from"]["version"] == first_card.version == returned_card.training[
+        "init_from"]["version"] and returned_card.version == again_card.version
+    assert again_card.training["arguments"] == {**config.arguments(), "data": str(cifar10),
+                                                "out": str(tmp_path / "again"), "init_from": str(tmp_path / "first")}
     with pytest.raises(ValueError, match="not resnet20/robustnorm"):
         train_in_process(cifar10, tmp_path / "other", *base, "--epochs", "1", "--norm", "robustnorm",
                          "--init-from", str(tmp_path / "first"))
@@ -197,29 +212,25 @@ def test_a_second_cycle_resumes_from_its_checkpoint(cifar10: Path, tmp_path: Pat
     assert train_in_process(cifar10, tmp_path / "first", *base, "--epochs", "1") == 0
     second = [*base, "--epochs", "2", "--init-from", str(tmp_path / "first")]
     assert train_in_process(cifar10, tmp_path / "whole", *second) == 0
-    save_checkpoint = train._Trainer.save_checkpoint
+    save_checkpoint = Trainer.save_checkpoint
 
-    def stop_after_one(trainer: train._Trainer, epoch: int) -> None:
+    def stop_after_one(trainer: Trainer, epoch: int) -> None:
         save_checkpoint(trainer, epoch)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train._Trainer, "save_checkpoint", stop_after_one)
+    monkeypatch.setattr(Trainer, "save_checkpoint", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
         train_in_process(cifar10, tmp_path / "split", *second)
-    monkeypatch.setattr(train._Trainer, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
     assert train_in_process(cifar10, tmp_path / "split", *second, "--resume") == 0  # checkpoint config loads
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.allclose(whole[key].float(), split[key].float(), atol=1e-6) for key in whole)
 
 
-def test_a_checkpoint_from_before_cutout_resumes_and_a_changed_cutout_does_not(cifar10: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_resumes_only_with_the_settings_it_was_trained_with(cifar10: Path, tmp_path: Path) -> None:
     base = ["--limit-train", "64", "--limit-val", "32", "--batch-size", "32", "--epochs", "2"]
     out = tmp_path / "run"
     assert train_in_process(cifar10, out, *base[:-1], "1") == 0
-    checkpoint = out / train.CHECKPOINT_FILE
-    state = torch.load(checkpoint, weights_only=True)
-    del state["config"]["cutout"]  # as written before --cutout existed
-    torch.save(state, checkpoint)
     with pytest.raises(ValueError, match="cutout"):
         train_in_process(cifar10, out, *base, "--cutout", "8", "--resume")
     assert train_in_process(cifar10, out, *base, "--resume") == 0
@@ -232,14 +243,14 @@ def test_weight_averaging_saves_the_mean_of_the_last_epochs_with_statistics_reco
 ) -> None:
     argv = [*SHORT_RUN, "--norm", "robustnorm", "--p", "1.0", "--epochs", "3", "--swa-epochs", "2", "--swa-lr", "0.03"]
     ends: dict[int, dict[str, torch.Tensor]] = {}
-    save_checkpoint = train._Trainer.save_checkpoint
+    save_checkpoint = Trainer.save_checkpoint
 
-    def keep_weights(trainer: train._Trainer, epoch: int) -> None:
+    def keep_weights(trainer: Trainer, epoch: int) -> None:
         save_checkpoint(trainer, epoch)
         ends[epoch] = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
 
     with monkeypatch.context() as patch:
-        patch.setattr(train._Trainer, "save_checkpoint", keep_weights)
+        patch.setattr(Trainer, "save_checkpoint", keep_weights)
         assert train_in_process(cifar10, tmp_path / "whole", *argv) == 0
     log = log_of(tmp_path / "whole")
     assert [row.get("averaged") for row in log] == [None, 1, 2] and [row["lr"] for row in log[1:]] == [0.03, 0.03]
@@ -256,7 +267,7 @@ def test_weight_averaging_saves_the_mean_of_the_last_epochs_with_statistics_reco
 
     # Stopped inside the averaging window and resumed: the same average; other averaging settings are refused.
     with monkeypatch.context() as patch:
-        patch.setattr(train._Trainer, "save_checkpoint", stop_after(2))
+        patch.setattr(Trainer, "save_checkpoint", stop_after(2))
         with pytest.raises(KeyboardInterrupt):
             train_in_process(cifar10, tmp_path / "split", *argv)
     with pytest.raises(ValueError, match="average of 1 epochs"):
