@@ -31,6 +31,7 @@ from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
 from .io import ModelCard, load_model, model_directory, save_model
 from .layers import set_policy
 from .policy import parse_policy
+from .progress import progress_bar, shows_progress
 from .scoring import accuracy
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,20 @@ def choose_policy(table: dict[str, dict[int, float]], robust: bool) -> tuple[str
 def calibrate(model: nn.Module, card: ModelCard, val_x01: torch.Tensor, val_labels: torch.Tensor,
               sizes: tuple[int, ...] = DEFAULT_CALIBRATION_SIZES,
               n0_candidates: tuple[float, ...] = N0_CANDIDATES, batches_per_size: int = 64,
-              policy: str | None = None) -> ModelCard:
+              policy: str | None = None, progress: bool | None = False) -> ModelCard:
     """Measure, choose and record policy, N0 and drift calibration in ``card`` (returned); ``policy``, when
-    given, is deployed and drift-calibrated instead of the measured choice."""
+    given, is deployed and drift-calibrated instead of the measured choice. ``progress``: a bar over the
+    accuracy measurements (:func:`robustnorm.progress.progress_bar`)."""
     forced = None if policy is None else str(parse_policy(policy))  # a bad policy fails before the measurements
     robust = card.norm == "robustnorm"
     # RobustNorm models fall back to frozen (their tracked statistics): N0 is a BatchNorm-only choice.
     policies = ["frozen", "batch"] + ([] if robust else [f"blend:{n0:g}" for n0 in n0_candidates])
-    table = {name: {n: accuracy(model, card, val_x01, val_labels, name, n) for n in sizes} for name in policies}
+    table: dict[str, dict[int, float]] = {name: {} for name in policies}
+    with progress_bar(total=len(policies) * len(sizes), desc="accuracy", unit="setting", enabled=progress) as bar:
+        for name in policies:
+            for n in sizes:
+                table[name][n] = accuracy(model, card, val_x01, val_labels, name, n)
+                bar.update()
     chosen, n0, min_batch = choose_policy(table, robust)
     logger.info("chose policy %s (N0=%s, MIN_BATCH=%s)", chosen, n0, min_batch)
     deployed = forced or chosen
@@ -103,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deploy this policy (e.g. adaptive:16) instead of the measured choice, with the drift "
                              "scores calibrated under it (the service scores drift only under the card's policy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn only on a terminal, and never when CI is set)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     _, val = cifar10_train_val(args.data)
     val = val.subset(torch.arange(min(args.val_images, len(val)))).to(args.device)
     card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size,
-                     policy=args.policy)
+                     policy=args.policy, progress=shows_progress(False if args.quiet else None))
     out = args.out or model_directory(args.model)
     save_model(model, card, out)
     print(f"policy {card.policy}; wrote {out}")
