@@ -2,7 +2,9 @@
 
 A request's images are queued as one work item (or, beyond ``max_batch_size`` images, as several items of
 at most ``max_batch_size``), so a request's images stay in one batch where they fit. A batch leaves the
-queue when it is full or its oldest item has waited ``max_wait``; which items it takes is decided by
+queue when it is full or its oldest item has waited ``max_wait``, or at once when ``eager`` (the default): the
+engine runs one batch at a time, so while it is busy the queue fills and batches grow with the load, and an
+idle engine never keeps a request waiting for company. Which items a batch takes is decided by
 :func:`collect_batch`, a pure function of the queue and a monotonic time. Items whose deadline has passed
 are answered 504 and never run. The consumer task is supervised: if it dies, every pending request fails at
 once with a clear error, and so does every later one.
@@ -77,7 +79,7 @@ def _compatible(head: BatchKey, other: BatchKey, share_tenants: bool) -> bool:
 
 
 def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wait: float,
-                  share_tenants: bool = False) -> Collected[Q]:
+                  share_tenants: bool = False, eager: bool = False) -> Collected[Q]:
     """Decide which queued items form the next batch at time ``now`` (oldest first in ``queue``).
 
     The oldest live item (the head) always goes into the next batch, with the later items that share its
@@ -105,7 +107,7 @@ def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wa
         else:
             full = True  # waiting longer cannot make room for it; smaller later items may still fit
     head_due = head.enqueued_at + max_wait
-    if full or now >= head_due:
+    if full or eager or now >= head_due:
         return Collected(batch, expired, None)
     return Collected([], expired, min(head_due, min(item.deadline for item in live)))
 
@@ -170,11 +172,13 @@ class MicroBatcher(Generic[R]):
     """
 
     def __init__(self, run_batch: RunBatch[R], *, max_batch_size: int, max_wait: float, queue_limit: int,
+                 eager: bool = False,
                  share_tenants: bool = False, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, collect: Collect[R] = collect_batch) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
+        self.eager = eager
         self.queue_limit = queue_limit
         self.share_tenants = share_tenants
         self._metrics = metrics
@@ -321,7 +325,7 @@ class MicroBatcher(Generic[R]):
             self._remove([item for item in self._queue if item.future.done()])  # cancelled by their request
             now = self._clock()
             collected = self._collect(self._queue, now, max_batch_size=self.max_batch_size,
-                                      max_wait=self.max_wait, share_tenants=self.share_tenants)
+                                      max_wait=self.max_wait, share_tenants=self.share_tenants, eager=self.eager)
             if collected.expired:
                 self._remove(collected.expired)
                 for item in collected.expired:

@@ -120,6 +120,7 @@ class Predictor:
         self.metrics.set_model(model=card.name, version=card.version, norm=card.norm, policy=str(engine.policy))
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=self.settings.max_batch_size, max_wait=self.settings.max_wait,
+            eager=self.settings.eager_batches,
             queue_limit=self.settings.queue_limit, share_tenants=self.settings.isolation == "grouped",
             metrics=self.metrics)
         self._batcher.start()

@@ -71,7 +71,11 @@ class Settings(BaseSettings):
 
     # -- batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per micro-batch at most")
-    max_wait: float = Field(0.01, ge=0, le=10, description="seconds the oldest queued request waits for a batch")
+    max_wait: float = Field(0.01, ge=0, le=10, description="seconds the oldest queued request waits for a batch "
+                                                           "(unless eager_batches)")
+    eager_batches: bool = Field(
+        True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
+                          "with the load while the engine is busy, and an idle engine answers at once")
     queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
     request_deadline: float = Field(10.0, gt=0, description="seconds a request may take end to end (504 after)")
     pad_batches: Padding = Field(
