@@ -3,10 +3,10 @@
 An attack sees the model only through ``forward(x01) -> logits``: a callable that takes the whole batch in
 [0, 1] pixels (before mean/std normalisation) and returns one row of logits per image. The caller wraps the
 normalisation, the statistics policy and any batch groups inside it, so the gradient flows through the batch
-statistics (an adaptive attack)::
+statistics (an adaptive attack); :func:`robustnorm.scoring.deployed_forward` builds this one::
 
     def forward(x01):
-        with robustnorm.batch_groups(model, sizes=[group_size] * n_groups):
+        with robustnorm.batch_groups(model, sizes=[group_size] * n_groups, policy=policy):
             return model(normalize(x01))
 
 Threat models (docs/architecture.md) are expressed with two boolean masks over the batch:
