@@ -27,6 +27,11 @@ BATCH_SCORE_BUCKETS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0
 IMAGE_SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 
 
+# Gate score: the mean over a stream's window of each image's raw score against clean images of its predicted
+# class (robustnorm.gate), about 1 on clean traffic; calibrated thresholds sit near 1.3-1.6.
+GATE_SCORE_BUCKETS = (0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     """1, 2, 4, ... up to the max batch size (which is always a bucket of its own)."""
     buckets, size = [], 1
@@ -68,6 +73,9 @@ class Metrics:
         self.gate_switches = Counter("robustnorm_gate_switches_total",
                                      "Drift gate switches of the auto policy, by the statistics switched to.",
                                      ["to"], registry=registry)
+        self.gate_score = Histogram("robustnorm_gate_score",
+                                    "The auto gate's score of the stream each batch ran in (clean traffic: about 1).",
+                                    buckets=GATE_SCORE_BUCKETS, registry=registry)
         self.streams = Gauge("robustnorm_streams", "Streams whose running statistics the service holds.",
                              registry=registry)
         self.model_info = Gauge("robustnorm_model_info", "The model being served (always 1).",
@@ -99,8 +107,11 @@ class Metrics:
             self.batches.labels(group.statistics, "true" if group.fallback else "false").inc()
             if group.batch_score is not None:
                 self.batch_drift_score.observe(group.batch_score)
+            if group.gate_score is not None:
+                self.gate_score.observe(group.gate_score)
         for score in report.image_scores or ():
-            self.image_drift_score.observe(score)
+            if score is not None:
+                self.image_drift_score.observe(score)
         for layer, measures in report.layers.items():
             for measure, per_group in measures.items():
                 if per_group:  # the latest batch is the last group of this forward

@@ -42,6 +42,7 @@ class GroupOutcome:
     fallback: bool  # adaptive fell back, or an auto gate held the population statistics
     stream_images: int  # images the stream estimate held when the group ran (0 without a stream policy)
     batch_score: float | None  # calibrated batch drift score, None where there is no calibration for the policy
+    gate_score: float | None = None  # the auto gate's score of the group's stream (None: no gate, or too few images)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class BatchReport:
 
     groups: list[GroupOutcome]
     layers: dict[str, dict[str, list[float]]]
-    image_scores: list[float] | None
+    image_scores: list[float | None] | None
     seconds: float
     padded_to: int
     switches: list[tuple[str, bool]] = field(default_factory=list)  # gate switches: (stream key, shifted)
@@ -110,11 +111,15 @@ class EngineBase:
         """The card's drift calibration for a batch run under ``policy``, or ``None`` (no scores).
 
         A calibration is made under one policy, and only there do clean batches score about 0; a misleading
-        score is worse than none, so other policies report per-layer drift only (docs/drift.md).
+        score is worse than none, so other policies report per-layer drift only (docs/drift.md). A calibration
+        made under ``frozen`` also scores the ``auto`` policy's groups while its gate holds the population
+        statistics (they run ``frozen``), and only those.
         """
-        if self.card.calibration is None or policy != self.calibrated_policy:
+        if self.card.calibration is None:
             return None
-        return self.card.calibration
+        if policy == self.calibrated_policy or (policy.kind == "auto" and self.calibrated_policy.kind == "frozen"):
+            return self.card.calibration
+        return None
 
     def streams_for(self, policy: Policy, groups: Sequence[GroupSpec]) -> StreamSelection | None:
         """Each group's stream under a stream policy (one store per policy), else None."""
@@ -141,12 +146,19 @@ class EngineBase:
                padded_to: int, selection: StreamSelection | None) -> BatchReport:
         """The batch report of a recorded grouped forward."""
         drift = robustnorm.drift_report(run, self.drift_calibration(policy))
+        scored = [policy.kind != "auto" or ran == "frozen" for ran in run.ran]  # see drift_calibration
+        streams = selection.streams if selection is not None else [None] * len(groups)
         outcomes = [GroupOutcome(size=group.size, statistics=run.ran[g], fallback=run.fallback[g],
                                  stream_images=run.stream_images[g] if run.stream_images else 0,
-                                 batch_score=drift.batch_score[g] if g < len(drift.batch_score) else None)
-                    for g, group in enumerate(groups)]
+                                 batch_score=drift.batch_score[g] if g < len(drift.batch_score) and scored[g] else None,
+                                 gate_score=stream.gate_score if stream is not None else None)
+                    for g, (group, stream) in enumerate(zip(groups, streams))]
+        image_scores = drift.image_score
+        if image_scores is not None and not all(scored):
+            keep = [scored[g] for g, group in enumerate(groups) for _ in range(group.size)]
+            image_scores = [score if kept else None for score, kept in zip(image_scores, keep)]
         for key, shifted in selection.switched if selection is not None else ():
             logger.info("drift gate of stream %r switched to %s statistics", key or "global",
                         "stream" if shifted else "population")
-        return BatchReport(groups=outcomes, layers=drift.layers, image_scores=drift.image_score, seconds=seconds,
+        return BatchReport(groups=outcomes, layers=drift.layers, image_scores=image_scores, seconds=seconds,
                            padded_to=padded_to, switches=list(selection.switched) if selection is not None else [])
