@@ -110,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deploy this policy (e.g. adaptive:16) instead of the measured choice, with the drift "
                              "scores calibrated under it (the service scores drift only under the card's policy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-shift", action="store_true",
+                        help="skip the choice under shift (robustnorm.calibrate_shift: auto policies and their drift "
+                             "gate, scored on single-image streams of the 4 validation corruptions)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar (it is drawn only on a terminal, and never when CI is set)")
 
@@ -120,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     val = val.subset(torch.arange(min(args.val_images, len(val)))).to(args.device)
     card = calibrate(model, card, to_float(val.images), val.labels, batches_per_size=args.batches_per_size,
                      policy=args.policy, progress=shows_progress(False if args.quiet else None))
+    if args.policy is None and not args.no_shift:
+        from .calibrate_shift import calibrate_shift
+
+        card = calibrate_shift(model, card, to_float(val.images), val.labels)
     out = args.out or model_directory(args.model)
     save_model(model, card, out)
     print(f"policy {card.policy}; wrote {out}")

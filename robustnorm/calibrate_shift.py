@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .gate import GateCalibration, calibrate_gate
 from .grouping import batch_groups
+from .io import ModelCard
 from .policy import parse_policy
 from .stream import StreamStore
 
@@ -131,3 +132,37 @@ def choose_policy(model: nn.Module, images: Tensor, labels: Tensor, shifted: dic
                if c.clean >= frozen.clean - clean_cost and c.skew >= frozen.skew - skew_cost]
     chosen = max(allowed, key=lambda c: (c.shifted_mean, c is frozen))
     return chosen, candidates
+
+
+def calibrate_shift(model: nn.Module, card: ModelCard, val_x01: Tensor, val_labels: Tensor, *,
+                    severity: int = 5, seed: int = 0, **options: object) -> ModelCard:
+    """Choose the card's policy under shift (see the module docstring) and record the measurements.
+
+    When an ``auto`` candidate wins, the card gets it, its gate (``calibration.gate``) and a drift calibration
+    made under ``frozen``, the statistics ``auto`` runs while its gate holds; when ``frozen`` wins, the card's
+    policy is left as it was. ``card.evaluation["shift_calibration"]`` keeps every candidate's scores.
+    """
+    from .corruptions import VALIDATION_CORRUPTIONS, corrupt
+    from .data import normalize
+    from .drift import calibrate_drift
+
+    normalized = normalize(val_x01, card.mean, card.std)
+    shifted = {name: normalize(corrupt(name, val_x01, severity, seed + i), card.mean, card.std)
+               for i, name in enumerate(VALIDATION_CORRUPTIONS)}
+    chosen, candidates = choose_policy(model, normalized, val_labels, shifted, classes=len(card.labels), seed=seed,
+                                       **options)  # type: ignore[arg-type]
+    card.evaluation["shift_calibration"] = {
+        "split": f"validation ({val_x01.shape[0]} images held out from training)",
+        "corruptions": list(VALIDATION_CORRUPTIONS), "severity": severity, "chosen": chosen.row(),
+        "objective": "highest mean accuracy on single-image streams of the validation corruptions, after the "
+                     "first WINDOW images, among candidates within 0.3 points of frozen on clean and 1 point on "
+                     "label-skewed single-image streams",
+        "candidates": [candidate.row() for candidate in candidates]}
+    if chosen.gate is None:
+        logger.info("frozen wins under shift: the card keeps policy %s", card.policy)
+        return card
+    card.policy = chosen.policy
+    card.calibration = calibrate_drift(model, normalized, batches_per_size=64, policy="frozen")
+    card.calibration.gate = chosen.gate.to_dict()
+    logger.info("chose %s (gate on %.3f, off %.3f)", chosen.policy, chosen.gate.on, chosen.gate.off)
+    return card

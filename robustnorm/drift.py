@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .grouping import GroupRun, batch_groups
 from .layers import policy_layers
+from .policy import Policy, parse_policy
 
 MEASURES = ("mean_shift", "log_var_ratio", "kl")
 DEFAULT_CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -192,13 +193,14 @@ def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> 
 @torch.no_grad()
 def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int] = DEFAULT_CALIBRATION_SIZES,
                     batches_per_size: int = 64, chunk: int = 1024, image_layers: int = IMAGE_SCORE_LAYERS,
-                    seed: int = 0) -> DriftCalibration:
+                    seed: int = 0, policy: str | Policy | None = None) -> DriftCalibration:
     """Calibrate the batch score per batch size and the image score on clean, normalised held-out images.
 
     ``images`` is a (N, C, H, W) float tensor already normalised by the model card's mean/std, on the
     model's device. For each size ``n``, ``batches_per_size`` clean batches are drawn at random (distinct
-    images within a batch) so that large sizes get as many samples as small ones. The model's policy is used
-    for the batch score (the statistics it is deployed with) and ``frozen`` for the image score.
+    images within a batch) so that large sizes get as many samples as small ones. ``policy`` (default: the
+    model's own) is used for the batch score (the statistics it is deployed with) and ``frozen`` for the image
+    score.
     """
     model.eval()
     layers = policy_layers(model)
@@ -215,13 +217,13 @@ def calibrate_drift(model: nn.Module, images: Tensor, batch_sizes: Iterable[int]
         for start in range(0, batches_per_size, per_forward):
             count = min(per_forward, batches_per_size - start)
             part = images[index[start * n:(start + count) * n]]
-            with batch_groups(model, [n] * count, record=True) as run:
+            with batch_groups(model, [n] * count, policy=policy, record=True) as run:
                 model(part)
             raw += drift_report(run).raw_batch
         logs = torch.tensor([math.log(max(value, 1e-30)) for value in raw], dtype=torch.float64)
         log_mean.append(float(logs.mean()))
         log_std.append(float(logs.std()) if logs.numel() > 1 else 1.0)
-    original = layers[0][1].policy
+    original = parse_policy(policy) if policy is not None else layers[0][1].policy
     names = [name for name, _ in layers[:image_layers]]
     features = []
     for start in range(0, images.shape[0], chunk):

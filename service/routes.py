@@ -151,7 +151,7 @@ async def stats(predictor: PredictorDep) -> StatsResponse:
 
 
 @router.post("/v1/streams/reset", responses=_errors(401, 403, 404, 503))
-async def reset_streams(predictor: PredictorDep, _: AdminDep, body: StreamReset | None = None
+async def reset_streams(_: AdminDep, predictor: PredictorDep, body: StreamReset | None = None
                         ) -> StreamResetResponse:
     """Forget the running statistics of the named streams (every stream when none are named). Admin key only;
     the route does not exist unless an admin key is configured."""
