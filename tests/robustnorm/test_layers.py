@@ -211,13 +211,13 @@ def test_norm_registry_names_and_errors() -> None:
 
 @pytest.fixture(params=["cpu layout", "accelerator layout"])
 def range_normalize(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Channels-last training takes a hand-written backward: _RangeNormalize on CPUs, _RangeNormalizeRows
+    """Channels-last training takes a hand-written backward: RangeNormalize on CPUs, RangeNormalizeRows
     elsewhere. The accelerator's is forced here by standing it in for the CPU's, so both run on a CPU.
     Returns the name of the backward node the output must carry."""
     if request.param == "accelerator layout":
-        monkeypatch.setattr(layers, "_RangeNormalize", layers._RangeNormalizeRows)
-        return "_RangeNormalizeRowsBackward"
-    return "_RangeNormalizeBackward"
+        monkeypatch.setattr(layers, "RangeNormalize", layers.RangeNormalizeRows)
+        return "RangeNormalizeRowsBackward"
+    return "RangeNormalizeBackward"
 
 
 @pytest.mark.parametrize("p", [0.2, 1.0])
