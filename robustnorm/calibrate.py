@@ -29,7 +29,6 @@ from torch import nn
 from .data import cifar10_train_val, normalize, to_float
 from .drift import DEFAULT_CALIBRATION_SIZES, calibrate_drift
 from .io import ModelCard, load_model, model_directory, save_model
-from .layers import set_policy
 from .policy import parse_policy
 from .progress import progress_bar, shows_progress
 from .scoring import accuracy
@@ -86,9 +85,9 @@ def calibrate(model: nn.Module, card: ModelCard, val_x01: torch.Tensor, val_labe
     if deployed != chosen:
         logger.info("deploying %s as asked instead, with drift calibrated under it", deployed)
     card.policy = deployed
-    set_policy(model, deployed)
     normalized = normalize(val_x01, card.mean, card.std)
-    card.calibration = calibrate_drift(model, normalized, batch_sizes=sizes, batches_per_size=batches_per_size)
+    card.calibration = calibrate_drift(model, normalized, batch_sizes=sizes, batches_per_size=batches_per_size,
+                                       policy=deployed)
     card.evaluation["calibration"] = {
         "split": f"validation ({val_x01.shape[0]} images held out from training)",
         "n0": n0, "min_batch": min_batch, "policy": chosen,
