@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import robustnorm
+from robustnorm.data import CIFAR10_CLASSES
 from robustnorm.export import (
     BATCH_WEIGHT,
     IMAGE_ROWS_SUFFIX,
@@ -37,7 +38,7 @@ from robustnorm.export import (
     graph_input_names,
     plan_feeds,
 )
-from robustnorm.io import CIFAR10_LABELS, ModelCard
+from robustnorm.io import ModelCard
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -110,7 +111,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     if request.param in BUILT:
         model = trained_like(request.param)
         card = ModelCard(name=f"test-resnet20-{request.param}", architecture="resnet20", norm=request.param,
-                         labels=list(CIFAR10_LABELS), p=0.2 if request.param == "robustnorm" else None,
+                         labels=list(CIFAR10_CLASSES), p=0.2 if request.param == "robustnorm" else None,
                          policy=f"adaptive:{MIN}")
     else:
         model, card = robustnorm.load_model(request.param)
@@ -245,7 +246,7 @@ def test_io_binding_gives_the_same_outputs(exported: Exported) -> None:
 
 def test_export_policy_is_recorded_with_the_graph(tmp_path: Path) -> None:
     model = trained_like("bn")
-    card = ModelCard(name="bn-blend", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS))
+    card = ModelCard(name="bn-blend", architecture="resnet20", norm="bn", labels=list(CIFAR10_CLASSES))
     result = export_onnx(model, card, tmp_path / "nested" / "model.onnx", policy="blend:8")
     assert result.policy == "blend:8" and result.card_path == tmp_path / "nested" / "model.card.json"
     assert robustnorm.read_card(result.card_path).policy == "blend:8"
@@ -266,7 +267,7 @@ def test_plan_feeds_carry_the_weights_and_the_stream() -> None:
 
 def test_export_rejects_what_it_cannot_represent(tmp_path: Path) -> None:
     model = trained_like("bn")
-    card = ModelCard(name="bn", architecture="resnet20", norm="bn", labels=list(CIFAR10_LABELS))
+    card = ModelCard(name="bn", architecture="resnet20", norm="bn", labels=list(CIFAR10_CLASSES))
     with pytest.raises(ValueError, match="opset 17"):
         export_onnx(model, card, tmp_path / "old.onnx", opset=13)
     model.layer1[0].bn1 = robustnorm.RobustNorm2d(16)
@@ -278,7 +279,7 @@ def test_cli_exports_a_saved_model_and_verifies(tmp_path: Path, capsys: pytest.C
     from robustnorm.cli import main
 
     model = trained_like("robustnorm")
-    card = ModelCard(name="rn", architecture="resnet20", norm="robustnorm", p=0.2, labels=list(CIFAR10_LABELS),
+    card = ModelCard(name="rn", architecture="resnet20", norm="robustnorm", p=0.2, labels=list(CIFAR10_CLASSES),
                      policy="adaptive:4")
     robustnorm.save_model(model, card, tmp_path / "saved")
     output = tmp_path / "out" / "rn.onnx"
