@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .evaluation.streams import stream_predictions
 from .gate import GateCalibration, calibrate_gate
-from .grouping import batch_groups
 from .io import ModelCard
 from .policy import parse_policy
-from .stream import StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,26 +55,19 @@ class Candidate:
                 "shifted": self.shifted, "shifted_mean": self.shifted_mean}
 
 
-@torch.no_grad()
 def stream_accuracies(model: nn.Module, streams: dict[str, tuple[Tensor, Tensor, int]], policy: str,
                       gate: GateCalibration | None) -> dict[str, float]:
     """Accuracy (%) of single images through one fresh stream per entry ``name -> (images, labels, warm)``,
     counted after the first ``warm`` images. The streams advance together, one image each per forward, as
-    groups of one (grouped statistics keep them apart), which costs about one forward per step."""
-    parsed = parse_policy(policy)
-    names = list(streams)
-    length = min(images.shape[0] for images, _, _ in streams.values())
-    store = StreamStore(parsed.window or 1, gate=gate) if parsed.uses_streams else None
-    correct = dict.fromkeys(names, 0)
-    for i in range(length):
-        step = torch.cat([streams[name][0][i:i + 1] for name in names])
-        selection = store.select(names) if store is not None else None
-        with batch_groups(model, [1] * len(names), policy=parsed, streams=selection):
-            predicted = model(step).argmax(dim=1)
-        for k, name in enumerate(names):
-            _, labels, warm = streams[name]
-            correct[name] += int(predicted[k] == labels[i]) if i >= warm else 0
-    return {name: 100.0 * correct[name] / max(1, length - streams[name][2]) for name in names}
+    groups of one (:func:`robustnorm.evaluation.streams.stream_predictions`)."""
+    predicted = stream_predictions(model, {name: images for name, (images, _, _) in streams.items()}, policy,
+                                   gate=gate)
+    scores = {}
+    for name, (_, labels, warm) in streams.items():
+        length = predicted[name].numel()
+        hits = predicted[name][warm:] == labels[warm:length].to(predicted[name].device)
+        scores[name] = 100.0 * int(hits.sum()) / max(1, length - warm)
+    return scores
 
 
 def skewed(labels: Tensor, run: int, generator: torch.Generator) -> Tensor:

@@ -27,6 +27,7 @@ from ..progress import shows_progress
 from .evidence import drift_evidence
 from .grid import evaluate_model, evaluation_images
 from .plan import GRIDS, CellFilter
+from .shift_cli import add_shift_arguments, run_shift
 from .store import (
     RESULTS_FORMAT,
     calibration_digest,
@@ -68,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=10000, help="test images for clean accuracy")
     parser.add_argument("--device", default=None, help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets, threat models and attacks")
-    parser.add_argument("--sections", nargs="+", choices=("grid", "drift"), default=["grid", "drift"],
-                        help="the accuracy grid, the drift evidence, or both")
+    parser.add_argument("--sections", nargs="+", choices=("grid", "drift", "shift"), default=["grid", "drift"],
+                        help="the accuracy grid, the drift evidence, and/or the shift grid (corruptions, written to "
+                        "--shift-out)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness/robustness.json"),
                         help="results JSON (default: benchmarks/results/robustness/robustness.json)")
     parser.add_argument("--max-cell-images", type=int, default=None, metavar="N",
@@ -93,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rest (the file is rewritten after every robust cell)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (they are drawn only on a terminal, and never when CI is set)")
+    add_shift_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     progress = shows_progress(False if args.quiet else None)
     with logging_redirect_tqdm() if progress else nullcontext():  # log lines above the bars, not through them
+        if "shift" in args.sections:
+            run_shift(args, progress)
+        if not {"grid", "drift"} & set(args.sections):
+            return 0
         _evaluate(args, progress)
     print(f"wrote {args.out}")
     return 0
