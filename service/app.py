@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan (load, warm up, drain), error handling and request metrics.
+"""The FastAPI application: lifespan (load, warm up, drain), error handling, request metrics and the guard
+on what a client can hold with a request (body time, size and number; connections closed when needed).
 
 ``create_app`` does all the work when called, none at import: tests build apps with their own settings and
 a fresh ``CollectorRegistry``.
@@ -6,9 +7,10 @@ a fresh ``CollectorRegistry``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
@@ -18,13 +20,15 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import robustnorm
 from robustnorm.runtime import retain_freed_memory
 
-from .errors import ServiceError
-from .metrics import Metrics
+from .cli import REQUEST_STARTED
+from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
+from .metrics import CLIENT_GONE, Metrics
 from .predictor import EngineFactory, Predictor
 from .routes import router
 from .schemas import ErrorDetail, ErrorResponse
@@ -55,8 +59,107 @@ def _error_response(status_code: int, code: str, message: str, headers: dict[str
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
+# Scope key set when the client hung up before its answer was sent: the request is counted as 499.
+CLIENT_LEFT = "robustnorm.client_left"
+
+
+class RequestGuardMiddleware:
+    """Bounds what one request can hold, on every route.
+
+    - Its body must arrive within ``body_timeout`` of the request's first byte (408 after) and hold at most
+      ``max_request_bytes`` (413 beyond).
+    - At most ``max_uploads`` bodies arrive at once: a body that does not come in one piece takes a place until
+      it is complete, and gets 503 when none is free. Slow uploads hold little memory and never for long.
+    - A response sent before the body was read, or while draining, closes the connection: an unread body cannot
+      keep it open, and kept-alive clients of a draining service reconnect elsewhere.
+    - A client that hangs up before its answer is marked in the scope (``CLIENT_LEFT``).
+    - A request line and headers over ``max_header_bytes`` get 431 (uvicorn refuses them only while they are
+      still arriving).
+    """
+
+    def __init__(self, app: ASGIApp, body_timeout: float, max_body_bytes: int, max_uploads: int,
+                 max_header_bytes: int, draining: Callable[[], bool]) -> None:
+        self.app = app
+        self.body_timeout = body_timeout
+        self.max_body_bytes = max_body_bytes
+        self.max_uploads = max_uploads
+        self.max_header_bytes = max_header_bytes
+        self.draining = draining
+        self.uploads = 0  # bodies arriving now, in pieces
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head_bytes > self.max_header_bytes:
+            message = f"the request line and headers hold {head_bytes} bytes; the limit is {self.max_header_bytes}"
+            await _error_response(431, "headers_too_large", message, {"Connection": "close"})(scope, receive, send)
+            return
+        body_until = scope.setdefault(REQUEST_STARTED, time.monotonic()) + self.body_timeout
+        headers = dict(scope["headers"])
+        body_done = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0").strip() in (b"0", b"")
+        holds_upload = answered = False
+        received = 0
+
+        def release_upload() -> None:
+            nonlocal holds_upload
+            if holds_upload:
+                self.uploads -= 1
+                holds_upload = False
+
+        async def guarded_receive() -> Message:
+            nonlocal body_done, holds_upload, received
+            if body_done:
+                message = await receive()  # nothing but http.disconnect comes after the body
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, body_until - time.monotonic()))
+                except asyncio.TimeoutError:
+                    release_upload()
+                    raise BodyTimeout(f"the request body did not arrive within {self.body_timeout:g} s of the "
+                                      "request's first byte; send it faster or in a smaller request") from None
+            if message["type"] == "http.disconnect":
+                release_upload()
+                if not answered:
+                    scope[CLIENT_LEFT] = True
+                return message
+            if message["type"] == "http.request" and not body_done:
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    release_upload()
+                    raise TooLarge(f"the request body exceeds the limit of {self.max_body_bytes} bytes")
+                if not message.get("more_body", False):
+                    body_done = True
+                    release_upload()
+                elif not holds_upload:
+                    if self.uploads >= self.max_uploads:
+                        raise UploadsFull(f"{self.uploads} request bodies are arriving already, the most this "
+                                          "service takes at once; retry in a second")
+                    self.uploads += 1
+                    holds_upload = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                if not body_done or self.draining():
+                    kept = [(name, value) for name, value in message.get("headers", [])
+                            if name.lower() != b"connection"]
+                    message = {**message, "headers": [*kept, (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        finally:
+            release_upload()
+
+
 class RequestMetricsMiddleware:
-    """Counts and times every HTTP request by route template (never the raw path) and status code."""
+    """Counts and times every HTTP request by route template (never the raw path) and status code; a request
+    whose client hung up before its answer counts as 499."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -80,7 +183,8 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(template, status_code, time.perf_counter() - started)
+            code = CLIENT_GONE if scope.get(CLIENT_LEFT) else status_code
+            self.metrics.observe_request(template, code, time.perf_counter() - started)
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -100,6 +204,12 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         return _error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
 
+    async def client_disconnected(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # Not a failure of the service: nobody reads this answer; it is counted as 499 and logged at debug level.
+        logger.debug("%s %s: the client hung up while sending its body", request.method, request.url.path)
+        gone = ClientGone("the client hung up while sending its body")
+        return _error_response(gone.status_code, gone.code, gone.message)
+
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
         return _error_response(500, "internal", "internal error; it is in the service log")
@@ -107,6 +217,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(ServiceError, service_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, client_disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected_error)
 
 
@@ -135,6 +246,15 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                          lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+
+    def draining() -> bool:
+        predictor = getattr(app.state, "predictor", None)
+        return predictor is not None and predictor.draining
+
+    # The last added runs first: the metrics see every answer the guard gives.
+    app.add_middleware(RequestGuardMiddleware, body_timeout=settings.body_timeout,
+                       max_body_bytes=settings.max_request_bytes, max_uploads=settings.max_uploads,
+                       max_header_bytes=settings.max_header_bytes, draining=draining)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     _install_error_handlers(app, metrics)
     app.include_router(router)

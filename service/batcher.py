@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import secrets
@@ -192,8 +191,9 @@ class MicroBatcher(Generic[R]):
         self._failure: str | None = None
         self._closing = False
         self._stopping = False
-        self._batch_ids = itertools.count(1)
-        self._instance = secrets.token_hex(3)  # batch ids stay unique across restarts and processes
+        # A batch id is "<process token>-<random>": it names the replica, and says nothing of how many batches
+        # ran before (a counter would tell one tenant the others' traffic).
+        self._instance = secrets.token_hex(3)
         self._batch_seconds = 0.0  # moving average of a batch's run time, for Retry-After
 
     # -- state -----------------------------------------------------------------------------------------
@@ -290,15 +290,19 @@ class MicroBatcher(Generic[R]):
         self._set_queued(self._queued_images + count)
         self._wakeup.set()
         futures = [item.future for item in items]
+        gathered = asyncio.gather(*futures)
         try:
-            per_item = await asyncio.wait_for(asyncio.gather(*futures), timeout=deadline - now)
+            per_item = await asyncio.wait_for(gathered, timeout=deadline - now)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no answer within the request's deadline "
                                    f"({deadline - now:.3f} s); the images were dropped") from None
         finally:
-            for future in futures:  # a failed, timed-out or cancelled request leaves the queue at once
+            # A failed, timed-out or cancelled request (its client hung up) leaves the queue at once.
+            for future in futures:
                 future.cancel()
             self._remove(items)
+            if gathered.done() and not gathered.cancelled():
+                gathered.exception()  # read, so that asyncio does not log a cancelled wait as an unread error
         return [result for results in per_item for result in results]
 
     def _set_queued(self, images: int) -> None:
@@ -334,7 +338,7 @@ class MicroBatcher(Generic[R]):
                             "the request's deadline passed while it waited for a batch; its images were dropped"))
             if collected.batch:
                 self._remove(collected.batch)
-                return Batch(id=f"{self._instance}-{next(self._batch_ids)}", policy=collected.batch[0].key.policy,
+                return Batch(id=f"{self._instance}-{secrets.token_hex(6)}", policy=collected.batch[0].key.policy,
                              groups=group_by_tenant(collected.batch, self.share_tenants))
             self._wakeup.clear()
             timeout = None if collected.wake_at is None else max(0.0, collected.wake_at - now)

@@ -6,24 +6,184 @@ environment variable (``ROBUSTNORM_MAX_BATCH_SIZE``) or in a config file (``--co
 the environment, which wins over the file. API keys are read from the environment or the config file only,
 so that they never show in a process list. ``--help`` answers without importing torch: the model, the engine
 and the app are imported only once the settings are valid.
+
+Two pieces of uvicorn are adapted here (:func:`build_server`): its h11 protocol, so that a client has
+``header_timeout`` seconds to send a request's headers (uvicorn bounds only idle kept-alive connections), and
+its server, so that SIGTERM drains the service with the listener still open (uvicorn closes it at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import functools
+import json
 import logging
 import os
+import socket
 import sys
+import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
+import h11
+import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .settings import ENV_PREFIX, Settings
 
+if typing.TYPE_CHECKING:
+    from fastapi import FastAPI
+
 logger = logging.getLogger(__name__)
 
-_NOT_FLAGS = frozenset({"api_keys", "admin_keys"})  # secrets stay out of argv
+_NOT_FLAGS = frozenset({"api_keys", "admin_keys", "metrics_keys"})  # secrets stay out of argv
+
+# Scope key: the time.monotonic() at which a request's first byte arrived. The app counts the body timeout and
+# the request deadline from it.
+REQUEST_STARTED = "robustnorm.request_started"
+EXIT_MARGIN = 1.0  # seconds of the drain timeout kept for the app's own shutdown and the process exit
+
+
+def _header_timeout_response(timeout: float) -> bytes:
+    body = json.dumps({"error": {"code": "header_timeout", "message": f"the request's headers did not arrive "
+                                                                      f"within {timeout:g} s"}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a time limit on each request's head (request line and headers).
+
+    A new connection, and a kept-alive one once the next request's first byte arrives, has ``header_timeout``
+    seconds to complete the head; then the connection is closed (with a 408 when part of a head arrived), so
+    that connections that never finish their headers are not held. The time of each request's first byte goes
+    into its scope (``REQUEST_STARTED``).
+    """
+
+    def __init__(self, *args: Any, header_timeout: float, on_header_timeout: Callable[[], None] = lambda: None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.on_header_timeout = on_header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._first_byte_at: float | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # these bytes begin or continue a request's head
+            if self._first_byte_at is None:
+                self._first_byte_at = time.monotonic()
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        scope = self.scope
+        super().handle_events()
+        if self.scope is not scope:  # a head arrived; its request's task is created but has not started yet
+            self.scope[REQUEST_STARTED] = self._first_byte_at or time.monotonic()  # type: ignore[literal-required]
+            self._first_byte_at = None
+            self._stop_head_timer()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self.on_header_timeout()
+        if self._first_byte_at is not None:  # part of a head arrived: a slow client learns why it is cut off
+            self.transport.write(_header_timeout_response(self.header_timeout))
+        self.transport.close()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with the service's drain.
+
+    On SIGTERM or SIGINT, ``on_drain`` runs at once (the app then answers /readyz and new requests with 503 and
+    Connection: close) while the listener stays open for ``grace`` seconds, so that load balancers see the
+    service leave and kept-alive clients are told to go rather than reset. Then uvicorn's own shutdown closes
+    the listener and waits for the requests already accepted, until ``drain_timeout`` after the signal. A
+    second signal ends the grace period at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, on_drain: Callable[[], None], grace: float,
+                 drain_timeout: float) -> None:
+        super().__init__(config)
+        self.on_drain = on_drain
+        self.grace = min(grace, drain_timeout)
+        self.drain_timeout = drain_timeout
+        self.drain_started: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in a signal handler: anything more than setting flags happens in a loop callback.
+        if self.drain_started is None and self._loop is not None:
+            self.drain_started = time.monotonic()
+            self._loop.call_soon_threadsafe(self._begin_drain, sig, frame)
+            return
+        if self._loop is not None and self.drain_started is not None:
+            self._loop.call_soon_threadsafe(self._end_grace, sig, frame)
+            return
+        super().handle_exit(sig, frame)  # before start-up: uvicorn's own behaviour
+
+    def _begin_drain(self, sig: int, frame: FrameType | None) -> None:
+        self.on_drain()
+        if self.should_exit or self._grace_timer is not None:
+            return
+        logger.info("draining: /readyz and new requests answer 503; the listener closes in %.1f s and the process "
+                    "exits within %.1f s", self.grace, self.drain_timeout)
+        assert self._loop is not None
+        self._grace_timer = self._loop.call_later(self.grace, self._end_grace, sig, frame)
+
+    def _end_grace(self, sig: int, frame: FrameType | None) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        assert self.drain_started is not None
+        left = self.drain_timeout - (time.monotonic() - self.drain_started)
+        self.config.timeout_graceful_shutdown = max(0.1, left - EXIT_MARGIN)  # type: ignore[assignment]
+        super().handle_exit(sig, frame)
+
+
+def _drain(app: FastAPI) -> None:
+    predictor = getattr(app.state, "predictor", None)
+    if predictor is not None:
+        predictor.begin_drain()
+
+
+def build_server(app: FastAPI, settings: Settings, **config: Any) -> Server:
+    """A uvicorn server for ``app`` under ``settings``: header and keep-alive timeouts, the size of a request's
+    head, and the drain; ``config`` overrides or adds ``uvicorn.Config`` options."""
+    metrics = getattr(app.state, "metrics", None)
+    protocol = functools.partial(GuardedH11Protocol, header_timeout=settings.header_timeout,
+                                 on_header_timeout=metrics.header_timeouts.inc if metrics is not None else lambda: None)
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level, "http": protocol,
+        "timeout_keep_alive": settings.keep_alive_timeout, "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_graceful_shutdown": max(1.0, settings.drain_timeout), **config}
+    return Server(uvicorn.Config(app, **options), on_drain=functools.partial(_drain, app),
+                  grace=settings.drain_grace, drain_timeout=settings.drain_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="robustnorm-serve",
         description="Serve an image classifier whose normalization layers adapt to the traffic they see.",
         epilog=f"Every option can also be set in the environment as {ENV_PREFIX}<OPTION> (for example "
-               f"{ENV_PREFIX}MAX_BATCH_SIZE=64) or in a TOML/JSON file given by --config-file. API keys "
-               f"({ENV_PREFIX}API_KEYS, a JSON object of key -> tenant) come only from the environment or "
-               f"the file. 'robustnorm models' lists the bundled models.",
+               f"{ENV_PREFIX}MAX_BATCH_SIZE=64) or in a TOML/JSON file given by --config-file. Keys "
+               f"({ENV_PREFIX}API_KEYS, a JSON object of key -> tenant; {ENV_PREFIX}ADMIN_KEYS and "
+               f"{ENV_PREFIX}METRICS_KEYS, key -> name) come only from the environment or the file. SIGTERM "
+               f"drains: DRAIN_GRACE seconds still listening (new requests 503), exit within DRAIN_TIMEOUT. "
+               f"'robustnorm models' lists the bundled models.",
     )
     for name, field in Settings.model_fields.items():
         if name in _NOT_FLAGS:
@@ -72,12 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("cannot serve model %r: %s", settings.model or "(the bundled default)", error)
         return 1
     app = create_app(settings, engine_factory=lambda _: engine)
-
-    import uvicorn
-
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=max(1, round(settings.drain_timeout)))
-    return 0
+    server = build_server(app, settings)
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl+C during the shutdown, as with uvicorn.run
+        server.run()
+    return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up
 
 
 if __name__ == "__main__":

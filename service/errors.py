@@ -59,6 +59,13 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class BodyTimeout(ServiceError):
+    """408: the request body did not arrive within ``body_timeout`` of the request's first byte."""
+
+    status_code = 408
+    code = reason = "body_timeout"
+
+
 class TooLarge(ServiceError):
     """413: an image or the body has too many bytes, or an image has too many pixels."""
 
@@ -100,6 +107,25 @@ class QueueFull(ServiceError):
     def headers(self) -> dict[str, str]:
         # Retry-After takes whole seconds (RFC 9110); never 0, or clients retry in a tight loop.
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class UploadsFull(ServiceError):
+    """503: ``max_uploads`` request bodies are arriving already; retry in a second (a small body sent in one
+    piece is never refused for this)."""
+
+    status_code = 503
+    code = reason = "uploads_full"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ClientGone(ServiceError):
+    """499 (nginx's "client closed request"): the client hung up before its answer was ready. Nobody reads the
+    answer; the status is for the metrics and the log."""
+
+    status_code = 499
+    code = "client_closed_request"
 
 
 class NotReady(ServiceError):

@@ -11,13 +11,12 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from pydantic import ValidationError
-from python_multipart.multipart import parse_options_header
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedType
 from .imaging import check_media_type
@@ -63,10 +62,59 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     return images
 
 
-def _check_count(count: int, settings: Settings) -> None:
+def _check_count(count: int, settings: Settings, what: str = "images") -> None:
     if count > settings.max_images_per_request:
-        raise TooManyImages(f"the request holds {count} images; the limit is {settings.max_images_per_request} "
-                            "per request (split it into several requests)")
+        raise TooManyImages(f"the request holds {count} {what}; the limit is {settings.max_images_per_request} "
+                            "images per request, one per part (split it into several requests)")
+
+
+# A part's header line at most. File names are never used, so a long one does no harm: the body's size is
+# bounded already.
+MAX_PART_HEADER_BYTES = 64 * 1024
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+
+def _parse_multipart(body: bytes, boundary: bytes, max_part_bytes: int) -> list[_Part]:
+    """The parts of a whole multipart body, in order; 413 for a part over ``max_part_bytes``."""
+    parts: list[_Part] = []
+    header: list[bytes] = [b"", b""]  # the name and value of the header being read
+
+    def on_part_begin() -> None:
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1].headers[header[0].strip().lower()] = header[1].strip()
+        header[:] = [b"", b""]
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part = parts[-1]
+        if len(part.data) + end - start > max_part_bytes:
+            raise TooLarge(f"image {len(parts) - 1} is larger than the limit of {max_part_bytes} bytes")
+        part.data += data[start:end]
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end, "on_part_data": on_part_data}
+    try:
+        parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)  # type: ignore[arg-type]
+    except TypeError:  # an older python-multipart, without a limit on part headers
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as error:
+        raise BadImage(f"malformed multipart body: {error}") from None
+    return parts
 
 
 async def _multipart_images(request: Request, content_type: str, settings: Settings) -> list[bytes]:
@@ -76,31 +124,17 @@ async def _multipart_images(request: Request, content_type: str, settings: Setti
         raise BadImage("a multipart/form-data body needs a boundary in its Content-Type")
     body = await read_body(request, settings.max_request_bytes, "the request body")
     # Every part starts with "--boundary" and the body ends with "--boundary--": count before parsing.
-    _check_count(body.count(b"--" + boundary) - 1, settings)
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    parser = MultiPartParser(request.headers, stream(), max_files=settings.max_images_per_request,
-                             max_fields=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
-    try:
-        form = await parser.parse()
-    except MultiPartException as error:
-        raise BadImage(f"malformed multipart body: {error.message}") from None
-    try:
-        images = []
-        for name, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                raise InvalidRequest(f"form field {name!r} is not a file part; send each image as a file "
-                                     "(curl -F image=@cat.jpg) and parameters in the query string")
-            check_media_type(value.content_type)
-            if value.size is not None and value.size > settings.max_image_bytes:
-                raise TooLarge(f"image {value.filename!r} is {value.size} bytes; the limit is "
-                               f"{settings.max_image_bytes}")
-            images.append(await value.read())
-        return images
-    finally:
-        await form.close()
+    _check_count(body.count(b"--" + boundary) - 1, settings, what="parts")
+    images = []
+    for index, part in enumerate(_parse_multipart(body, boundary, settings.max_image_bytes)):
+        _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
+        if b"filename" not in disposition:
+            name = disposition.get(b"name", b"").decode("utf-8", "replace")[:64]
+            raise InvalidRequest(f"form field {name!r} (part {index}) is not a file part; send each image as a file "
+                                 "(curl -F image=@cat.jpg) and parameters in the query string")
+        check_media_type(part.headers.get(b"content-type", b"").decode("latin-1"))
+        images.append(bytes(part.data))
+    return images
 
 
 async def _json_images(request: Request, settings: Settings) -> list[bytes]:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 STATISTICS = ("batch", "blend", "frozen", "stream")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
-                     "invalid", "unauthorized")
+                     "invalid", "unauthorized", "body_timeout", "uploads_full")
+CLIENT_GONE = 499  # the status code counted for a request whose client hung up before its answer (nginx's)
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -70,6 +71,9 @@ class Metrics:
                                            buckets=IMAGE_SCORE_BUCKETS, registry=registry)
         self.rejected = Counter("robustnorm_rejected_total", "Requests rejected, by reason.", ["reason"],
                                 registry=registry)
+        self.header_timeouts = Counter("robustnorm_header_timeouts_total",
+                                       "Connections closed because a request's headers did not arrive in time.",
+                                       registry=registry)
         self.gate_switches = Counter("robustnorm_gate_switches_total",
                                      "Drift gate switches of the auto policy, by the statistics switched to.",
                                      ["to"], registry=registry)

@@ -100,6 +100,11 @@ class Predictor:
         self.failure: str | None = None
         self.latest: GroupPlace | None = None
         self.totals = Totals()
+        # Per tenant of an API key (a bounded set), when tenants are batched apart by key: what /v1/stats shows
+        # a tenant, never another's.
+        self.tenant_latest: dict[str, GroupPlace] = {}
+        self.tenant_totals: dict[str, Totals] = {}
+        self.drain_started: float | None = None
         self._engine: Engine | None = None
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-engine")
         self._batcher: MicroBatcher[ImageAnswer] | None = None
@@ -139,15 +144,28 @@ class Predictor:
                 self.state = "ready"
                 logger.info("ready to serve %s", self.engine.card.name)
 
-    async def stop(self) -> None:
-        """Drain: no new requests, queued ones answered (up to ``drain_timeout``), then stop."""
-        if self.state == "stopped":
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (503, /readyz too); requests already accepted still run."""
+        if self.state in ("draining", "stopped"):
             return
         self.state = "draining"
+        self.drain_started = time.monotonic()
+
+    @property
+    def draining(self) -> bool:
+        return self.state in ("draining", "stopped")
+
+    async def stop(self) -> None:
+        """Drain: no new requests, queued ones answered (until ``drain_timeout`` after the drain began), then
+        stop."""
+        if self.state == "stopped":
+            return
+        self.begin_drain()
         if self._warm_up_task is not None:
             await asyncio.gather(self._warm_up_task, return_exceptions=True)
         if self._batcher is not None:
-            await self._batcher.drain(self.settings.drain_timeout)
+            assert self.drain_started is not None
+            await self._batcher.drain(self.settings.drain_timeout - (time.monotonic() - self.drain_started))
             await self._batcher.stop()
         self._engine_thread.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
@@ -220,8 +238,10 @@ class Predictor:
 
     async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
                       ) -> list[ImageAnswer]:
-        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic)."""
-        self.check_ready()
+        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic). A request
+        accepted before a drain began still runs (its images are queued until the drain closes the batcher)."""
+        if self.state != "draining":
+            self.check_ready()
         assert self._batcher is not None
         key = BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
         return await self._batcher.submit(pixels, key=key, deadline=deadline)
@@ -237,4 +257,12 @@ class Predictor:
         self.latest = results[batch.items[-1].id][0].group  # the latest batch is the last group of this forward
         self.totals = Totals(batches=self.totals.batches + 1, images=self.totals.images + report.images,
                              fallback_groups=self.totals.fallback_groups + sum(g.fallback for g in report.groups))
+        if self.settings.batch_key == "api_key":
+            for group, tenant in zip(batch.groups, batch.tenants):
+                place = results[group[0].id][0].group
+                if tenant is not None:
+                    totals = self.tenant_totals.get(tenant, Totals())
+                    self.tenant_totals[tenant] = Totals(totals.batches + 1, totals.images + place.outcome.size,
+                                                        totals.fallback_groups + place.outcome.fallback)
+                    self.tenant_latest[tenant] = place
         return results

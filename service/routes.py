@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import AdminDep, MetricsDep, PredictorDep, SettingsDep, TenantDep
-from .errors import InvalidRequest
+from .cli import REQUEST_STARTED
+from .deps import (
+    AdminDep,
+    ClientDep,
+    MetricsDep,
+    MetricsReaderDep,
+    PredictorDep,
+    SettingsDep,
+    StatsScopeDep,
+    TenantDep,
+    refuse_when_draining,
+)
+from .errors import ClientGone, DeadlineExceeded, InvalidRequest
 from .inputs import read_images
+from .predictor import ImageAnswer, Totals
 from .schemas import (
     ErrorResponse,
     HealthResponse,
@@ -32,6 +46,8 @@ from .schemas import (
 router = APIRouter()
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_NOT_WHILE_DRAINING = [Depends(refuse_when_draining)]
+T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -44,18 +60,40 @@ _PREDICT_BODY: dict[str, Any] = {
         "description": "One or more images: multipart file parts, a raw image body, or JSON with base64 strings. "
                        "JPEG, PNG, WebP, BMP and GIF (first frame) are read.",
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                "image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
             "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}},
+                "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}}}}},
         },
     }
 }
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client hangs up (after the body, uvicorn's receive waits for nothing else)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or 499 as soon as the client hangs up: ``work`` is cancelled then, so the request's
+    images leave the queue before they reach the engine."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone("the client hung up before its answer was ready; its images were dropped")
+    return task.result()
+
+
 @router.post("/predict", status_code=status.HTTP_200_OK, openapi_extra=_PREDICT_BODY,
-             responses=_errors(400, 401, 413, 415, 422, 429, 503, 504))
+             dependencies=_NOT_WHILE_DRAINING, responses=_errors(400, 401, 403, 408, 413, 415, 422, 429, 503, 504))
 async def predict(
     request: Request,
     response: Response,
@@ -69,7 +107,7 @@ async def predict(
                                                              "service's request deadline")] = None,
 ) -> PredictResponse:
     """Classify images. Each image's answer says which batch it ran in and which statistics ran."""
-    started = time.monotonic()
+    started = request.scope.get(REQUEST_STARTED) or time.monotonic()  # the request's first byte
     deadline = started + min(timeout or settings.request_deadline, settings.request_deadline)
     supplied_id = request.headers.get("x-request-id", "")
     request_id = supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex
@@ -81,10 +119,17 @@ async def predict(
     k = settings.default_top_k if top_k is None else top_k
     if top_k is not None and top_k > classes:
         raise InvalidRequest(f"top_k={top_k} but the model knows {classes} classes")
-    images = await read_images(request, settings)
-    pixels = await predictor.decode(images, deadline)
-    decoded = time.monotonic()
-    answers = await predictor.predict(pixels, policy=effective_policy, tenant=tenant, deadline=deadline)
+    try:
+        images = await asyncio.wait_for(read_images(request, settings), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("the request's deadline passed while its body was arriving") from None
+
+    async def decode_and_run() -> tuple[float, list[ImageAnswer]]:
+        pixels = await predictor.decode(images, deadline)
+        decoded = time.monotonic()
+        return decoded, await predictor.predict(pixels, policy=effective_policy, tenant=tenant, deadline=deadline)
+
+    decoded, answers = await _unless_client_leaves(request, decode_and_run())
     forwards = {answer.group.batch_id: answer.group.inference_seconds for answer in answers}
     card = predictor.engine.card
     return PredictResponse(
@@ -96,12 +141,14 @@ async def predict(
 
 
 @router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)  # probes that send HEAD (the answer is the same, bodiless)
 async def healthz() -> HealthResponse:
     """The process is alive (it may still be loading the model)."""
     return HealthResponse()
 
 
 @router.get("/readyz", responses=_errors(503))
+@router.head("/readyz", include_in_schema=False)
 async def readyz(predictor: PredictorDep) -> ReadyResponse:
     """The model is loaded and warmed up, and the service is not draining."""
     predictor.check_ready()
@@ -110,14 +157,15 @@ async def readyz(predictor: PredictorDep) -> ReadyResponse:
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
-async def metrics(metrics: MetricsDep) -> Response:
-    """Prometheus metrics (names in ARCHITECTURE.md)."""
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                       **_errors(401, 403)})
+async def metrics(_: MetricsReaderDep, metrics: MetricsDep) -> Response:
+    """Prometheus metrics (names in ARCHITECTURE.md). With keys configured: an admin's or a scraper's key."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/model", responses=_errors(503))
-async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelResponse:
+@router.get("/v1/model", dependencies=_NOT_WHILE_DRAINING, responses=_errors(401, 403, 503))
+async def model_card(_: ClientDep, predictor: PredictorDep, settings: SettingsDep) -> ModelResponse:
     """The model card and how this service runs the model."""
     engine = predictor.engine
     card = engine.card
@@ -131,12 +179,17 @@ async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelRes
         device=str(engine.device), padding=list(engine.pad_sizes))
 
 
-@router.get("/v1/stats", responses=_errors(503))
-async def stats(predictor: PredictorDep) -> StatsResponse:
-    """Totals since start and the drift of the latest batch, per normalization layer."""
+@router.get("/v1/stats", dependencies=_NOT_WHILE_DRAINING, responses=_errors(401, 403, 503))
+async def stats(scope: StatsScopeDep, predictor: PredictorDep) -> StatsResponse:
+    """Totals since start and the drift of the latest batch, per normalization layer. A tenant's key sees its
+    own batches and totals only, an admin's key everything; where tenants are named by a header (or share
+    batches), only aggregates: the totals, no batch."""
     card = predictor.engine.card
-    latest = predictor.latest
-    totals = predictor.totals
+    if scope.view == "tenant":
+        assert scope.tenant is not None
+        latest, totals = predictor.tenant_latest.get(scope.tenant), predictor.tenant_totals.get(scope.tenant, Totals())
+    else:
+        latest, totals = (predictor.latest if scope.view == "all" else None), predictor.totals
     return StatsResponse(
         model=card.name, version=card.version, batches=totals.batches, images=totals.images,
         fallback_groups=totals.fallback_groups, queued_images=predictor.queued_images,
@@ -150,7 +203,7 @@ async def stats(predictor: PredictorDep) -> StatsResponse:
     )
 
 
-@router.post("/v1/streams/reset", responses=_errors(401, 403, 404, 503))
+@router.post("/v1/streams/reset", dependencies=_NOT_WHILE_DRAINING, responses=_errors(401, 403, 404, 503))
 async def reset_streams(_: AdminDep, predictor: PredictorDep, body: StreamReset | None = None
                         ) -> StreamResetResponse:
     """Forget the running statistics of the named streams (every stream when none are named). Admin key only;

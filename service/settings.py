@@ -92,7 +92,12 @@ class Settings(BaseSettings):
 
     admin_keys: dict[str, str] = Field(
         default_factory=dict, repr=False,
-        description="admin key -> admin name (JSON); admin routes (POST /v1/streams/reset) exist only when set")
+        description="admin key -> admin name (JSON); admin routes (POST /v1/streams/reset) exist only when set; "
+                    "an admin key also reads /metrics and every tenant's statistics")
+    metrics_keys: dict[str, str] = Field(
+        default_factory=dict, repr=False,
+        description="scraper key -> scraper name (JSON); such a key reads /metrics and nothing else; when set, "
+                    "/metrics needs an admin or a scraper key")
 
     # -- stream statistics (policies 'stream' and 'auto') -------------------------------------------------------
     max_streams: int = Field(256, ge=1, description="streams held at most; the least recently used is dropped")
@@ -118,7 +123,27 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     log_level: LogLevel = Field("info", description="logging level")
-    drain_timeout: float = Field(10.0, ge=0, description="seconds to finish queued work when shutting down")
+    drain_timeout: float = Field(
+        10.0, ge=0, description="seconds from SIGTERM (or Ctrl+C) to exit at most: the grace period, then the "
+                                "requests already accepted are finished")
+    drain_grace: float = Field(
+        5.0, ge=0, description="seconds after SIGTERM the service keeps listening (at most drain_timeout): /readyz "
+                               "and new requests answer 503 with Connection: close, so that load balancers move "
+                               "away, while requests already accepted are answered")
+    header_timeout: float = Field(
+        5.0, gt=0, description="seconds a client may take to send a request's headers, from connecting or from the "
+                               "first byte of a request on a kept-alive connection; the connection is closed after")
+    body_timeout: float = Field(
+        5.0, gt=0, description="seconds a request body may take to arrive, counted from the request's first byte "
+                               "(408 after; the request deadline counts from the first byte too)")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle kept-alive connection stays open")
+    max_uploads: int = Field(
+        32, ge=1, description="request bodies arriving at once at most (a body that arrives in one piece takes no "
+                              "place); beyond it, 503 with Retry-After. Bounds the memory slow uploads can hold to "
+                              "about max_uploads x max_request_bytes")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, description="bytes of a request's line and headers at most (431 beyond; "
+                                                       "400 while they are still arriving)")
     config_file: Path | None = Field(None, description="TOML or JSON file with any of these settings")
 
     @field_validator("policy")
@@ -164,8 +189,14 @@ class Settings(BaseSettings):
         if self.max_request_pixels < self.max_image_pixels:
             raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least max_image_pixels "
                              f"({self.max_image_pixels})")
-        if set(self.admin_keys) & set(self.api_keys):
-            raise ValueError("a key cannot be both an admin key and a tenant's API key")
+        roles = (("API", self.api_keys), ("admin", self.admin_keys), ("metrics", self.metrics_keys))
+        for index, (first, first_keys) in enumerate(roles):
+            for second, second_keys in roles[index + 1:]:
+                if set(first_keys) & set(second_keys):
+                    raise ValueError(f"every key has one role, but a key is among both the {first} keys and "
+                                     f"the {second} keys")
+        if any(not key for _, keys in roles for key in keys):
+            raise ValueError("an API, admin or metrics key cannot be empty")
         if self.batch_key == "api_key" and not self.api_keys:
             raise ValueError("batch_key='api_key' needs api_keys (a JSON object of API key -> tenant name)")
         if self.config_file is not None and not self.config_file.is_file():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -14,9 +18,10 @@ from pathlib import Path, PurePosixPath
 import httpx
 import numpy as np
 import torch
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
+
+from service.cli import build_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -94,15 +99,16 @@ def wait_ready(url: str, until: float, alive: Callable[[], bool] = lambda: True)
 
 
 class LiveServer:
-    """A real uvicorn server on a free loopback port, in a thread, serving ``app``."""
+    """A real uvicorn server on a free loopback port, in a thread, serving ``app`` as ``robustnorm-serve`` does
+    (its protocol and timeouts; the drain on signals needs the main thread, so tests of it run a process)."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self._socket = free_socket()
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = build_server(app, app.state.settings, log_level="warning", lifespan="on",
+                                   timeout_graceful_shutdown=5)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="uvicorn-test", daemon=True)
 
@@ -133,3 +139,52 @@ def serve(app: FastAPI) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+def examples() -> dict[str, bytes]:
+    """The real photographs of examples/ (JPEG and PNG), by file name."""
+    return {path.name: path.read_bytes() for path in sorted((REPO_ROOT / "examples").iterdir())
+            if path.suffix in (".jpg", ".png")}
+
+
+class ServiceProcess:
+    """``python -m service`` in a process of its own on a free loopback port (for signals and its memory);
+    its output goes to ``log``."""
+
+    def __init__(self, *options: str, log: Path, environment: dict[str, str] | None = None) -> None:
+        with free_socket() as sock:
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "service", "--device", "cpu", "--port", str(self.port), *options]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(environment or {})}
+        with log.open("w") as output:
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output,
+                                            stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        try:
+            wait_ready(self.url, time.monotonic() + timeout, lambda: self.process.poll() is None)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise RuntimeError(f"the service did not become ready:\n{self.output()}") from None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process, from /proc."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

@@ -34,8 +34,11 @@ def build():
 def test_every_setting_is_an_option_except_the_keys() -> None:
     options = {option for action in build_parser()._actions for option in action.option_strings}
     for name in Settings.model_fields:
-        assert (f"--{name.replace('_', '-')}" in options) == (name not in ("api_keys", "admin_keys")), name
+        assert (f"--{name.replace('_', '-')}" in options) == (name not in ("api_keys", "admin_keys",
+                                                                           "metrics_keys")), name
     assert {"--host", "--port", "--model", "--device", "--policy", "--no-allow-policy-override"} <= options
+    assert {"--header-timeout", "--body-timeout", "--keep-alive-timeout", "--max-uploads", "--max-header-bytes",
+            "--drain-grace", "--drain-timeout"} <= options
 
 
 def test_help_is_plain_text_and_imports_no_torch() -> None:

@@ -35,6 +35,8 @@ QUEUE_LIMIT = 64
 MAX_IMAGES = 32
 MAX_IMAGE_BYTES = 64 * 1024
 MAX_PIXELS = 1_000_000
+ADMIN_KEY = "admin-key"
+ADMIN = {"X-API-Key": ADMIN_KEY}  # /metrics needs it where tenants have keys
 
 
 @dataclass
@@ -69,7 +71,7 @@ def tenant_server(model_dir) -> Iterator[LiveServer]:
     """Tenants from API keys, isolated as statistics groups inside shared forward passes; policy overrides on."""
     settings = Settings(model=str(model_dir), device="cpu", max_batch_size=MAX_BATCH, max_wait=0.05,
                         batch_key="api_key", isolation="grouped", api_keys={"key-a": "a", "key-b": "b"},
-                        allow_policy_override=True)
+                        admin_keys={ADMIN_KEY: "ops"}, allow_policy_override=True)
     registry = CollectorRegistry()
     yield from serve(create_app(settings, registry=registry))
     _no_server_errors(registry)
@@ -124,8 +126,9 @@ def answers_of(response: httpx.Response, samples: Sequence[Sample], tenant: str 
     return [Answer(sample, prediction, tenant) for sample, prediction in zip(samples, predictions)]
 
 
-def metric_samples(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{server.url}/metrics").text
+def metric_samples(server: LiveServer, headers: dict[str, str] | None = None
+                   ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{server.url}/metrics", headers=headers).text
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -133,8 +136,8 @@ def metric_samples(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str],
     return values
 
 
-def metric(server: LiveServer, name: str, **labels: str) -> float:
-    return metric_samples(server).get((name, tuple(sorted(labels.items()))), 0.0)
+def metric(server: LiveServer, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
+    return metric_samples(server, headers).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def stats(server: LiveServer) -> dict[str, Any]:
@@ -470,7 +473,7 @@ def test_tenants_are_normalised_apart_inside_shared_forwards(tenant_server: Live
     wrong = httpx.post(f"{tenant_server.url}/predict", content=cifar_samples[0].jpeg,
                        headers={"content-type": "image/jpeg", "Authorization": "Bearer key-c"})
     assert wrong.status_code == 401
-    assert metric(tenant_server, "robustnorm_rejected_total", reason="unauthorized") == 2
+    assert metric(tenant_server, "robustnorm_rejected_total", ADMIN, reason="unauthorized") == 2
 
 
 def test_requests_with_different_policies_never_share_a_batch(tenant_server: LiveServer, cifar_samples: list[Sample],

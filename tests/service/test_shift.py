@@ -85,7 +85,7 @@ def test_single_corrupted_images_adapt_the_stream(server: LiveServer, contrast: 
     assert other["batch"]["stream_images"] == 0 and other["batch"]["statistics"] == "frozen"
     stats = httpx.get(f"{server.url}/v1/stats", headers={"X-API-Key": TENANT}).json()
     assert stats["streams"] == 2
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": ADMIN}).text
     assert 'robustnorm_gate_switches_total{to="stream"} 1.0' in metrics
     assert 'robustnorm_batches_total{fallback="false",statistics="stream"}' in metrics
 
