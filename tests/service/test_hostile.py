@@ -202,7 +202,8 @@ def test_slowloris_is_cut_off_while_normal_clients_are_served_and_memory_stays_b
     assert growth < 128 * MiB, f"resident memory grew by {growth / MiB:.0f} MiB"
     logger.info(f"slowloris: RSS {baseline / MiB:.0f} MiB before, peak +{growth / MiB:.0f} MiB; "
           f"normal requests {len(latencies)}, slowest {max(latencies):.3f} s; uploads refused {refused:.0f}, "
-          f"timed out {timed_out:.0f}; connections cut at the header timeout {cut:.0f}")
+          f"timed out {timed_out:.0f}; connections cut at the header timeout {cut:.0f}; held at most "
+          + ", ".join(f"{kind} {max(h.seconds for h in hs):.2f} s" for kind, hs in by_kind.items()))
 
 
 # -- bodies ---------------------------------------------------------------------------------------------------
