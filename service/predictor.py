@@ -164,8 +164,8 @@ class Predictor:
         if self._warm_up_task is not None:
             await asyncio.gather(self._warm_up_task, return_exceptions=True)
         if self._batcher is not None:
-            assert self.drain_started is not None
-            await self._batcher.drain(self.settings.drain_timeout - (time.monotonic() - self.drain_started))
+            began = self.drain_started if self.drain_started is not None else time.monotonic()
+            await self._batcher.drain(self.settings.drain_timeout - (time.monotonic() - began))
             await self._batcher.stop()
         self._engine_thread.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
