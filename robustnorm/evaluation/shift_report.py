@@ -22,15 +22,26 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+KIND_ORDER = ("frozen", "batch", "blend", "adaptive", "stream", "auto")
+
+
+def policy_order(policy: str) -> tuple:
+    """A sort key: frozen, batch, blend (by N0), adaptive, stream, auto."""
+    kind, _, rest = policy.partition(":")
+    numbers = tuple(float(part) for part in rest.split(":") if part.replace(".", "", 1).isdigit())
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), numbers, policy)
+
+
 def summarize(results: dict, *, field: str = "common_accuracy", skew: bool = False) -> list[dict]:
-    """One row per model, policy and n (skewed cells when ``skew``), in the results' order (module docstring)."""
+    """One row per model, policy and n (skewed cells when ``skew``): models in the results' order, then policies
+    by :func:`policy_order`, then n (module docstring)."""
     rows = []
     for entry in results["models"]:
         errors: dict[tuple[str, int], dict[tuple[str, int], float]] = defaultdict(dict)
         for cell in entry["cells"]:
             if cell["skew"] == skew and cell.get(field) is not None:
                 errors[(cell["policy"], cell["n"])][(cell["corruption"], cell["severity"])] = 1.0 - cell[field]
-        for (policy, n), cells in errors.items():
+        for (policy, n), cells in sorted(errors.items(), key=lambda item: (policy_order(item[0][0]), item[0][1])):
             shifted = {scene: error for scene, error in cells.items() if scene[0] != CLEAN}
             frozen = errors.get(("frozen", n), {})
             common = [scene for scene in shifted if scene in frozen]
@@ -82,3 +93,26 @@ def summary_markdown(results: dict, *, field: str = "common_accuracy") -> str:
         severities = sorted({s for row in rows for s in row["error_by_severity"]})
         parts.append("\n".join(_table(rows, severities, skew)))
     return "\n\n".join(parts) + "\n"
+
+
+def corruption_table(results: dict, n: int, *, field: str = "common_accuracy", skew: bool = False) -> str:
+    """Accuracy (%) per corruption at batch size ``n``: one row per model, policy and severity, one column per
+    corruption (markdown)."""
+    corruptions: dict[str, None] = {}
+    rows: dict[tuple[str, str, int], dict[str, float]] = {}
+    for entry in results["models"]:
+        for cell in entry["cells"]:
+            if cell["n"] == n and cell["skew"] == skew and cell["corruption"] != CLEAN and cell.get(field) is not None:
+                corruptions[cell["corruption"]] = None
+                key = (entry["model"], cell["policy"], cell["severity"])
+                rows.setdefault(key, {})[cell["corruption"]] = cell[field]
+    order = {entry["model"]: k for k, entry in enumerate(results["models"])}
+    cards = {entry["model"]: entry.get("card_policy") for entry in results["models"]}
+    head = ["model", "policy", "severity", *corruptions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, policy, severity in sorted(rows, key=lambda key: (order[key[0]], policy_order(key[1]), key[2])):
+        values = rows[(model, policy, severity)]
+        name = f"{policy} (card)" if policy == cards[model] else policy
+        lines.append("| " + " | ".join([model, name, str(severity),
+                                        *(_pct(values[c]) if c in values else "-" for c in corruptions)]) + " |")
+    return "\n".join(lines) + "\n"
