@@ -1,6 +1,6 @@
 """Benchmark the service's two engines, PyTorch and ONNX Runtime, across batch sizes.
 
-Each measurement is one engine's ``forward`` on a micro-batch of ``n`` images in one statistics group: the
+Each measurement is one engine's ``run`` on a micro-batch of ``n`` images in one statistics group: the
 model with its adaptive statistics, the recorded batch statistics, the drift report and the per-image
 answers, i.e. what the service runs per batch (no HTTP, no decoding, no queueing). Engines alternate per
 batch size, so a change in the machine's load hits both alike; the load average is recorded with the results.
@@ -28,16 +28,14 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import robustnorm
-from service.batcher import Batch, BatchKey, WorkItem
-from service.engine import TorchEngine, canonical_policy, default_model
-from service.engine_onnx import OnnxEngine
+from robustnorm.policy import Policy
+from service.engines import Engine, GroupSpec, default_model, load_engine
 from service.settings import Settings
 
 logger = logging.getLogger("bench_engines")
@@ -61,22 +59,17 @@ def _model_dir(name: str | None, scratch: Path) -> str:
     return str(scratch)
 
 
-def _batch(images: torch.Tensor, policy: str) -> Batch[Any]:
-    item = WorkItem(id="bench:0", pixels=images, key=BatchKey(policy), top_k=5, enqueued_at=0.0, deadline=1e18,
-                    future=Future())  # type: ignore[arg-type]
-    return Batch(id="bench", policy=policy, groups=[[item]])
-
-
-def _time(engine: TorchEngine, images: torch.Tensor, policy: str, min_runs: int, min_seconds: float,
+def _time(engine: Engine, images: torch.Tensor, policy: Policy, min_runs: int, min_seconds: float,
           max_runs: int) -> list[float]:
-    """Seconds per ``engine.forward`` after two warm-up runs, until both minimums (or ``max_runs``) are met."""
+    """Seconds per ``engine.run`` after two warm-up runs, until both minimums (or ``max_runs``) are met."""
+    groups = [GroupSpec(images.shape[0])]
     for _ in range(2):
-        engine.forward(_batch(images, policy))
+        engine.run(images, groups, policy)
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
         begin = time.perf_counter()
-        engine.forward(_batch(images, policy))
+        engine.run(images, groups, policy)
         if engine.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
@@ -105,21 +98,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         model = _model_dir(args.model, Path(scratch))
-        engines: dict[str, TorchEngine] = {}
+        engines: dict[str, Engine] = {}
         skipped: dict[str, str] = {}
         for kind in args.engines:
             settings = Settings(model=model, device=args.device, engine=kind, max_batch_size=max(args.sizes),
                                 pad_batches="off")
             try:
-                engines[kind] = (OnnxEngine.from_settings(settings, threads=args.threads) if kind == "onnx"
-                                 else TorchEngine.from_settings(settings))
+                engines[kind] = load_engine(settings, threads=args.threads)
             except (ValueError, ImportError) as error:  # e.g. no onnxruntime-gpu where the GPU run happens
                 logger.warning("skipping the %s engine: %s", kind, error)
                 skipped[kind] = str(error)
         if not engines:
             raise SystemExit(f"no engine could start: {skipped}")
         card = next(iter(engines.values())).card
-        policy = canonical_policy(args.policy)
+        policy = robustnorm.parse_policy(args.policy)
         load_before = os.getloadavg()
         rows: list[dict[str, Any]] = []
         generator = torch.Generator().manual_seed(0)
@@ -143,9 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         ort_version = None
     return {
-        "what": "seconds per engine.forward on one micro-batch of n images (one statistics group): model with "
+        "what": "seconds per engine.run on one micro-batch of n images (one statistics group): model with "
                 "adaptive statistics, recorded batch statistics, drift report and answers; median over runs",
-        "model": card.name, "version": card.version, "policy": policy,
+        "model": card.name, "version": card.version, "policy": str(policy),
         "device": args.device, "engine_devices": devices, "providers": providers,
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "onnxruntime_threads": args.threads or "default (one per physical core)",
