@@ -86,8 +86,14 @@ class Service:
         raise RuntimeError(f"the service did not become ready; see {log}")
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> dict:
-        self.connection.request(method, path, body=body, headers=headers or {})
-        response = self.connection.getresponse()
+        try:
+            self.connection.request(method, path, body=body, headers=headers or {})
+            response = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # the server closes a kept-alive connection left idle (while the references run): connect again
+            self.connection.close()
+            self.connection.request(method, path, body=body, headers=headers or {})
+            response = self.connection.getresponse()
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"{method} {path} answered {response.status}: {payload[:300]!r}")
