@@ -1,4 +1,5 @@
-"""Model architectures with a pluggable normalization layer: CIFAR ResNets (depth 6n+2) and a VGG-style net.
+"""Model architectures with a pluggable normalization layer: CIFAR ResNets (depth 6n+2), a VGG-style net, and
+ImageNet's ResNet-50 (torchvision's module names, so its state dicts load).
 
 The norm layer is chosen by name from a small registry (``bn``, ``robustnorm``, ``none``), by class, or by a
 ``functools.partial``; ``create_model`` builds an architecture by name.
@@ -134,11 +135,71 @@ class CifarVGG(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
+class Bottleneck(nn.Module):
+    """ResNet v1.5's bottleneck block (stride on the 3x3 convolution); module names as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: NormFactory) -> None:
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = norm(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            norm(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet for 224x224 images (He et al. 2016, table 1) with bottleneck blocks: ``layers=(3, 4, 6, 3)`` is
+    ResNet-50. Module names follow ``torchvision.models.resnet`` so that its checkpoints load unchanged."""
+
+    def __init__(self, layers: tuple[int, ...], norm: NormFactory, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stages, in_channels = [], 64
+        for stage, (blocks, channels) in enumerate(zip(layers, (64, 128, 256, 512))):
+            stage_blocks = []
+            for i in range(blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                stage_blocks.append(Bottleneck(in_channels, channels, stride, norm))
+                in_channels = channels * Bottleneck.expansion
+            stages.append(nn.Sequential(*stage_blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": functools.partial(CifarResNet, 20),
     "resnet32": functools.partial(CifarResNet, 32),
     "resnet44": functools.partial(CifarResNet, 44),
     "resnet56": functools.partial(CifarResNet, 56),
+    "resnet50": functools.partial(ImageNetResNet, (3, 4, 6, 3)),
     "vgg11": CifarVGG,
 }
 
@@ -148,7 +209,9 @@ def list_architectures() -> list[str]:
 
 
 def create_model(name: str, norm: NormSpec = "bn", num_classes: int = 10, **norm_kwargs: object) -> nn.Module:
-    """Build architecture ``name`` with ``norm`` layers (``bn``, ``robustnorm`` (takes ``p``), ``none``)."""
+    """Build architecture ``name`` with ``norm`` layers (``bn``, ``robustnorm`` (takes ``p``), ``none``).
+
+    ``num_classes`` defaults to CIFAR-10's 10, also for ``resnet50``: pass 1000 for ImageNet's head."""
     key = name.lower()
     if key not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; valid names are {list_architectures()}")

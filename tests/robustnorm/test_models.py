@@ -10,7 +10,7 @@ from robustnorm import AdaptiveBatchNorm2d, RobustNorm2d, create_model
 
 
 def test_registry_lists_cifar_resnets_and_vgg() -> None:
-    assert robustnorm.list_architectures() == ["resnet20", "resnet32", "resnet44", "resnet56", "vgg11"]
+    assert robustnorm.list_architectures() == ["resnet20", "resnet32", "resnet44", "resnet50", "resnet56", "vgg11"]
     with pytest.raises(ValueError, match="valid names"):
         create_model("resnet18")
 
