@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="bundled model name or model directory")
     parser.add_argument("--out", type=Path, default=None, help="directory to write (default: the model's own)")
     parser.add_argument("--data", default=None,
-                        help="CIFAR-10 folder with train.tar.gz and test.tar.gz (default: $ROBUSTNORM_CIFAR10, else "
-                        "../shared/data/cifar10 beside the checkout)")
+                        help="CIFAR-10 folder with train.tar.gz and test.tar.gz, as described in docs/data.md "
+                        "(default: $ROBUSTNORM_CIFAR10)")
     parser.add_argument("--val-images", type=int, default=5000, help="validation images to use (default all 5000)")
     parser.add_argument("--batches-per-size", type=int, default=64, help="clean batches per size for drift")
     parser.add_argument("--policy", default=None,

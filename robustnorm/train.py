@@ -186,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="folder with CIFAR-10's train.tar.gz "
-                      "(default: $ROBUSTNORM_CIFAR10, else ../shared/data/cifar10 beside the checkout)")
+                      "as described in docs/data.md (default: $ROBUSTNORM_CIFAR10)")
     data.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
     data.add_argument("--limit-val", type=int, metavar="N", help="validate on the first N validation images only")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,

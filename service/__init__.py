@@ -6,6 +6,6 @@ Layers, from the model outwards (each usable without the ones after it):
   padding, drift);
 - :mod:`service.batcher`: collects queued requests into micro-batches and routes results back;
 - :mod:`service.predictor`: ties decoding, batcher, engine and metrics together, without HTTP;
-- :mod:`service.app` and :mod:`service.routes`: the HTTP surface of ARCHITECTURE.md;
+- :mod:`service.app` and :mod:`service.routes`: the HTTP surface of docs/architecture.md;
 - :mod:`service.cli`: the ``robustnorm-serve`` command.
 """

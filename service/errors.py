@@ -1,4 +1,4 @@
-"""The errors the service answers with, one class per row of ARCHITECTURE.md's error table.
+"""The errors the service answers with, one class per row of the error table in docs/service.md.
 
 Each error knows its HTTP status, its machine-readable ``code`` (the body is
 ``{"error": {"code": ..., "message": ...}}``) and, for rejected requests, the ``reason`` label of

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service: the fixed names of ARCHITECTURE.md, on an injected registry.
+"""Prometheus metrics of the service: the fixed names of docs/architecture.md, on an injected registry.
 
 One :class:`Metrics` object per service, registered on the ``CollectorRegistry`` it is given (tests use a
 fresh one, so several apps can live in one process). Units are base units (seconds); label values come only

@@ -1,4 +1,4 @@
-"""The HTTP routes of ARCHITECTURE.md: thin handlers over the :class:`~service.predictor.Predictor`."""
+"""The HTTP routes of docs/service.md: thin handlers over the :class:`~service.predictor.Predictor`."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ async def readyz(predictor: PredictorDep) -> ReadyResponse:
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
                        **_errors(401, 403)})
 async def metrics(_: MetricsReaderDep, metrics: MetricsDep) -> Response:
-    """Prometheus metrics (names in ARCHITECTURE.md). With keys configured: an admin's or a scraper's key."""
+    """Prometheus metrics (names in docs/architecture.md). With keys configured: an admin's or a scraper's key."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,7 +11,7 @@ from robustnorm.data import find_cifar10
 
 
 def cifar10_dir() -> Path | None:
-    """The CIFAR-10 folder (``$ROBUSTNORM_CIFAR10``, else ``../shared/data/cifar10``) when its archives exist."""
+    """The CIFAR-10 folder (``$ROBUSTNORM_CIFAR10``; docs/data.md) when its archives exist."""
     found = find_cifar10()
     return found if found is not None and (found / "test.tar.gz").is_file() else None
 
@@ -20,8 +20,8 @@ def require_cifar10() -> Path:
     """The CIFAR-10 folder; skips the test where it is absent, but fails in CI (``CI`` set), which has it."""
     found = cifar10_dir()
     if found is None:
-        message = ("CIFAR-10 archives not found: set ROBUSTNORM_CIFAR10 or place them in ../shared/data/cifar10 "
-                   "(train.tar.gz, test.tar.gz)")
+        message = ("CIFAR-10 archives not found: set ROBUSTNORM_CIFAR10 to the folder holding train.tar.gz and "
+                   "test.tar.gz (docs/data.md)")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["cifar10-resnet20-bn", "cifar10-resnet20-robustnorm"],
                         help="bundled model names or model directories")
     parser.add_argument("--data", default=None,
-                        help="CIFAR-10 folder with train.tar.gz and test.tar.gz (default: $ROBUSTNORM_CIFAR10, else "
-                        "../shared/data/cifar10 beside the checkout)")
+                        help="CIFAR-10 folder with train.tar.gz and test.tar.gz, as described in docs/data.md "
+                        "(default: $ROBUSTNORM_CIFAR10)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="core",
                         help="core: the full grid; smoke: a tiny one for quick CPU checks")
     parser.add_argument("--robust-images", type=int, default=2000,

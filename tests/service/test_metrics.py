@@ -1,4 +1,4 @@
-"""Metrics: the names and labels of ARCHITECTURE.md on an injected registry."""
+"""Metrics: the names and labels of docs/architecture.md on an injected registry."""
 
 from __future__ import annotations
 
