@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 # submodule -> the public names it defines
 _EXPORTS = {
-    "drift": ("MEASURES", "DriftCalibration", "DriftReport", "calibrate_drift", "drift_report", "layer_drift"),
+    "drift": ("MEASURES", "DriftCalibration", "DriftReport", "calibrate_drift", "drift_report", "image_scores",
+              "layer_drift"),
     "grouping": ("GroupRun", "batch_groups"),
     "io": ("DEFAULT_MODEL", "ModelCard", "ModelLoadError", "build_model", "list_models", "load_external",
            "load_model", "read_card", "save_model"),
@@ -54,6 +55,7 @@ __all__ = [
     "drift_report",
     "enable_sync",
     "get_norm_layer",
+    "image_scores",
     "layer_drift",
     "list_architectures",
     "list_models",

@@ -159,10 +159,22 @@ def _image_raw(run: GroupRun, calibration: DriftCalibration) -> Tensor:
     return ((features - mean) / std).square().mean(dim=1)
 
 
-def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> DriftReport:
+def image_scores(run: GroupRun, calibration: DriftCalibration) -> list[float]:
+    """Each real image's calibrated drift score (about 1 at the clean threshold), from a recorded forward: a
+    few layers' per-image features, cheap beside :func:`drift_report`'s per-layer measures."""
+    if not run.record:
+        raise ValueError("image_scores needs a forward run with batch_groups(..., record=True)")
+    if not run.stats:
+        return []
+    return (_image_raw(run, calibration) / calibration.image_threshold).tolist()
+
+
+def drift_report(run: GroupRun, calibration: DriftCalibration | None = None, *, images: bool = True
+                 ) -> DriftReport:
     """Turn a recorded grouped forward (``batch_groups(..., record=True)``) into drift measures and scores.
 
-    The measures are computed on the device and copied to the host once.
+    The measures are computed on the device and copied to the host once. ``images=False`` leaves out the
+    image scores (``image_score`` is None), for a caller that took them already with :func:`image_scores`.
     """
     if not run.record:
         raise ValueError("drift_report needs a forward run with batch_groups(..., record=True)")
@@ -170,7 +182,7 @@ def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> 
     if not measures:
         return DriftReport(layers={}, raw_batch=[], batch_score=[], image_score=None)
     raw = torch.stack([values["kl"] for values in measures.values()]).mean(dim=0)
-    image_raw = _image_raw(run, calibration) if calibration is not None else None
+    image_raw = _image_raw(run, calibration) if calibration is not None and images else None
     # One transfer to the host for everything.
     names = list(measures)
     packed = torch.stack([measures[name][measure] for name in names for measure in MEASURES] + [raw])
@@ -185,8 +197,8 @@ def drift_report(run: GroupRun, calibration: DriftCalibration | None = None) -> 
         for i, (value, n) in enumerate(zip(raw_batch, counts)):
             mean, std = calibration.batch_center(int(n))
             batch_score[i] = (math.log(max(value, 1e-30)) - mean) / std
-        assert image_raw is not None
-        image_score = (image_raw / calibration.image_threshold).tolist()
+        if image_raw is not None:
+            image_score = (image_raw / calibration.image_threshold).tolist()
     return DriftReport(layers=layers, raw_batch=raw_batch, batch_score=batch_score, image_score=image_score)
 
 

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 STATISTICS = ("batch", "blend", "frozen", "stream")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
-                     "invalid", "unauthorized", "body_timeout", "uploads_full")
+                     "invalid", "unauthorized", "body_timeout", "uploads_full", "overloaded", "tenant_share")
+# Where work past its deadline was dropped: in the queue (before the engine: the deadline passed, or too little
+# time was left for a batch) or at answer time (the answer was ready after the deadline: 504, never a late 200).
+LATE_STAGES = ("queue", "answer")
+DRIFT_OUTCOMES = ("scored", "sampled_out", "skipped")
 CLIENT_GONE = 499  # the status code counted for a request whose client hung up before its answer (nginx's)
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -58,7 +62,9 @@ class Metrics:
         self.batch_size = Histogram("robustnorm_batch_size", "Real images per batch (padding excluded).",
                                     buckets=batch_size_buckets(max_batch_size), registry=registry)
         self.inference_duration = Histogram("robustnorm_inference_duration_seconds",
-                                            "Time of one batch's forward pass, drift included.",
+                                            "Time of one batch's forward pass with its image scores (the "
+                                            "per-layer drift is scored after the answers unless drift_metrics "
+                                            "is inline).",
                                             buckets=INFERENCE_BUCKETS, registry=registry)
         self.batches = Counter("robustnorm_batches_total",
                                "Statistics groups run, by the statistics that ran and whether adaptive fell back.",
@@ -80,6 +86,16 @@ class Metrics:
         self.gate_score = Histogram("robustnorm_gate_score",
                                     "The auto gate's score of the stream each batch ran in (clean traffic: about 1).",
                                     buckets=GATE_SCORE_BUCKETS, registry=registry)
+        self.drift_batches = Counter("robustnorm_drift_batches_total",
+                                     "Batches by what became of their drift scoring: scored, sampled out, or "
+                                     "skipped because the scoring thread was behind.", ["outcome"],
+                                     registry=registry)
+        self.late_images = Counter("robustnorm_late_dropped_images_total",
+                                   "Images dropped because their request's deadline passed or could not be met.",
+                                   ["stage"], registry=registry)
+        self.late_requests = Counter("robustnorm_late_dropped_requests_total",
+                                     "Requests answered 504 because their deadline passed or could not be met "
+                                     "while their images waited or ran.", ["stage"], registry=registry)
         self.streams = Gauge("robustnorm_streams", "Streams whose running statistics the service holds.",
                              registry=registry)
         self.model_info = Gauge("robustnorm_model_info", "The model being served (always 1).",
@@ -91,6 +107,11 @@ class Metrics:
             self.rejected.labels(reason)
         for target in ("stream", "population"):
             self.gate_switches.labels(target)
+        for stage in LATE_STAGES:
+            self.late_images.labels(stage)
+            self.late_requests.labels(stage)
+        for outcome in DRIFT_OUTCOMES:
+            self.drift_batches.labels(outcome)
 
     def set_model(self, *, model: str, version: str, norm: str, policy: str) -> None:
         self.model_info.clear()
@@ -103,25 +124,37 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
+    def drop_late(self, stage: str, images: int, requests: int = 1) -> None:
+        self.late_images.labels(stage).inc(images)
+        self.late_requests.labels(stage).inc(requests)
+
     def observe_batch(self, report: BatchReport) -> None:
-        """One forward pass: its size and time, and per statistics group what ran and how far it drifted."""
+        """One forward pass: its size and time, per statistics group what ran, the gate, the image scores."""
         self.batch_size.observe(report.images)
         self.inference_duration.observe(report.seconds)
         for group in report.groups:
             self.batches.labels(group.statistics, "true" if group.fallback else "false").inc()
-            if group.batch_score is not None:
-                self.batch_drift_score.observe(group.batch_score)
             if group.gate_score is not None:
                 self.gate_score.observe(group.gate_score)
         for score in report.image_scores or ():
             if score is not None:
                 self.image_drift_score.observe(score)
+        for _, shifted in report.switches:
+            self.gate_switches.labels("stream" if shifted else "population").inc()
+
+    def observe_drift(self, report: BatchReport) -> None:
+        """A forward pass's drift once scored: each group's batch score and the per-layer drift."""
+        self.drift_batches.labels("scored").inc()
+        for group in report.groups:
+            if group.batch_score is not None:
+                self.batch_drift_score.observe(group.batch_score)
         for layer, measures in report.layers.items():
             for measure, per_group in measures.items():
                 if per_group:  # the latest batch is the last group of this forward
                     self.layer_drift.labels(layer, measure).set(per_group[-1])
-        for _, shifted in report.switches:
-            self.gate_switches.labels("stream" if shifted else "population").inc()
+
+    def drift_not_scored(self, outcome: str) -> None:
+        self.drift_batches.labels(outcome).inc()
 
     def set_streams(self, count: int) -> None:
         self.streams.set(count)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -21,7 +21,7 @@ import robustnorm
 from robustnorm.policy import Policy
 
 from .batcher import Batch, BatchKey, MicroBatcher
-from .engines import BatchReport, Engine, GroupOutcome, GroupSpec, load_engine
+from .engines import BatchDrift, BatchReport, Engine, GroupOutcome, GroupSpec, load_engine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, NotReady, Unavailable
 from .imaging import Preprocessing, decode_images
 from .metrics import Metrics
@@ -107,6 +107,10 @@ class Predictor:
         self.drain_started: float | None = None
         self._engine: Engine | None = None
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-engine")
+        # Drift scoring for metrics runs here, after the answers have left (drift_metrics 'after' or 'sampled').
+        self._drift_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-drift")
+        self._drift_pending = 0
+        self._drift_credit = 0.0
         self._batcher: MicroBatcher[ImageAnswer] | None = None
         self._preprocessing: Preprocessing | None = None
         self._decoder = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="robustnorm-decode")
@@ -125,7 +129,7 @@ class Predictor:
         self.metrics.set_model(model=card.name, version=card.version, norm=card.norm, policy=str(engine.policy))
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=self.settings.max_batch_size, max_wait=self.settings.max_wait,
-            eager=self.settings.eager_batches,
+            eager=self.settings.eager_batches, tenant_share=self.settings.tenant_queue_share,
             queue_limit=self.settings.queue_limit, share_tenants=self.settings.isolation == "grouped",
             metrics=self.metrics)
         self._batcher.start()
@@ -168,6 +172,7 @@ class Predictor:
             await self._batcher.drain(self.settings.drain_timeout - (time.monotonic() - began))
             await self._batcher.stop()
         self._engine_thread.shutdown(wait=True, cancel_futures=True)
+        self._drift_thread.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.close)
         self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -236,33 +241,95 @@ class Predictor:
             raise DeadlineExceeded("the request's deadline passed while its images were waiting for or in "
                                    "decoding") from None
 
-    async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
-                      ) -> list[ImageAnswer]:
-        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic). A request
-        accepted before a drain began still runs (its images are queued until the drain closes the batcher)."""
+    def _key(self, policy: Policy, tenant: str | None) -> BatchKey:
+        return BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
+
+    def admit(self, count: int, *, policy: Policy, tenant: str | None, deadline: float) -> None:
+        """Refuse ``count`` images now (429, 503, 504) if the batcher would: checked before decoding them."""
         if self.state != "draining":
             self.check_ready()
         assert self._batcher is not None
-        key = BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
-        return await self._batcher.submit(pixels, key=key, deadline=deadline)
+        self._batcher.admit(count, key=self._key(policy, tenant), deadline=deadline)
+
+    async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
+                      ) -> list[ImageAnswer]:
+        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic). A request
+        accepted before a drain began still runs (its images are queued until the drain closes the batcher).
+        Answers ready only after the deadline are dropped (504), never returned late."""
+        if self.state != "draining":
+            self.check_ready()
+        assert self._batcher is not None
+        answers = await self._batcher.submit(pixels, key=self._key(policy, tenant), deadline=deadline)
+        if time.monotonic() > deadline:
+            self.metrics.drop_late("answer", len(answers))
+            raise DeadlineExceeded("the answer was ready only after the request's deadline; it was dropped", "answer")
+        return answers
+
+    def _drift_plan(self) -> str:
+        """What becomes of this batch's drift scoring: 'inline', 'after', 'sampled_out' or 'skipped'."""
+        mode = self.settings.drift_metrics
+        if mode == "inline":
+            return mode
+        self._drift_credit += self.settings.drift_share
+        if self._drift_credit < 1.0:
+            return "sampled_out"
+        self._drift_credit -= 1.0
+        return "after" if self._drift_pending < 2 else "skipped"  # a bounded backlog: never fall behind
 
     async def _run_batch(self, batch: Batch[ImageAnswer]) -> dict[str, list[ImageAnswer]]:
         groups = [GroupSpec(size, tenant) for size, tenant in zip(batch.sizes, batch.tenants)]
         pixels = torch.cat([item.pixels for item in batch.items])
-        probabilities, report = await asyncio.get_running_loop().run_in_executor(
-            self._engine_thread, self.engine.run, pixels, groups, batch.policy)
+        plan = self._drift_plan()
+        loop = asyncio.get_running_loop()
+        run = functools.partial(self.engine.run, score=plan == "inline")
+        probabilities, report = await loop.run_in_executor(self._engine_thread, run, pixels, groups, batch.policy)
         results = split_answers(batch, probabilities, report)
         self.metrics.observe_batch(report)
         self.metrics.set_streams(self.engine.stream_count())
-        self.latest = results[batch.items[-1].id][0].group  # the latest batch is the last group of this forward
         self.totals = Totals(batches=self.totals.batches + 1, images=self.totals.images + report.images,
                              fallback_groups=self.totals.fallback_groups + sum(g.fallback for g in report.groups))
-        if self.settings.batch_key == "api_key":
-            for group, tenant in zip(batch.groups, batch.tenants):
-                place = results[group[0].id][0].group
-                if tenant is not None:
-                    totals = self.tenant_totals.get(tenant, Totals())
-                    self.tenant_totals[tenant] = Totals(totals.batches + 1, totals.images + place.outcome.size,
-                                                        totals.fallback_groups + place.outcome.fallback)
-                    self.tenant_latest[tenant] = place
+        places = [results[group[0].id][0].group for group in batch.groups]
+        self._remember(batch, places)
+        if plan == "inline":
+            self.metrics.observe_drift(report)
+        elif plan == "after" and report.pending is not None:
+            self._drift_pending += 1
+            scoring = loop.run_in_executor(self._drift_thread, report.pending.compute)
+            scoring.add_done_callback(functools.partial(self._scored, batch, report, places))
+        else:
+            self.metrics.drift_not_scored(plan if plan != "after" else "skipped")
         return results
+
+    def _remember(self, batch: Batch[ImageAnswer], places: list[GroupPlace]) -> None:
+        """The latest group (the last of this forward) for /v1/stats, and per tenant its own."""
+        self.latest = places[-1]
+        if self.settings.batch_key != "api_key":
+            return
+        for place, tenant in zip(places, batch.tenants):
+            if tenant is None:
+                continue
+            totals = self.tenant_totals.get(tenant, Totals())
+            self.tenant_totals[tenant] = Totals(totals.batches + 1, totals.images + place.outcome.size,
+                                                totals.fallback_groups + place.outcome.fallback)
+            self.tenant_latest[tenant] = place
+
+    def _scored(self, batch: Batch[ImageAnswer], report: BatchReport, places: list[GroupPlace],
+                scoring: asyncio.Future[BatchDrift]) -> None:
+        """On the event loop, once a batch's drift is scored: metrics, and /v1/stats where it is still the latest."""
+        self._drift_pending -= 1
+        if scoring.cancelled() or scoring.exception() is not None:
+            if not scoring.cancelled():
+                logger.error("drift scoring of batch %s failed: %r", batch.id, scoring.exception())
+            self.metrics.drift_not_scored("skipped")
+            return
+        scored = report.with_drift(scoring.result())
+        self.metrics.observe_drift(scored)
+        updated = [replace(place, outcome=outcome,
+                           layers={layer: {measure: values[g] for measure, values in measures.items()}
+                                   for layer, measures in scored.layers.items()})
+                   for g, (place, outcome) in enumerate(zip(places, scored.groups))]
+        if self.latest is places[-1]:
+            self.latest = updated[-1]
+        for before, after, tenant in zip(places, updated, batch.tenants):
+            if tenant is not None and self.tenant_latest.get(tenant) is before:
+                self.tenant_latest[tenant] = after

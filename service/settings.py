@@ -77,7 +77,17 @@ class Settings(BaseSettings):
         True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
                           "with the load while the engine is busy, and an idle engine answers at once")
     queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
-    request_deadline: float = Field(10.0, gt=0, description="seconds a request may take end to end (504 after)")
+    request_deadline: float = Field(
+        10.0, gt=0, description="seconds a request may take end to end, counted from its first byte (or from "
+                                "X-Request-Start with trust_request_start); work that cannot be answered in time "
+                                "is refused (429) or dropped (504), never answered late")
+    trust_request_start: bool = Field(
+        False, description="count deadlines from the X-Request-Start header ('t=<seconds>' or 't=<microseconds>' "
+                           "since the epoch) a trusted proxy in front sets, so that time queued there counts; "
+                           "only behind such a proxy: clients could otherwise set it")
+    tenant_queue_share: float = Field(
+        0.5, gt=0, le=1, description="share of queue_limit one tenant may hold while other tenants are active "
+                                     "(tenants as batch_key names them); beyond it, its requests get 429")
     pad_batches: Padding = Field(
         "auto", description="pad batches to powers of two up to max_batch_size ('auto': only on CUDA)")
     batch_key: BatchKeySource = Field(
@@ -105,6 +115,13 @@ class Settings(BaseSettings):
     stream_batch_share: float = Field(
         0.25, gt=0, le=1, description="share of a stream's window one micro-batch may fill at most (bounds how far "
                                       "one batch moves the statistics later batches run with)")
+
+    drift_metrics: str = Field(
+        "after", description="when batches' per-layer drift and batch scores are computed for metrics and /v1/stats: "
+                             "'after' the answers leave (on a thread of its own; the response's batch drift_score "
+                             "is null), 'inline' before (the response carries it), 'sampled:F' after, for a "
+                             "fraction F of batches, or 'off'. Image drift scores and the statistics the policy "
+                             "and its gate need are computed in every forward whatever this says")
 
     # -- inputs ----------------------------------------------------------------------------------------
     max_image_bytes: int = Field(8 * MiB, ge=1, description="bytes per encoded image at most")
@@ -150,6 +167,29 @@ class Settings(BaseSettings):
     @classmethod
     def _canonical_policy(cls, value: str | None) -> str | None:
         return None if value is None else str(robustnorm.parse_policy(value))
+
+    @field_validator("drift_metrics")
+    @classmethod
+    def _drift_metrics(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("after", "inline", "off"):
+            return value
+        kind, _, fraction = value.partition(":")
+        try:
+            share = float(fraction)
+        except ValueError:
+            share = -1.0
+        if kind != "sampled" or not 0 < share <= 1:
+            raise ValueError(f"drift_metrics must be 'after', 'inline', 'off' or 'sampled:F' with 0 < F <= 1, "
+                             f"got {value!r}")
+        return f"sampled:{share:g}"
+
+    @property
+    def drift_share(self) -> float:
+        """The fraction of batches whose drift is scored (1 for 'after' and 'inline', 0 for 'off')."""
+        if self.drift_metrics == "off":
+            return 0.0
+        return float(self.drift_metrics.partition(":")[2]) if self.drift_metrics.startswith("sampled") else 1.0
 
     @field_validator("device")
     @classmethod

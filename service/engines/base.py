@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -46,8 +46,34 @@ class GroupOutcome:
 
 
 @dataclass(frozen=True)
+class BatchDrift:
+    """The drift of one forward pass for monitoring: per layer and measure one value per group, and each group's
+    calibrated batch score (None where the policy has no calibration)."""
+
+    layers: dict[str, dict[str, list[float]]]
+    batch_scores: list[float | None]
+
+
+class PendingDrift:
+    """A forward's recorded statistics, scored later (:meth:`compute`) so that answers need not wait for it."""
+
+    def __init__(self, run: robustnorm.GroupRun, calibration: robustnorm.DriftCalibration | None,
+                 scored: list[bool]) -> None:
+        self._run, self._calibration, self._scored = run, calibration, scored
+
+    def compute(self) -> BatchDrift:
+        """Per-layer drift and batch scores: a few dozen small tensor operations, whatever the batch size."""
+        drift = robustnorm.drift_report(self._run, self._calibration, images=False)
+        scores = [score if g < len(drift.batch_score) and self._scored[g] else None
+                  for g, score in enumerate(drift.batch_score or [None] * len(self._scored))]
+        return BatchDrift(layers=drift.layers, batch_scores=scores)
+
+
+@dataclass(frozen=True)
 class BatchReport:
-    """One forward pass: its groups, per-layer drift (layer -> measure -> one value per group), image scores."""
+    """One forward pass: its groups, image scores and, once scored, per-layer drift (layer -> measure -> one
+    value per group) and each group's batch score. ``pending`` holds what is still to score (see
+    :meth:`Engine.run`'s ``score``); :meth:`with_drift` fills it in."""
 
     groups: list[GroupOutcome]
     layers: dict[str, dict[str, list[float]]]
@@ -55,10 +81,16 @@ class BatchReport:
     seconds: float
     padded_to: int
     switches: list[tuple[str, bool]] = field(default_factory=list)  # gate switches: (stream key, shifted)
+    pending: PendingDrift | None = field(default=None, compare=False, repr=False)
 
     @property
     def images(self) -> int:
         return sum(group.size for group in self.groups)
+
+    def with_drift(self, drift: BatchDrift) -> BatchReport:
+        """This report with its drift scored."""
+        groups = [replace(group, batch_score=score) for group, score in zip(self.groups, drift.batch_scores)]
+        return replace(self, groups=groups, layers=drift.layers, pending=None)
 
 
 class Engine(Protocol):
@@ -70,8 +102,12 @@ class Engine(Protocol):
     labels: list[str]
     pad_sizes: tuple[int, ...]
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy
-            ) -> tuple[torch.Tensor, BatchReport]: ...
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, score: bool = True
+            ) -> tuple[torch.Tensor, BatchReport]:
+        """Probabilities of the real images (on the CPU) and the batch report. The statistics the policy and
+        its gate need, and each image's drift score, are computed in the forward; the per-layer drift and the
+        batch scores too when ``score`` is true, else they are left in ``report.pending`` for the caller to
+        compute after the answers have left."""
     def warm_up(self) -> None: ...
     def close(self) -> None: ...
     def drift_calibration(self, policy: Policy) -> robustnorm.DriftCalibration | None: ...
@@ -143,22 +179,24 @@ class EngineBase:
         return sum(len(store) for store in list(self._stores.values()))
 
     def report(self, run: robustnorm.GroupRun, groups: Sequence[GroupSpec], policy: Policy, seconds: float,
-               padded_to: int, selection: StreamSelection | None) -> BatchReport:
-        """The batch report of a recorded grouped forward."""
-        drift = robustnorm.drift_report(run, self.drift_calibration(policy))
+               padded_to: int, selection: StreamSelection | None, score: bool = True) -> BatchReport:
+        """The batch report of a recorded grouped forward, its drift scored now or left pending."""
+        calibration = self.drift_calibration(policy)
         scored = [policy.kind != "auto" or ran == "frozen" for ran in run.ran]  # see drift_calibration
         streams = selection.streams if selection is not None else [None] * len(groups)
         outcomes = [GroupOutcome(size=group.size, statistics=run.ran[g], fallback=run.fallback[g],
-                                 stream_images=run.stream_images[g] if run.stream_images else 0,
-                                 batch_score=drift.batch_score[g] if g < len(drift.batch_score) and scored[g] else None,
+                                 stream_images=run.stream_images[g] if run.stream_images else 0, batch_score=None,
                                  gate_score=stream.gate_score if stream is not None else None)
                     for g, (group, stream) in enumerate(zip(groups, streams))]
-        image_scores = drift.image_score
+        image_scores: list[float | None] | None = (
+            list(robustnorm.image_scores(run, calibration)) if calibration is not None and run.stats else None)
         if image_scores is not None and not all(scored):
             keep = [scored[g] for g, group in enumerate(groups) for _ in range(group.size)]
             image_scores = [score if kept else None for score, kept in zip(image_scores, keep)]
         for key, shifted in selection.switched if selection is not None else ():
             logger.info("drift gate of stream %r switched to %s statistics", key or "global",
                         "stream" if shifted else "population")
-        return BatchReport(groups=outcomes, layers=drift.layers, image_scores=image_scores, seconds=seconds,
-                           padded_to=padded_to, switches=list(selection.switched) if selection is not None else [])
+        report = BatchReport(groups=outcomes, layers={}, image_scores=image_scores, seconds=seconds,
+                             padded_to=padded_to, switches=list(selection.switched) if selection is not None else [],
+                             pending=PendingDrift(run, calibration, scored))
+        return report.with_drift(report.pending.compute()) if score and report.pending is not None else report

@@ -65,7 +65,7 @@ class TorchEngine(EngineBase):
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, score: bool = True
             ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images (on the CPU) and the batch report, for one grouped forward."""
         started = time.perf_counter()
@@ -87,5 +87,5 @@ class TorchEngine(EngineBase):
             with autocast:
                 logits = self.model(pixels)
             probabilities = logits[:images].float().softmax(dim=1).cpu()
-        report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection)
+        report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection, score)
         return probabilities, report

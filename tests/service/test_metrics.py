@@ -23,11 +23,16 @@ def test_a_batch_is_recorded_per_statistics_group() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=32)
     metrics.set_model(model="m", version="abc", norm="robustnorm", policy="adaptive:16")
-    metrics.observe_batch(BatchReport(
+    report = BatchReport(
         groups=[GroupOutcome(16, "batch", False, 0, 0.5), GroupOutcome(4, "frozen", True, 0, None)],
         layers={"bn1": {"mean_shift": [0.1, 0.3], "log_var_ratio": [0.0, 0.2], "kl": [0.01, 0.05]}},
-        image_scores=[0.1] * 20, seconds=0.01, padded_to=20, switches=[("", True), ("tenant", True)]))
+        image_scores=[0.1] * 20, seconds=0.01, padded_to=20, switches=[("", True), ("tenant", True)])
+    metrics.observe_batch(report)
     value = registry.get_sample_value
+    assert value("robustnorm_batch_drift_score_count") == 0, "batch scores are observed once scored"
+    assert value("robustnorm_drift_batches_total", {"outcome": "scored"}) == 0
+    metrics.observe_drift(report)
+    assert value("robustnorm_drift_batches_total", {"outcome": "scored"}) == 1
     assert value("robustnorm_model_info", {"model": "m", "version": "abc", "norm": "robustnorm",
                                            "policy": "adaptive:16"}) == 1
     assert value("robustnorm_batch_size_bucket", {"le": "16.0"}) == 0
