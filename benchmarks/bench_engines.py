@@ -1,4 +1,4 @@
-"""Benchmark the service's two engines, PyTorch and ONNX Runtime, across batch sizes.
+"""Benchmark the service's engines: PyTorch and ONNX Runtime across batch sizes, or each policy's cost.
 
 Each measurement is one engine's ``run`` on a micro-batch of ``n`` images in one statistics group: the
 model with its adaptive statistics, the recorded batch statistics, the drift report and the per-image
@@ -13,13 +13,31 @@ On a CPU that other processes also use, run PyTorch with ``OMP_WAIT_POLICY=PASSI
 with OpenMP's default busy-waiting, its intra-op threads stall for about half a second per batch while another
 busy process holds the cores (``engines_cpu_omp_active.json``); ONNX Runtime's engine does not busy-wait.
 
+Per-policy mode (``--policies``): the PyTorch engine's ``run`` under each statistics policy (default frozen,
+batch, blend:16, adaptive:16, stream:256:256, auto:256:256; stream policies feed the global stream), and the
+grouped forward alone (``batch_groups`` under the policy, no recording, drift report or answers), against two
+references on the same threads, both plain forwards: the model with its frozen statistics folded into the
+convolutions, and a copy with PyTorch's own ``nn.BatchNorm2d`` in train mode under ``torch.no_grad``
+(``benchmarks/norm_references.py``). Every row's ``ratio_to_folded`` and ``ratio_to_bn_train`` are its
+throughput over the reference's (1.0: as fast; 0.5: half the images per second). The candidates alternate in
+``--rounds`` rounds per batch size and each row pools its rounds. ``--compile-sizes`` adds ``torch.compile``d
+folded-frozen and ``batch`` forwards at those sizes. On CUDA every forward runs as the engine does: bf16
+autocast and channels_last.
+
+    python benchmarks/bench_engines.py --policies --threads 1                   # -> engines_policies_cpu_1thread.json
+    python benchmarks/bench_engines.py --policies --architecture resnet50 --device cuda --compile-sizes 128
+
 Writes a PNG beside the JSON when matplotlib is installed. The model is the service's default bundled model
-when one is bundled, else a ResNet-20 with RobustNorm and random weights (speed does not depend on weights).
+when one is bundled, else a ResNet-20 with RobustNorm and random weights (speed does not depend on weights);
+``--architecture`` takes random weights of a registered architecture instead (``resnet50``: 224x224).
+``--quick`` measures briefly, for smoke runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -28,10 +46,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from norm_references import fold_norms, random_model_dir, train_mode_batchnorm
 
 import robustnorm
 from robustnorm.policy import Policy
@@ -42,21 +62,20 @@ logger = logging.getLogger("bench_engines")
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+POLICIES = ("frozen", "batch", "blend:16", "adaptive:16", "stream:256:256", "auto:256:256")
+POLICY_SIZES = (8, 128)
 
 
-def _model_dir(name: str | None, scratch: Path) -> str:
-    """The model to serve: ``name``, the service's default (a bundled model), or a random RobustNorm ResNet-20
-    saved in ``scratch`` when nothing is bundled."""
+def _model_dir(name: str | None, scratch: Path, architecture: str | None = None) -> str:
+    """The model to serve: ``name``, random weights of ``architecture``, the service's default (a bundled model),
+    or a random RobustNorm ResNet-20 when nothing is bundled; random models are saved in ``scratch``."""
     if name:
         return name
+    if architecture:
+        return str(random_model_dir(architecture, scratch))
     if robustnorm.list_models():
         return default_model()
-    torch.manual_seed(0)
-    model = robustnorm.create_model("resnet20", norm="robustnorm", p=0.2).eval()
-    card = robustnorm.ModelCard(name="random-resnet20-robustnorm", architecture="resnet20", norm="robustnorm",
-                                p=0.2, labels=[f"class{i}" for i in range(10)], policy="adaptive:16")
-    robustnorm.save_model(model, card, scratch)
-    return str(scratch)
+    return str(random_model_dir("resnet20", scratch, norm="robustnorm", policy="adaptive:16"))
 
 
 def _time(engine: Engine, images: torch.Tensor, policy: Policy, min_runs: int, min_seconds: float,
@@ -72,6 +91,22 @@ def _time(engine: Engine, images: torch.Tensor, policy: Policy, min_runs: int, m
         engine.run(images, groups, policy)
         if engine.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def _time_call(call: Callable[[], object], sync: Callable[[], None], min_runs: int, min_seconds: float,
+               max_runs: int) -> list[float]:
+    """Seconds per ``call()`` (``sync`` waits for the device) after two warm-up calls, as :func:`_time` does."""
+    for _ in range(2):
+        call()
+    sync()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
+        begin = time.perf_counter()
+        call()
+        sync()
         times.append(time.perf_counter() - begin)
     return times
 
@@ -97,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        model = _model_dir(args.model, Path(scratch))
+        model = _model_dir(args.model, Path(scratch), args.architecture)
         engines: dict[str, Engine] = {}
         skipped: dict[str, str] = {}
         for kind in args.engines:
@@ -152,6 +187,150 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> dict[str, Callable[[], object]]:
+    """Name -> one forward on ``n`` images, for the references, each policy's engine run and grouped forward,
+    and (``compiled``) torch.compile'd folded-frozen and ``batch`` forwards."""
+    device, model = engine.device, engine.model
+    cuda = device.type == "cuda"
+    images = torch.randn(n, *engine.card.input_size, generator=torch.Generator().manual_seed(n))
+    pixels = images.to(device)
+    if cuda:  # as the engine runs: channels_last tensors under bf16 autocast
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and torch.cuda.is_bf16_supported()
+                else contextlib.nullcontext())
+
+    def plain(net: torch.nn.Module, grad: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
+              ) -> Callable[[], object]:
+        net = net.to(device, memory_format=torch.channels_last) if cuda else net
+
+        def forward() -> object:
+            with grad(), autocast():
+                return net(pixels)
+        return forward
+
+    def grouped(policy: Policy) -> Callable[[], object]:
+        groups = [GroupSpec(n)]
+
+        def forward() -> object:
+            with torch.inference_mode(), robustnorm.batch_groups(
+                    model, [n], policy=policy, streams=engine.streams_for(policy, groups)), autocast():
+                return model(pixels)
+        return forward
+
+    folded = fold_norms(model)
+    calls: dict[str, Callable[[], object]] = {
+        "folded": plain(folded), "bn_train": plain(train_mode_batchnorm(model), grad=torch.no_grad)}
+    for policy in policies:
+        calls[f"engine {policy}"] = lambda policy=policy: engine.run(images, [GroupSpec(n)], policy)
+        calls[f"forward {policy}"] = grouped(policy)
+    if compiled:
+        batch_model = robustnorm.set_policy(copy.deepcopy(model), "batch")  # the layers' own policy: no context
+        calls["folded compiled"] = plain(torch.compile(folded))
+        calls["forward batch compiled"] = plain(torch.compile(batch_model))
+    return calls
+
+
+def run_policies(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-policy mode: every candidate of :func:`_candidates` at each batch size, alternating in rounds."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policies = [robustnorm.parse_policy(text) for text in args.policies.split(",")]
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = _model_dir(args.model, Path(scratch), args.architecture)
+        settings = Settings(model=model_dir, device=args.device, engine="torch", max_batch_size=max(args.sizes),
+                            pad_batches="off")
+        engine = load_engine(settings)
+    card = engine.card
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for n in args.sizes:
+        compiled = n in args.compile_sizes
+        calls = _candidates(engine, policies, n, compiled)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        errors: dict[str, str] = {}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                if name in errors:
+                    continue
+                try:
+                    times[name] += _time_call(call, sync, max(1, args.min_runs // args.rounds),
+                                              args.min_seconds / args.rounds, max(1, args.max_runs // args.rounds))
+                except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
+                    logger.warning("n=%d %s failed: %s", n, name, error)
+                    errors[name] = f"{type(error).__name__}: {error}"[:500]
+        reference = {name: n / statistics.median(times[name]) for name in ("folded", "bn_train") if times[name]}
+        for name, measured in times.items():
+            row: dict[str, Any] = {"n": n, "candidate": name, "compiled": name.endswith("compiled")}
+            if name in errors:
+                rows.append({**row, "error": errors[name]})
+                continue
+            row.update(_summary(measured, n))
+            for ref, ips in reference.items():
+                row[f"ratio_to_{ref}"] = row["images_per_second"] / ips
+            rows.append(row)
+            logger.info("n=%-4d %-28s %9.3f ms %10.1f images/s  x%.2f of folded", n, name, row["median_ms"],
+                        row["images_per_second"], row.get("ratio_to_folded", float("nan")))
+    engine.close()
+    return {
+        "what": "seconds per call on one batch of n images: 'engine P' is the service engine's run under policy P "
+                "(grouped forward, recorded statistics, drift report, answers), 'forward P' the grouped forward "
+                "alone; 'folded' (frozen statistics folded into the convolutions) and 'bn_train' (nn.BatchNorm2d "
+                "in train mode, torch.no_grad) are plain forwards; ratio_to_X = images/s over X's images/s; "
+                "median over runs pooled from alternating rounds",
+        "model": card.name, "version": card.version, "architecture": card.architecture, "norm": card.norm,
+        "input_size": list(card.input_size), "policies": [str(p) for p in policies],
+        "device": str(engine.device), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "rounds": args.rounds, "compile_sizes": args.compile_sizes,
+        "cuda_precision": "bf16 autocast, channels_last" if cuda else None,
+        "gate_calibrated": getattr(engine, "gate", None) is not None,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "environment": {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "robustnorm": robustnorm.__version__},
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "results": rows,
+    }
+
+
+def plot_policies(report: dict[str, Any], path: Path) -> Path | None:
+    """Throughput relative to the folded model, one panel per batch size; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    sizes = sorted({row["n"] for row in report["results"]})
+    figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5.5), squeeze=False)
+    for axis, n in zip(axes[0], sizes):
+        rows = [row for row in report["results"] if row["n"] == n and "ratio_to_folded" in row]
+        names = [row["candidate"] for row in rows]
+        colours = ["tab:gray" if name in ("folded", "bn_train") else "tab:purple" if row["compiled"] else
+                   "tab:blue" if name.startswith("engine") else "tab:orange" for name, row in zip(names, rows)]
+        axis.barh(names, [row["ratio_to_folded"] for row in rows], color=colours)
+        for y, row in enumerate(rows):
+            axis.text(row["ratio_to_folded"], y, f" {row['images_per_second']:.0f}/s", va="center", fontsize=7)
+        if "bn_train" in names:
+            axis.axvline(rows[names.index("bn_train")]["ratio_to_folded"], color="tab:gray", ls="--", lw=1)
+        axis.axvline(1.0, color="black", lw=1)
+        axis.invert_yaxis()
+        axis.set(title=f"n = {n}", xlabel="throughput / folded-frozen throughput")
+        axis.grid(alpha=0.3, axis="x")
+    where = report["gpu"] or f"{report['cpu']}, {report['torch_threads']} thread(s)"
+    figure.suptitle(f"{report['model']} ({report['architecture']}, {report['norm']}), {where}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput and latency against batch size, one line per engine; None without matplotlib."""
     try:
@@ -184,15 +363,26 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundled model name, model directory or .onnx file (default: see above)")
+    parser.add_argument("--architecture", help="random weights of this registered architecture (e.g. resnet50)")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]' (default cpu)")
     parser.add_argument("--engines", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     parser.add_argument("--policy", default="adaptive:16",
                         help="statistics policy (default adaptive:16: batch statistics from 16 images)")
-    parser.add_argument("--sizes", type=lambda text: [int(v) for v in text.split(",")], default=list(SIZES),
-                        help="comma-separated batch sizes (default 1,2,4,...,256)")
+    parser.add_argument("--sizes", type=_int_list, help="comma-separated batch sizes (default 1,2,4,...,256; "
+                                                         "with --policies 8,128)")
+    parser.add_argument("--policies", nargs="?", const=",".join(POLICIES),
+                        help=f"per-policy mode with these comma-separated policies (alone: {','.join(POLICIES)})")
+    parser.add_argument("--compile-sizes", type=_int_list, default=[],
+                        help="per-policy mode: also torch.compile folded-frozen and batch at these batch sizes")
+    parser.add_argument("--rounds", type=int, default=3, help="per-policy mode: alternating rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s and at least 2 runs per point")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of both engines (default 0: each library's own default)")
     parser.add_argument("--min-runs", type=int, default=5)
@@ -200,13 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=200)
     parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/engines_<device>.json)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.min_runs, args.min_seconds, args.max_runs = 2, 0.3, 20
+    args.sizes = args.sizes or list(POLICY_SIZES if args.policies else SIZES)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = run(args)
+    report = run_policies(args) if args.policies else run(args)
     suffix = f"_{args.threads}thread" if args.threads else ""
-    output = args.output or RESULTS / f"engines_{args.device.split(':')[0]}{suffix}.json"
+    kind = "engines_policies" if args.policies else "engines"
+    output = args.output or RESULTS / f"{kind}_{args.device.split(':')[0]}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    picture = plot(report, output.with_suffix(".png"))
+    picture = (plot_policies if args.policies else plot)(report, output.with_suffix(".png"))
     print(json.dumps({"json": str(output), "png": str(picture) if picture else None}))
     return 0
 

@@ -16,7 +16,8 @@ the window. Latency percentiles are over the counted 200s. ``late``: 200s that t
 
 Against the robustnorm service (``--metrics``, on by default: it is skipped when ``/metrics`` does not
 answer in Prometheus' format with ``robustnorm_batch_size``), the batch sizes the service ran during the
-window are read from ``robustnorm_batch_size`` before and after: mean images per batch and the histogram.
+window are read from ``robustnorm_batch_size`` before and after: mean images per batch and the histogram;
+and the mean time of its forward passes from ``robustnorm_inference_duration_seconds``.
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --concurrency 32 --duration 20 --out load.json
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --rate 500 --duration 20 --deadline 0.5
@@ -48,6 +49,7 @@ import numpy as np
 logger = logging.getLogger("loadgen")
 
 BATCH_SIZE_METRIC = "robustnorm_batch_size"  # service/metrics.py: real images per batch, a histogram
+INFERENCE_METRIC = "robustnorm_inference_duration_seconds"  # service/metrics.py: seconds per forward pass
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 
 
@@ -128,8 +130,9 @@ def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
             "mean_batch_size": images / batches if batches else None, "histogram": per_bucket}
 
 
-async def scrape_batch_sizes(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
-    """The service's batch-size histogram now, or None when ``url`` does not serve it."""
+async def scrape_histograms(client: httpx.AsyncClient, url: str) -> dict[str, dict[str, Any] | None] | None:
+    """The service's batch-size and inference-time histograms now, or None when ``url`` does not serve the
+    batch sizes."""
     try:
         response = await client.get(url)
     except httpx.TransportError as error:
@@ -138,7 +141,10 @@ async def scrape_batch_sizes(client: httpx.AsyncClient, url: str) -> dict[str, A
     if response.status_code != 200:
         logger.info("no metrics at %s: HTTP %d", url, response.status_code)
         return None
-    return parse_histogram(response.text)
+    batch_sizes = parse_histogram(response.text, BATCH_SIZE_METRIC)
+    if batch_sizes is None:
+        return None
+    return {"batch_sizes": batch_sizes, "inference": parse_histogram(response.text, INFERENCE_METRIC)}
 
 
 # -- load ---------------------------------------------------------------------------------------------------
@@ -235,12 +241,12 @@ async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int 
 
         if warmup > 0:
             await load(warmup, [], 1)
-        before = await scrape_batch_sizes(client, f"{base}/metrics") if metrics else None
+        before = await scrape_histograms(client, f"{base}/metrics") if metrics else None
         start = time.perf_counter()
         await load(duration, samples, 0)
         end = start + duration
         finished = time.perf_counter()
-        after = await scrape_batch_sizes(client, f"{base}/metrics") if before is not None else None
+        after = await scrape_histograms(client, f"{base}/metrics") if before is not None else None
     report: dict[str, Any] = {
         "url": predict, "mode": "closed" if concurrency is not None else "open",
         "concurrency": concurrency, "rate_per_s": rate, "duration_s": duration, "warmup_s": warmup,
@@ -249,7 +255,13 @@ async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int 
         **_report(samples, (start, end), deadline),
         "drain_s": finished - end,  # time after the window until the last counted answer
     }
-    report["batch_sizes"] = histogram_delta(before, after) if before is not None and after is not None else None
+    report["batch_sizes"] = report["inference_mean_ms"] = None
+    if before is not None and after is not None:
+        report["batch_sizes"] = histogram_delta(before["batch_sizes"], after["batch_sizes"])
+        if before["inference"] is not None and after["inference"] is not None:
+            batches = after["inference"]["count"] - before["inference"]["count"]
+            seconds = after["inference"]["sum"] - before["inference"]["sum"]
+            report["inference_mean_ms"] = 1e3 * seconds / batches if batches else None
     return report
 
 
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON report here (default: standard output only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     images = read_jpegs(args.images) if args.images else make_jpegs(size=args.image_size, seed=args.seed)
     report = run_load(args.url, images, concurrency=args.concurrency, rate=args.rate, duration=args.duration,
                       warmup=args.warmup, deadline=args.deadline, timeout=args.timeout,
