@@ -5,9 +5,11 @@ at most ``max_batch_size``), so a request's images stay in one batch where they 
 queue when it is full or its oldest item has waited ``max_wait``, or at once when ``eager`` (the default): the
 engine runs one batch at a time, so while it is busy the queue fills and batches grow with the load, and an
 idle engine never keeps a request waiting for company. Which items a batch takes is decided by
-:func:`collect_batch`, a pure function of the queue and a monotonic time. Items whose deadline has passed
-are answered 504 and never run. The consumer task is supervised: if it dies, every pending request fails at
-once with a clear error, and so does every later one.
+:func:`collect_batch`, a pure function of the queue and a monotonic time. Items whose deadline has passed, or
+is nearer than the time a batch takes, are answered 504 and never run; an answer ready only after its deadline
+is a 504 too, never a late 200. Which work is queued at all, and in which order between tenants, is decided by
+:mod:`service.admission`. The consumer task is supervised: if it dies, every pending request fails at once with
+a clear error, and so does every later one.
 
 Items with different batch keys never share a batch, except that with ``share_tenants`` the tenants of one
 policy share a forward pass as separate statistics groups (``robustnorm.batch_groups``): batch statistics let
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,7 +33,8 @@ import torch
 
 from robustnorm.policy import Policy
 
-from .errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, Unavailable
+from .admission import FairQueue, Rate
+from .errors import DeadlineExceeded, Draining, InferenceFailed, Unavailable
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -78,16 +80,17 @@ def _compatible(head: BatchKey, other: BatchKey, share_tenants: bool) -> bool:
 
 
 def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wait: float,
-                  share_tenants: bool = False, eager: bool = False) -> Collected[Q]:
-    """Decide which queued items form the next batch at time ``now`` (oldest first in ``queue``).
+                  share_tenants: bool = False, eager: bool = False, margin: float = 0.0) -> Collected[Q]:
+    """Decide which queued items form the next batch at time ``now`` (``queue`` in the order to serve).
 
-    The oldest live item (the head) always goes into the next batch, with the later items that share its
+    The first live item (the head) always goes into the next batch, with the later items that share its
     key and still fit, in queue order. The batch runs now when it is full (no room left, or a compatible
     item does not fit) or the head has waited ``max_wait``; otherwise nothing runs and ``wake_at`` says when
-    the head's wait or the first deadline ends. Items past their deadline are returned as ``expired``.
+    the head's wait or the first deadline ends. Items whose deadline is less than ``margin`` seconds away (the
+    time a batch takes: they could not be answered in time) are returned as ``expired``.
     """
-    expired = [item for item in queue if item.deadline <= now]
-    live = [item for item in queue if item.deadline > now]
+    expired = [item for item in queue if item.deadline - margin <= now]
+    live = [item for item in queue if item.deadline - margin > now]
     if not live:
         return Collected([], expired, None)
     head = live[0]
@@ -108,7 +111,7 @@ def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wa
     head_due = head.enqueued_at + max_wait
     if full or eager or now >= head_due:
         return Collected(batch, expired, None)
-    return Collected([], expired, min(head_due, min(item.deadline for item in live)))
+    return Collected([], expired, min(head_due, min(item.deadline - margin for item in live)))
 
 
 def group_by_tenant(items: Sequence[Q], share_tenants: bool) -> list[list[Q]]:
@@ -131,6 +134,7 @@ class WorkItem(Generic[R]):
     enqueued_at: float
     deadline: float
     future: asyncio.Future[list[R]] = field(repr=False)
+    order: float = 0.0  # place in the fair order between tenants (service.admission)
 
     @property
     def size(self) -> int:
@@ -168,10 +172,11 @@ class MicroBatcher(Generic[R]):
     """Collects submitted images into batches and runs them one at a time with ``run_batch``.
 
     ``run_batch`` returns, for each item id of the batch, the item's results (one per image).
+    ``tenant_share`` is the share of ``queue_limit`` one tenant may hold while others are active.
     """
 
     def __init__(self, run_batch: RunBatch[R], *, max_batch_size: int, max_wait: float, queue_limit: int,
-                 eager: bool = False,
+                 eager: bool = False, tenant_share: float = 1.0,
                  share_tenants: bool = False, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, collect: Collect[R] = collect_batch) -> None:
         self._run_batch = run_batch
@@ -183,9 +188,9 @@ class MicroBatcher(Generic[R]):
         self._metrics = metrics
         self._clock = clock
         self._collect = collect
-        self._queue: list[WorkItem[R]] = []
-        self._queued_images = 0
+        self._queue: FairQueue[WorkItem[R]] = FairQueue(limit=queue_limit, tenant_share=tenant_share, clock=clock)
         self._running: list[WorkItem[R]] = []
+        self._running_since = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None
@@ -194,12 +199,12 @@ class MicroBatcher(Generic[R]):
         # A batch id is "<process token>-<random>": it names the replica, and says nothing of how many batches
         # ran before (a counter would tell one tenant the others' traffic).
         self._instance = secrets.token_hex(3)
-        self._batch_seconds = 0.0  # moving average of a batch's run time, for Retry-After
+        self._rate = Rate()  # how long batches take lately: for Retry-After, admission and deadline margins
 
     # -- state -----------------------------------------------------------------------------------------
     @property
     def queued_images(self) -> int:
-        return self._queued_images
+        return self._queue.images
 
     @property
     def alive(self) -> bool:
@@ -211,9 +216,14 @@ class MicroBatcher(Generic[R]):
         return self._failure
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained by one request's worth: the batches ahead, plus a wait."""
-        batches_ahead = math.ceil(self._queued_images / self.max_batch_size) + 1
-        return batches_ahead * self._batch_seconds + self.max_wait
+        """Seconds until the queued images have likely run, plus a wait."""
+        return self._queue.drain_seconds(self._rate, self._running_left()) + self.max_wait
+
+    def _running_left(self) -> float:
+        """Seconds the running batch likely still takes."""
+        if not self._running:
+            return 0.0
+        return max(0.0, self._rate.batch_seconds - (self._clock() - self._running_since))
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,7 +237,7 @@ class MicroBatcher(Generic[R]):
         self._closing = True
         self._wakeup.set()
         until = self._clock() + timeout
-        while (self._queue or self._running) and self.alive and self._clock() < until:
+        while (self._queue.items or self._running) and self.alive and self._clock() < until:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -253,49 +263,61 @@ class MicroBatcher(Generic[R]):
         self._fail_pending(lambda: Unavailable(f"{reason}; the service must be restarted"))
 
     def _fail_pending(self, make_error: Callable[[], Exception]) -> None:
-        for item in [*self._queue, *self._running]:
+        for item in [*self._queue.clear(), *self._running]:
             if not item.future.done():
                 item.future.set_exception(make_error())
-        self._queue.clear()
-        self._set_queued(0)
+        self._set_queued()
 
     # -- producer side ---------------------------------------------------------------------------------
-    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float) -> list[R]:
-        """Queue a request's images and wait for their results (in image order) until ``deadline``.
-
-        Results are routed back by an id the batcher makes, never by one a client sent.
-
-        Raises :class:`QueueFull` (429), :class:`DeadlineExceeded` (504), :class:`Draining` or
-        :class:`Unavailable` (503), or :class:`InferenceFailed` (500) if the model raised on the batch.
-        """
+    def admit(self, count: int, *, key: BatchKey, deadline: float) -> None:
+        """Raise the error that refuses ``count`` images of ``key``'s tenant now, if any: 503 when the batcher
+        cannot take work, 504 past the deadline, 429 (with Retry-After) when the tenant holds its share of the
+        queue, the queue is full, or its expected wait ends after ``deadline``. Cheap: callers check before
+        decoding, and :meth:`submit` checks again."""
         if self._failure is not None:
             raise Unavailable(f"{self._failure}; the service must be restarted")
         if self._closing:
             raise Draining("the service is shutting down and takes no new requests; retry on another replica")
         if self._task is None:
             raise Unavailable("the batcher is not started")
-        count = int(pixels.shape[0])
-        if self._queued_images + count > self.queue_limit:
-            raise QueueFull(f"the queue is full ({self._queued_images} of {self.queue_limit} images waiting); "
-                            "retry after the time in Retry-After", retry_after=self.retry_after())
-        now = self._clock()
-        if deadline <= now:
+        if deadline <= self._clock():
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        self._queue.admit(count, key.tenant, deadline=deadline, rate=self._rate, running_left=self._running_left())
+
+    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float) -> list[R]:
+        """Queue a request's images and wait for their results (in image order) until ``deadline``.
+
+        Results are routed back by an id the batcher makes, never by one a client sent.
+
+        Raises the errors of :meth:`admit`, :class:`DeadlineExceeded` (504) when the deadline passes or too
+        little time is left for a batch, or :class:`InferenceFailed` (500) if the model raised on the batch.
+        """
+        count = int(pixels.shape[0])
+        self.admit(count, key=key, deadline=deadline)
+        now = self._clock()
         loop = asyncio.get_running_loop()
         routing_id = secrets.token_hex(8)
         items = [WorkItem(id=f"{routing_id}:{index}", pixels=chunk, key=key, enqueued_at=now,
                           deadline=deadline, future=loop.create_future())
                  for index, chunk in enumerate(pixels.split(self.max_batch_size))]
-        self._queue.extend(items)
-        self._set_queued(self._queued_images + count)
+        self._queue.push(items)
+        self._set_queued()
         self._wakeup.set()
         futures = [item.future for item in items]
         gathered = asyncio.gather(*futures)
         try:
             per_item = await asyncio.wait_for(gathered, timeout=deadline - now)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no answer within the request's deadline "
-                                   f"({deadline - now:.3f} s); the images were dropped") from None
+            running = [item for item in items if any(item is other for other in self._running)]
+            stage = "answer" if running else "queue"
+            # The wait cancelled the futures of the images without an answer: those are dropped now.
+            self._count_late(stage, [item for item in items if item.future.cancelled()], requests=1)
+            raise DeadlineExceeded(f"no answer within the request's deadline ({deadline - now:.3f} s); the images "
+                                   "were dropped", stage) from None
+        except DeadlineExceeded as error:
+            if error.stage is not None:
+                self._count_late(error.stage, [], requests=1)  # its images were counted where they were dropped
+            raise
         finally:
             # A failed, timed-out or cancelled request (its client hung up) leaves the queue at once.
             for future in futures:
@@ -305,18 +327,25 @@ class MicroBatcher(Generic[R]):
                 gathered.exception()  # read, so that asyncio does not log a cancelled wait as an unread error
         return [result for results in per_item for result in results]
 
-    def _set_queued(self, images: int) -> None:
-        self._queued_images = images
+    def _set_queued(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue_depth.set(images)
+            self._metrics.queue_depth.set(self._queue.images)
 
     def _remove(self, items: Sequence[WorkItem[R]]) -> None:
         """Take ``items`` out of the queue (those still in it)."""
-        leaving = {id(item) for item in items}
-        if not any(id(item) in leaving for item in self._queue):
-            return
-        self._queue = [item for item in self._queue if id(item) not in leaving]
-        self._set_queued(sum(item.size for item in self._queue))
+        if self._queue.remove(items):
+            self._set_queued()
+
+    def _count_late(self, stage: str, items: Sequence[WorkItem[R]], requests: int = 0) -> None:
+        if self._metrics is not None:
+            self._metrics.drop_late(stage, sum(item.size for item in items), requests)
+
+    def _fail_late(self, items: Sequence[WorkItem[R]], stage: str, message: str) -> None:
+        """Answer ``items`` 504: their deadline passed, or cannot be met, at ``stage``."""
+        late = [item for item in items if not item.future.done()]
+        for item in late:
+            item.future.set_exception(DeadlineExceeded(message, stage))
+        self._count_late(stage, late)
 
     # -- consumer side ---------------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -326,18 +355,19 @@ class MicroBatcher(Generic[R]):
 
     async def _next_batch(self) -> Batch[R]:
         while True:
-            self._remove([item for item in self._queue if item.future.done()])  # cancelled by their request
+            self._remove([item for item in self._queue.items if item.future.done()])  # cancelled by their request
             now = self._clock()
-            collected = self._collect(self._queue, now, max_batch_size=self.max_batch_size,
-                                      max_wait=self.max_wait, share_tenants=self.share_tenants, eager=self.eager)
+            # An item with less time left than a batch takes would be answered late: it is dropped instead.
+            collected = self._collect(self._queue.items, now, max_batch_size=self.max_batch_size,
+                                      max_wait=self.max_wait, share_tenants=self.share_tenants, eager=self.eager,
+                                      margin=self._rate.batch_seconds)
             if collected.expired:
                 self._remove(collected.expired)
-                for item in collected.expired:
-                    if not item.future.done():
-                        item.future.set_exception(DeadlineExceeded(
-                            "the request's deadline passed while it waited for a batch; its images were dropped"))
+                self._fail_late(collected.expired, "queue", "the request's deadline passed, or too little time was "
+                                "left to run its images, while they waited for a batch; they were dropped")
             if collected.batch:
                 self._remove(collected.batch)
+                self._queue.started(collected.batch)
                 return Batch(id=f"{self._instance}-{secrets.token_hex(6)}", policy=collected.batch[0].key.policy,
                              groups=group_by_tenant(collected.batch, self.share_tenants))
             self._wakeup.clear()
@@ -347,7 +377,7 @@ class MicroBatcher(Generic[R]):
 
     async def _dispatch(self, batch: Batch[R]) -> None:
         self._running = batch.items
-        started = self._clock()
+        started = self._running_since = self._clock()
         if self._metrics is not None:
             for item in self._running:
                 self._metrics.queue_wait.observe(started - item.enqueued_at)
@@ -360,10 +390,12 @@ class MicroBatcher(Generic[R]):
                     item.future.set_exception(InferenceFailed(
                         f"the model failed on batch {batch.id}; the error is in the service log"))
         else:
+            finished = self._clock()
+            self._fail_late([item for item in self._running if item.deadline <= finished], "answer",
+                            "the answer was ready only after the request's deadline; it was dropped")
             for item in self._running:
                 if not item.future.done():  # a request that timed out meanwhile is simply not answered
                     item.future.set_result(results[item.id])
         finally:
             self._running = []
-            elapsed = self._clock() - started
-            self._batch_seconds = elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
+            self._rate.observe(sum(item.size for item in batch.items), self._clock() - started)

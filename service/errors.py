@@ -109,6 +109,19 @@ class QueueFull(ServiceError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
+class TenantQueueFull(QueueFull):
+    """429: the tenant holds its share of the queue (``tenant_queue_share``) while other tenants are active."""
+
+    code = reason = "tenant_share"
+
+
+class Overloaded(QueueFull):
+    """429: the queue's expected wait ends after the request's deadline; it is refused rather than queued to be
+    late."""
+
+    code = reason = "overloaded"
+
+
 class UploadsFull(ServiceError):
     """503: ``max_uploads`` request bodies are arriving already; retry in a second (a small body sent in one
     piece is never refused for this)."""
@@ -150,10 +163,16 @@ class Unavailable(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
-    """504: the request's deadline passed before its images ran (they are dropped from the batch)."""
+    """504: the request's deadline passed (or too little time was left) before its images ran, and they were
+    dropped; or its answer was ready only after the deadline. ``stage`` says where late work was dropped
+    (``queue``, ``answer``), when it was."""
 
     status_code = 504
     code = reason = "deadline"
+
+    def __init__(self, message: str, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class InferenceFailed(ServiceError):

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .cli import REQUEST_STARTED
+from .deadlines import REQUEST_START_HEADER, accepted_at
 from .deps import (
     AdminDep,
     ClientDep,
@@ -107,7 +108,9 @@ async def predict(
                                                              "service's request deadline")] = None,
 ) -> PredictResponse:
     """Classify images. Each image's answer says which batch it ran in and which statistics ran."""
-    started = request.scope.get(REQUEST_STARTED) or time.monotonic()  # the request's first byte
+    first_byte = request.scope.get(REQUEST_STARTED) or time.monotonic()
+    started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
+                          trusted=settings.trust_request_start)
     deadline = started + min(timeout or settings.request_deadline, settings.request_deadline)
     supplied_id = request.headers.get("x-request-id", "")
     request_id = supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex
@@ -123,6 +126,8 @@ async def predict(
         images = await asyncio.wait_for(read_images(request, settings), max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
         raise DeadlineExceeded("the request's deadline passed while its body was arriving") from None
+    # Refused at the door (429) when it could not be answered in time: before decoding, so that refusing is cheap.
+    predictor.admit(len(images), policy=effective_policy, tenant=tenant, deadline=deadline)
 
     async def decode_and_run() -> tuple[float, list[ImageAnswer]]:
         pixels = await predictor.decode(images, deadline)

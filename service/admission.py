@@ -1,0 +1,162 @@
+"""Admission control and fair order for the batcher's queue.
+
+Work that cannot be answered in time is refused at the door (429 with ``Retry-After``) instead of being queued
+to be dropped later: under overload the service keeps answering what it can answer in time, and tells the rest
+when to come back. A request is refused when
+
+- its tenant already holds its share of the queue (``tenant_share`` of ``limit`` images, while another tenant
+  is active; a tenant with nothing queued may always queue one request);
+- the queue holds ``limit`` images;
+- the expected wait for its answer (the images ahead of it, at the engine's recent speed, plus what is left of
+  the running batch) ends after its deadline.
+
+Queued work is kept in fair order between tenants, start-time fair queueing counted in images (Goyal et al.
+1996): each tenant's work is tagged in sequence from the virtual time of the work last sent to the engine, so a
+tenant that sends ten times more than the others waits behind its own backlog, not theirs. With one tenant (or
+none: requests not told apart) the order is first come, first served.
+
+Nothing here knows about HTTP or about models.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from .errors import Overloaded, QueueFull, TenantQueueFull
+
+ACTIVE_SECONDS = 2.0  # a tenant that queued work this recently still counts as active for the shares
+
+
+class Rate:
+    """Moving averages of how long the engine takes, per batch and per image, over recent batches."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.batch_seconds = 0.0  # 0 until a batch ran
+        self.image_seconds = 0.0
+
+    def observe(self, images: int, seconds: float) -> None:
+        per_image = seconds / max(1, images)
+        if self.batch_seconds == 0:
+            self.batch_seconds, self.image_seconds = seconds, per_image
+            return
+        keep = 1 - self.smoothing
+        self.batch_seconds = keep * self.batch_seconds + self.smoothing * seconds
+        self.image_seconds = keep * self.image_seconds + self.smoothing * per_image
+
+
+class _Keyed(Protocol):
+    @property
+    def tenant(self) -> str | None: ...
+
+
+class Fair(Protocol):
+    """What the fair queue needs of an item."""
+
+    @property
+    def key(self) -> _Keyed: ...
+    @property
+    def size(self) -> int: ...
+    order: float  # start tag in virtual time (images), set by the queue
+
+
+F = TypeVar("F", bound=Fair)
+
+
+class FairQueue(Generic[F]):
+    """Queued items in fair order (``items``), the images each tenant holds, and the door to the queue."""
+
+    def __init__(self, *, limit: int, tenant_share: float = 1.0, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.tenant_share = tenant_share
+        self._clock = clock
+        self.items: list[F] = []
+        self.images = 0
+        self._virtual = 0.0  # the start tag of the work last sent to the engine
+        self._finish: dict[str | None, float] = {}  # tenant -> finish tag of its latest queued work
+        self._held: dict[str | None, int] = {}  # tenant -> images queued
+        self._seen: dict[str | None, float] = {}  # tenant -> when it last queued work
+
+    def held(self, tenant: str | None) -> int:
+        """Images ``tenant`` has queued."""
+        return self._held.get(tenant, 0)
+
+    def tenant_limit(self, tenant: str | None) -> int:
+        """Images ``tenant`` may hold now: the whole queue while no other tenant is active, else its share."""
+        now = self._clock()
+        others = any(held for other, held in self._held.items() if other != tenant) or any(
+            now - seen < ACTIVE_SECONDS for other, seen in self._seen.items() if other != tenant)
+        return max(1, math.floor(self.tenant_share * self.limit)) if others else self.limit
+
+    def images_ahead(self, tenant: str | None, count: int) -> int:
+        """Images that would run before the last of ``count`` new images of ``tenant``, these included."""
+        last = max(self._virtual, self._finish.get(tenant, 0.0)) + count
+        return sum(item.size for item in self.items if item.order < last) + count
+
+    def admit(self, count: int, tenant: str | None, *, deadline: float, rate: Rate, running_left: float) -> None:
+        """Raise the 429 that refuses ``count`` new images of ``tenant``, if they must be refused."""
+        held, allowed = self.held(tenant), self.tenant_limit(tenant)
+        if held and held + count > allowed and allowed < self.limit:
+            excess = held + count - allowed
+            raise TenantQueueFull(
+                f"this tenant has {held} images waiting, its share of the queue is {allowed} while other tenants "
+                "are active; retry after the time in Retry-After", retry_after=excess * rate.image_seconds)
+        if self.images + count > self.limit:
+            raise QueueFull(f"the queue is full ({self.images} of {self.limit} images waiting); retry after the "
+                            "time in Retry-After", retry_after=self.drain_seconds(rate, running_left))
+        if rate.image_seconds == 0:
+            return  # no batch ran yet: nothing to estimate the wait from
+        now = self._clock()
+        wait = running_left + self.images_ahead(tenant, count) * rate.image_seconds
+        if now + wait > deadline:
+            raise Overloaded(
+                f"the queue's expected wait ({wait:.3f} s) exceeds the {max(0.0, deadline - now):.3f} s left to "
+                "this request's deadline; retry after the time in Retry-After, or allow a longer deadline",
+                retry_after=now + wait - deadline)
+
+    def drain_seconds(self, rate: Rate, running_left: float) -> float:
+        """Seconds until the queued images have likely run."""
+        return running_left + self.images * rate.image_seconds + rate.batch_seconds
+
+    def push(self, items: Sequence[F]) -> None:
+        """Queue ``items`` (one request's chunks, in order) behind their tenant's earlier work."""
+        now = self._clock()
+        for item in items:
+            tenant = item.key.tenant
+            item.order = max(self._virtual, self._finish.get(tenant, 0.0))
+            self._finish[tenant] = item.order + item.size
+            self._held[tenant] = self.held(tenant) + item.size
+            self._seen[tenant] = now
+            # After every item of equal or smaller tag: equal tags keep their arrival order.
+            bisect.insort_right(self.items, item, key=lambda queued: queued.order)
+            self.images += item.size
+
+    def remove(self, items: Iterable[F]) -> list[F]:
+        """Take ``items`` out of the queue; those that were in it."""
+        leaving = {id(item) for item in items}
+        removed = [item for item in self.items if id(item) in leaving]
+        if not removed:
+            return removed
+        self.items = [item for item in self.items if id(item) not in leaving]
+        for item in removed:
+            tenant = item.key.tenant
+            self.images -= item.size
+            self._held[tenant] -= item.size
+            if not self._held[tenant]:
+                del self._held[tenant]
+        return removed
+
+    def started(self, items: Sequence[F]) -> None:
+        """``items`` went to the engine: virtual time moves to the latest of their tags."""
+        self._virtual = max([self._virtual, *(item.order for item in items)])
+        # Forget what no longer matters, so that tenants named by a header cannot grow these without bound.
+        self._finish = {tenant: tag for tenant, tag in self._finish.items() if tag > self._virtual}
+        now = self._clock()
+        self._seen = {tenant: seen for tenant, seen in self._seen.items() if now - seen < ACTIVE_SECONDS}
+
+    def clear(self) -> list[F]:
+        """Empty the queue; what it held."""
+        return self.remove(list(self.items))
