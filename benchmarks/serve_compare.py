@@ -253,14 +253,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report.update(mode="drift_metrics", drift_metrics=values)
     else:
         report["engine_forward_n1"] = engine_forward_ms(args) if 1 in args.concurrency else None
-        servers = {}
-        servers["robustnorm"] = robustnorm_server(args, env, logs / f"{args.out.stem}-robustnorm.log")
-        servers["litserve"] = litserve_server(args, env, logs / f"{args.out.stem}-litserve.log")
+        start = {"robustnorm": robustnorm_server, "litserve": litserve_server}
+        servers = {name: start[name](args, env, logs / f"{args.out.stem}-{name}.log") for name in args.servers}
         report.update(mode="compare", litserve={"version": LITSERVE_VERSION, "policy": args.litserve_policy,
                                                 "workers": 1, "api_servers": 1})
     try:
-        served = httpx.get(next(iter(servers.values())).url + "/v1/model", timeout=10).json()
-        report.update(model=served.get("name", "?"), served_policy=served.get("policy"))
+        robustnorm_url = next((server.url for name, server in servers.items() if name != "litserve"), None)
+        served = httpx.get(robustnorm_url + "/v1/model", timeout=10).json() if robustnorm_url else {}
+        report.update(model=served.get("name", args.model or "default"), served_policy=served.get("policy"))
         report["results"] = measure(servers, args, images)
     finally:
         for server in servers.values():
@@ -286,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per server and point (default 3)")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (default 30 s)")
     parser.add_argument("--image-size", type=int, default=32, help="side of the JPEGs sent (default 32)")
+    parser.add_argument("--servers", type=lambda text: text.split(","), default=["robustnorm", "litserve"],
+                        help="comma-separated servers to run, in this order (default robustnorm,litserve)")
     parser.add_argument("--litserve-policy", default="frozen", help="LitServe's statistics policy (default frozen)")
     parser.add_argument("--drift-metrics", help="drift-metrics mode: comma-separated values of the service's "
                                                 "drift_metrics setting to compare, e.g. after,off")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/serving/...)")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or ([128] if args.drift_metrics else [1, 8, 32, 128])
+    if unknown := set(args.servers) - {"robustnorm", "litserve"}:
+        parser.error(f"unknown server(s) {sorted(unknown)}: choose among robustnorm, litserve")
     kind = "drift_metrics" if args.drift_metrics else "compare"
     args.out = args.out or RESULTS / f"{kind}_{args.device.split(':')[0]}_{args.threads}thread.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
