@@ -82,22 +82,14 @@ def _time(engine: Engine, images: torch.Tensor, policy: Policy, min_runs: int, m
           max_runs: int) -> list[float]:
     """Seconds per ``engine.run`` after two warm-up runs, until both minimums (or ``max_runs``) are met."""
     groups = [GroupSpec(images.shape[0])]
-    for _ in range(2):
-        engine.run(images, groups, policy)
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
-        begin = time.perf_counter()
-        engine.run(images, groups, policy)
-        if engine.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
-    return times
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" and torch.cuda.is_available() else lambda: None
+    return _time_call(lambda: engine.run(images, groups, policy), sync, min_runs, min_seconds, max_runs)
 
 
 def _time_call(call: Callable[[], object], sync: Callable[[], None], min_runs: int, min_seconds: float,
                max_runs: int) -> list[float]:
-    """Seconds per ``call()`` (``sync`` waits for the device) after two warm-up calls, as :func:`_time` does."""
+    """Seconds per ``call()`` (``sync`` waits for the device) after two warm-up calls, until both minimums (or
+    ``max_runs``) are met."""
     for _ in range(2):
         call()
     sync()
