@@ -6,7 +6,8 @@ Protocol:
   ``robustnorm-serve --max-batch-size 32 --max-wait 0.005`` (otherwise default settings: the bundled default
   model under its card's policy, drift metrics as the service's default) and ``benchmarks/litserve_app.py``
   (LitServe 0.2.19, the same model's weights in eval mode with frozen statistics, ``max_batch_size=32``,
-  ``batch_timeout=0.005``, one worker, one API server);
+  ``batch_timeout=0.005``, one worker, one API server); both start before the first run and stay up until the
+  last (an idle server takes next to no CPU);
 - load: ``benchmarks/loadgen.py``, closed loop at each ``--concurrency`` (default 1, 8, 32, 128), a warm-up
   then ``--duration`` seconds counted; each point runs ``--repeats`` times (default 3) alternating the servers
   (robustnorm, LitServe, robustnorm, ...) and reports the median of the runs: 200-only throughput, p50 and
@@ -235,7 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device, "torch_threads": args.threads, "concurrency": args.concurrency,
         "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats,
         "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT, "image_size": args.image_size,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores" if args.device == "cpu" else args.device,
+        "machine": (f"{_cpu_name()}, {os.cpu_count()} cores" if args.device == "cpu" else
+                    torch.cuda.get_device_name() if torch.cuda.is_available() else args.device),
         "event_loop": _event_loop(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "robustnorm": robustnorm.__version__},
