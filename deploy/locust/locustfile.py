@@ -43,7 +43,7 @@ IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/pn
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 QUEUE_FULL = "429 queue full"
 MAX_RETRY_AFTER = 5.0
-STATISTICS = {"batch", "blend", "frozen"}
+STATISTICS = {"batch", "blend", "frozen", "stream"}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ check-jsonschema, kubernetes-validate and locust from PyPI).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -222,6 +223,22 @@ def expand_variables(expr: str, values: dict[str, str]) -> str:
         expr = expr.replace("${" + name + "}", values[name]).replace("$" + name, values[name])
     assert "$" not in expr, f"unexpanded template variable in {expr!r}"
     return expr
+
+
+def dashboard_queries(rate_interval: str, path: Path = DASHBOARD_FILE) -> list[tuple[str, str]]:
+    """Every query of the shipped dashboard as Grafana sends it (all instances, each measure where a panel
+    uses ``$measure``), with ``rate_interval`` for ``$__rate_interval``: (panel title and ref, expression)."""
+    dashboard = json.loads(path.read_text())
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    measures = [option["value"] for option in variables["measure"]["options"]]
+    queries = []
+    for panel in dashboard_panels(dashboard):
+        for target in panel["targets"]:
+            for measure in measures if "$measure" in target["expr"] else measures[:1]:
+                values = {"instance": ".*", "measure": measure, "__rate_interval": rate_interval}
+                queries.append((f"{panel['title']} [{target['refId']}, {measure}]",
+                                expand_variables(target["expr"], values)))
+    return queries
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -35,7 +35,6 @@ import httpx
 import pytest
 import yaml
 from deploy_support import (
-    DASHBOARD_FILE,
     DEPLOY,
     HAPROXY_CONFIG,
     LOCUSTFILE,
@@ -43,8 +42,7 @@ from deploy_support import (
     Process,
     PrometheusAPI,
     alert_rules,
-    dashboard_panels,
-    expand_variables,
+    dashboard_queries,
     free_port,
     grouping_labels,
     noise_png,
@@ -149,8 +147,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             # A short queue (one full request), so that a flood is answered 429 as a saturated replica would.
             args = [serve, "--host", "127.0.0.1", "--port", str(port), "--queue-limit", str(QUEUE_LIMIT),
                     "--max-images-per-request", str(QUEUE_LIMIT)]
+            # The drift alert is driven under frozen statistics, where every batch has a calibrated score, put
+            # in each answer (inline) for the test to read; under the cards' auto policy, batches that run
+            # stream statistics carry no batch score (docs/drift.md).
             processes.append(Process(f"replica{number}", args, workdir,
-                                     env={"OMP_NUM_THREADS": "1", "ROBUSTNORM_LOG_LEVEL": "warning"}))
+                                     env={"OMP_NUM_THREADS": "1", "ROBUSTNORM_LOG_LEVEL": "warning",
+                                          "ROBUSTNORM_POLICY": "frozen", "ROBUSTNORM_DRIFT_METRICS": "inline"}))
         replicas = [f"127.0.0.1:{port}" for port in replica_ports]
         lb, lb_stats, prom = (f"127.0.0.1:{free_port()}" for _ in range(3))
         haproxy = Process("haproxy", [haproxy_bin, "-db", "-f",
@@ -389,23 +391,9 @@ def test_locust_run_has_no_failures_but_429s(traffic: Traffic) -> None:
 # ------------------------------------------------------------------------------------------ dashboard
 
 
-def _dashboard_queries() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD_FILE.read_text())
-    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
-    measures = [option["value"] for option in variables["measure"]["options"]]
-    queries = []
-    for panel in dashboard_panels(dashboard):
-        for target in panel["targets"]:
-            for measure in measures if "$measure" in target["expr"] else measures[:1]:
-                values = {"instance": ".*", "measure": measure, "__rate_interval": RATE_INTERVAL}
-                queries.append((f"{panel['title']} [{target['refId']}, {measure}]",
-                                expand_variables(target["expr"], values)))
-    return queries
-
-
 def test_every_dashboard_expression_returns_data(stack: Stack, traffic: Traffic) -> None:
     empty = []
-    for title, expr in _dashboard_queries():
+    for title, expr in dashboard_queries(RATE_INTERVAL):
         values = numbers(stack.prometheus.query(expr))
         if not values or all(math.isnan(value) for value in values):
             empty.append(f"{title}: {expr}")
