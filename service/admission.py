@@ -91,10 +91,10 @@ class FairQueue(Generic[F]):
             now - seen < ACTIVE_SECONDS for other, seen in self._seen.items() if other != tenant)
         return max(1, math.floor(self.tenant_share * self.limit)) if others else self.limit
 
-    def images_ahead(self, tenant: str | None, count: int) -> int:
-        """Images that would run before the last of ``count`` new images of ``tenant``, these included."""
-        last = max(self._virtual, self._finish.get(tenant, 0.0)) + count
-        return sum(item.size for item in self.items if item.order < last) + count
+    def images_ahead(self, tenant: str | None) -> int:
+        """Images that would run before new images of ``tenant``."""
+        start = max(self._virtual, self._finish.get(tenant, 0.0))
+        return sum(item.size for item in self.items if item.order <= start)
 
     def admit(self, count: int, tenant: str | None, *, deadline: float, rate: Rate, running_left: float) -> None:
         """Raise the 429 that refuses ``count`` new images of ``tenant``, if they must be refused."""
@@ -110,11 +110,13 @@ class FairQueue(Generic[F]):
         if rate.image_seconds == 0:
             return  # no batch ran yet: nothing to estimate the wait from
         now = self._clock()
-        wait = running_left + self.images_ahead(tenant, count) * rate.image_seconds
+        # Its answer: after the running batch and the images ahead, its own batch (the batcher drops work with
+        # less time left than a batch takes, so it must start at least that long before its deadline).
+        wait = running_left + self.images_ahead(tenant) * rate.image_seconds + rate.batch_seconds
         if now + wait > deadline:
             raise Overloaded(
-                f"the queue's expected wait ({wait:.3f} s) exceeds the {max(0.0, deadline - now):.3f} s left to "
-                "this request's deadline; retry after the time in Retry-After, or allow a longer deadline",
+                f"the expected time to an answer ({wait:.3f} s) exceeds the {max(0.0, deadline - now):.3f} s left "
+                "to this request's deadline; retry after the time in Retry-After, or allow a longer deadline",
                 retry_after=now + wait - deadline)
 
     def drain_seconds(self, rate: Rate, running_left: float) -> float:
@@ -152,8 +154,12 @@ class FairQueue(Generic[F]):
     def started(self, items: Sequence[F]) -> None:
         """``items`` went to the engine: virtual time moves to the latest of their tags."""
         self._virtual = max([self._virtual, *(item.order for item in items)])
-        # Forget what no longer matters, so that tenants named by a header cannot grow these without bound.
+        # Forget what no longer matters, so that tenants named by a header cannot grow these without bound: tags
+        # virtual time has passed, and past a bound the tags of tenants with nothing queued (such a tenant comes
+        # back at the virtual time, a little ahead of where its tag would have put it).
         self._finish = {tenant: tag for tenant, tag in self._finish.items() if tag > self._virtual}
+        if len(self._finish) > 4 * self.limit:
+            self._finish = {tenant: tag for tenant, tag in self._finish.items() if tenant in self._held}
         now = self._clock()
         self._seen = {tenant: seen for tenant, seen in self._seen.items() if now - seen < ACTIVE_SECONDS}
 

@@ -27,6 +27,7 @@ import robustnorm
 from robustnorm.runtime import retain_freed_memory
 
 from .cli import REQUEST_STARTED
+from .door import DoorMiddleware
 from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
 from .metrics import CLIENT_GONE, Metrics
 from .predictor import EngineFactory, Predictor
@@ -251,7 +252,12 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         predictor = getattr(app.state, "predictor", None)
         return predictor is not None and predictor.draining
 
-    # The last added runs first: the metrics see every answer the guard gives.
+    # The last added runs first: the metrics see every answer the guard gives, and the door reads bodies through
+    # the guard.
+    app.add_middleware(DoorMiddleware, settings=settings, metrics=metrics,
+                       predictor=lambda: getattr(app.state, "predictor", None),
+                       respond=lambda error: _error_response(error.status_code, error.code, error.message,
+                                                             error.headers()))
     app.add_middleware(RequestGuardMiddleware, body_timeout=settings.body_timeout,
                        max_body_bytes=settings.max_request_bytes, max_uploads=settings.max_uploads,
                        max_header_bytes=settings.max_header_bytes, draining=draining)

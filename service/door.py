@@ -1,0 +1,84 @@
+"""Admission at the door: ``POST /predict`` requests that cannot be answered in time are refused before routing.
+
+Under overload, refusing must cost far less than serving, or refusals take the time that answers need and
+goodput collapses. So the same admission the batcher applies (:meth:`service.batcher.MicroBatcher.admit`: the
+request's deadline, its tenant's share of the queue, the queue's expected wait) runs here first, in plain ASGI,
+for a request of one image with the longest deadline the service allows: a request refused here would be
+refused later too. Its body is read (so that the connection stays open for the client's next request) and it
+is answered 429 with ``Retry-After``, or 504 when its deadline has passed already (time queued in a trusted
+proxy in front included, see :mod:`service.deadlines`). Everything else goes on to the route, which checks again
+with the request's real image count and deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .cli import REQUEST_STARTED
+from .deadlines import REQUEST_START_HEADER, accepted_at
+from .deps import get_caller, get_tenant, require_client
+from .errors import ServiceError
+from .metrics import Metrics
+from .predictor import Predictor
+from .settings import Settings
+
+PREDICT = SimpleNamespace(path="/predict")  # the route template requests refused here are counted under
+
+
+class DoorMiddleware:
+    """Refuses, cheaply, ``POST /predict`` requests that the batcher would refuse (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
+                 predictor: Callable[[], Predictor | None],
+                 respond: Callable[[ServiceError], ASGIApp]) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.predictor = predictor
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await self._refuse(refusal, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> ServiceError | None:
+        predictor = self.predictor()
+        if predictor is None or not predictor.ready:
+            return None  # the route says why it cannot answer
+        request = Request(scope)
+        try:
+            tenant = get_tenant(request, self.settings, require_client(get_caller(request, self.settings),
+                                                                       self.settings))
+        except ServiceError:
+            return None  # a bad key or tenant: the route answers it
+        first_byte = scope.get(REQUEST_STARTED) or time.monotonic()
+        started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
+                              trusted=self.settings.trust_request_start)
+        try:
+            predictor.admit(1, policy=predictor.engine.policy, tenant=tenant,
+                            deadline=started + self.settings.request_deadline)
+        except ServiceError as error:
+            return error
+        return None
+
+    async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+        try:  # read the body, so that the connection can carry the client's next request
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    break
+        except ServiceError as body_error:  # the guard's limits on the body (408, 413, 503)
+            error = body_error
+        if error.reason is not None:
+            self.metrics.reject(error.reason)
+        scope["route"] = PREDICT
+        await self.respond(error)(scope, receive, send)
