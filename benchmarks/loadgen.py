@@ -9,10 +9,11 @@ service and the LitServe app of ``benchmarks/litserve_app.py`` accept (LitServe 
   task whatever the state of earlier ones. Latency is from the scheduled arrival, so a client that falls
   behind does not hide the server's queueing.
 
-A warm-up (``--warmup`` seconds, same load) comes first and is not counted. Counted are the requests sent
-during the ``--duration`` seconds after it; each is answered (by HTTP status) or a transport error (by
-exception type). Throughput counts the 200s that both were sent and arrived within the window, per second of
-the window. Latency percentiles are over the counted 200s. ``late``: 200s that took longer than ``--deadline``.
+A warm-up (``--warmup`` seconds) comes first, and the load runs on from it without a pause into the window
+of ``--duration`` seconds, so the window sees a steady state. Counted are the requests sent within the window;
+each is answered (by HTTP status) or a transport error (by exception type), waited for after the window.
+Throughput counts the 200s that arrived within the window (whenever sent), per second of the window. Latency
+percentiles are over the counted 200s. ``late``: counted 200s that took longer than ``--deadline``.
 
 Against the robustnorm service (``--metrics``, on by default: it is skipped when ``/metrics`` does not
 answer in Prometheus' format with ``robustnorm_batch_size``), the batch sizes the service ran during the
@@ -158,7 +159,8 @@ def _report(samples: list[_Sample], window: tuple[float, float], deadline: float
     statuses = Counter(str(s.status) for s in counted if s.status is not None)
     errors = Counter(s.error for s in counted if s.status is None)
     ok_latency = [s.done - s.due for s in counted if s.status == 200]
-    in_window = sum(1 for s in counted if s.status == 200 and s.done <= end)
+    # throughput: the 200s that arrived in the window, whenever sent (the load runs on from the warm-up)
+    in_window = sum(1 for s in samples if s.status == 200 and start <= s.done < end)
     late = sum(1 for latency in ok_latency if deadline is not None and latency > deadline)
     milliseconds = [1e3 * v for v in ok_latency]
     return {
@@ -230,30 +232,34 @@ async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int 
     connections = concurrency if concurrency is not None else max_connections
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     samples: list[_Sample] = []
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, pool=None)) as client:
-        async def load(seconds: float, into: list[_Sample], seed_offset: int) -> None:
-            stop = time.perf_counter() + seconds
-            if concurrency is not None:
-                await _closed_loop(client, predict, images, concurrency, stop, into)
-            else:
-                assert rate is not None
-                await _open_loop(client, predict, images, rate, stop, into, seed + seed_offset)
-
-        if warmup > 0:
-            await load(warmup, [], 1)
-        before = await scrape_histograms(client, f"{base}/metrics") if metrics else None
-        start = time.perf_counter()
-        await load(duration, samples, 0)
-        end = start + duration
+    started = time.perf_counter()
+    start, end = started + warmup, started + warmup + duration
+    # The load runs without a pause from the warm-up into the window, so the window sees a steady state; the
+    # metrics have a client of their own, so that a scrape never waits for a load connection.
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, pool=None)) as client, \
+            httpx.AsyncClient(timeout=timeout) as scraper:
+        if concurrency is not None:
+            load = _closed_loop(client, predict, images, concurrency, end, samples)
+        else:
+            assert rate is not None
+            load = _open_loop(client, predict, images, rate, end, samples, seed)
+        running = asyncio.create_task(load)
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        before = await scrape_histograms(scraper, f"{base}/metrics") if metrics else None
+        scraped = [time.perf_counter() - start]
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        after = await scrape_histograms(scraper, f"{base}/metrics") if before is not None else None
+        scraped.append(time.perf_counter() - end)
+        await running
         finished = time.perf_counter()
-        after = await scrape_histograms(client, f"{base}/metrics") if before is not None else None
     report: dict[str, Any] = {
         "url": predict, "mode": "closed" if concurrency is not None else "open",
         "concurrency": concurrency, "rate_per_s": rate, "duration_s": duration, "warmup_s": warmup,
         "deadline_s": deadline, "timeout_s": timeout, "distinct_images": len(images),
         "image_bytes_mean": float(np.mean([len(image) for image in images])),
         **_report(samples, (start, end), deadline),
-        "drain_s": finished - end,  # time after the window until the last counted answer
+        "drain_s": finished - end,  # time after the window until the last answer
+        "scrape_lag_s": scraped,  # when the metrics were read, after the window's start and its end
     }
     report["batch_sizes"] = report["inference_mean_ms"] = None
     if before is not None and after is not None:
