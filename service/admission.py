@@ -27,7 +27,7 @@ from typing import Generic, Protocol, TypeVar
 
 from .errors import Overloaded, QueueFull, TenantQueueFull
 
-ACTIVE_SECONDS = 2.0  # a tenant that queued work this recently still counts as active for the shares
+ACTIVE_SECONDS = 10.0  # a tenant admitted this recently still counts as active for the shares
 
 
 class Rate:
@@ -107,9 +107,10 @@ class FairQueue(Generic[F]):
         if self.images + count > self.limit:
             raise QueueFull(f"the queue is full ({self.images} of {self.limit} images waiting); retry after the "
                             "time in Retry-After", retry_after=self.drain_seconds(rate, running_left))
+        now = self._clock()
+        self._seen[tenant] = now  # active from its admission on, while its images are still being decoded
         if rate.image_seconds == 0:
             return  # no batch ran yet: nothing to estimate the wait from
-        now = self._clock()
         # Its answer: after the running batch and the images ahead, its own batch (the batcher drops work with
         # less time left than a batch takes, so it must start at least that long before its deadline).
         wait = running_left + self.images_ahead(tenant) * rate.image_seconds + rate.batch_seconds
