@@ -208,7 +208,7 @@ async def stats(scope: StatsScopeDep, predictor: PredictorDep) -> StatsResponse:
     )
 
 
-@router.post("/v1/streams/reset", dependencies=_NOT_WHILE_DRAINING, responses=_errors(401, 403, 404, 503))
+@router.post("/v1/streams/reset", dependencies=_NOT_WHILE_DRAINING, responses=_errors(400, 401, 403, 404, 503))
 async def reset_streams(_: AdminDep, predictor: PredictorDep, body: StreamReset | None = None
                         ) -> StreamResetResponse:
     """Forget the running statistics of the named streams (every stream when none are named). Admin key only;
