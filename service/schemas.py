@@ -15,8 +15,11 @@ StatisticsRan = Literal["batch", "blend", "frozen", "stream"]
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="machine-readable: bad_image, too_large, too_many_images, unsupported_type, "
-                                  "invalid, unauthorized, queue_full, deadline, not_ready, draining, unavailable")
+    code: str = Field(description="machine-readable: bad_image, unauthorized, forbidden, not_found, body_timeout, "
+                                  "too_large, too_many_images, unsupported_type, invalid, queue_full, tenant_share, "
+                                  "overloaded, uploads_full, not_ready, draining, unavailable, deadline, "
+                                  "inference_failed, internal; header_timeout and headers_too_large come from the "
+                                  "HTTP layer")
     message: str = Field(description="what went wrong and what to do about it")
 
 
@@ -42,7 +45,9 @@ class BatchInfo(BaseModel):
                                        "policy's drift gate held the population statistics")
     stream_images: int = Field(description="images the stream's running statistics held when the batch ran (0 "
                                            "unless the policy is 'stream' or 'auto')")
-    drift_score: float | None = Field(description="calibrated batch drift score (null when uncalibrated)")
+    drift_score: float | None = Field(description="calibrated batch drift score; null when uncalibrated, and unless "
+                                                  "drift_metrics is 'inline' (batch drift is scored after the "
+                                                  "answers leave; /v1/stats and the metrics show it)")
     inference_seconds: float
 
 
