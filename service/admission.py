@@ -4,6 +4,10 @@ Work that cannot be answered in time is refused at the door (429 with ``Retry-Af
 to be dropped later: under overload the service keeps answering what it can answer in time, and tells the rest
 when to come back. A request is refused when
 
+- ``max_active`` requests are being answered already (decoding, queued or running): every request in the
+  service takes turns on one event loop, so more of them make each slower; or its tenant already has its share
+  of those (``tenant_share``, while another tenant is active; below it, a tenant may exceed ``max_active``
+  up to twice it);
 - its tenant already holds its share of the queue (``tenant_share`` of ``limit`` images, while another tenant
   is active; a tenant with nothing queued may always queue one request);
 - the queue holds ``limit`` images;
@@ -21,8 +25,10 @@ Nothing here knows about HTTP or about models.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from .errors import Overloaded, QueueFull, TenantQueueFull
@@ -31,21 +37,27 @@ ACTIVE_SECONDS = 10.0  # a tenant admitted this recently still counts as active 
 
 
 class Rate:
-    """Moving averages of how long the engine takes, per batch and per image, over recent batches."""
+    """How long the engine takes lately: a batch (moving average), and an image (seconds over images of recent
+    batches, so that the full batches of a busy engine weigh more than the lone images of an idle one)."""
 
     def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
         self.batch_seconds = 0.0  # 0 until a batch ran
-        self.image_seconds = 0.0
+        self._seconds = self._images = 0.0
+
+    @property
+    def image_seconds(self) -> float:
+        return self._seconds / self._images if self._images else 0.0
+
+    @image_seconds.setter
+    def image_seconds(self, value: float) -> None:
+        self._seconds, self._images = value, 1.0
 
     def observe(self, images: int, seconds: float) -> None:
-        per_image = seconds / max(1, images)
-        if self.batch_seconds == 0:
-            self.batch_seconds, self.image_seconds = seconds, per_image
-            return
-        keep = 1 - self.smoothing
-        self.batch_seconds = keep * self.batch_seconds + self.smoothing * seconds
-        self.image_seconds = keep * self.image_seconds + self.smoothing * per_image
+        keep = 1 - self.smoothing if self.batch_seconds else 0.0
+        self.batch_seconds = keep * self.batch_seconds + (1 - keep) * seconds
+        self._seconds = keep * self._seconds + seconds
+        self._images = keep * self._images + max(1, images)
 
 
 class _Keyed(Protocol):
@@ -69,9 +81,13 @@ F = TypeVar("F", bound=Fair)
 class FairQueue(Generic[F]):
     """Queued items in fair order (``items``), the images each tenant holds, and the door to the queue."""
 
-    def __init__(self, *, limit: int, tenant_share: float = 1.0, clock: Callable[[], float]) -> None:
+    def __init__(self, *, limit: int, tenant_share: float = 1.0, max_active: int | None = None,
+                 batch_size: int = 1, clock: Callable[[], float]) -> None:
         self.limit = limit
+        self.batch_size = batch_size  # images that run in one batch at most
         self.tenant_share = tenant_share
+        self.max_active = max_active
+        self.active: Counter[str | None] = Counter()  # tenant -> requests being answered
         self._clock = clock
         self.items: list[F] = []
         self.images = 0
@@ -84,20 +100,47 @@ class FairQueue(Generic[F]):
         """Images ``tenant`` has queued."""
         return self._held.get(tenant, 0)
 
-    def tenant_limit(self, tenant: str | None) -> int:
-        """Images ``tenant`` may hold now: the whole queue while no other tenant is active, else its share."""
+    def tenant_limit(self, tenant: str | None, total: int | None = None) -> int:
+        """How much of ``total`` (the queue's images by default) ``tenant`` may hold now: all of it while no other
+        tenant is active, else its share."""
+        total = self.limit if total is None else total
         now = self._clock()
         others = any(held for other, held in self._held.items() if other != tenant) or any(
             now - seen < ACTIVE_SECONDS for other, seen in self._seen.items() if other != tenant)
-        return max(1, math.floor(self.tenant_share * self.limit)) if others else self.limit
+        return max(1, math.floor(self.tenant_share * total)) if others else total
+
+    @contextlib.contextmanager
+    def working(self, tenant: str | None) -> Iterator[None]:
+        """Count a request of ``tenant`` as being answered, for ``max_active``."""
+        self.active[tenant] += 1
+        try:
+            yield
+        finally:
+            self.active[tenant] -= 1
+            if not self.active[tenant]:
+                del self.active[tenant]
 
     def images_ahead(self, tenant: str | None) -> int:
         """Images that would run before new images of ``tenant``."""
         start = max(self._virtual, self._finish.get(tenant, 0.0))
         return sum(item.size for item in self.items if item.order <= start)
 
-    def admit(self, count: int, tenant: str | None, *, deadline: float, rate: Rate, running_left: float) -> None:
-        """Raise the 429 that refuses ``count`` new images of ``tenant``, if they must be refused."""
+    def admit(self, count: int, tenant: str | None, *, deadline: float, rate: Rate, running_left: float,
+              arriving: bool = True) -> None:
+        """Raise the 429 that refuses ``count`` new images of ``tenant``, if they must be refused. ``arriving``:
+        the request is not yet counted among those being answered."""
+        if arriving and self.max_active is not None:
+            total, mine = sum(self.active.values()), self.active.get(tenant, 0)
+            allowed = self.tenant_limit(tenant, self.max_active)
+            if mine >= allowed and allowed < self.max_active:
+                raise TenantQueueFull(f"this tenant has {mine} requests being answered, its share while other "
+                                      "tenants are active; retry after the time in Retry-After",
+                                      retry_after=rate.batch_seconds)
+            # Below its share, a tenant may go beyond the bound (up to twice it): a tenant that took every place
+            # before another arrived cannot keep that one out.
+            if total >= self.max_active and (mine >= allowed or total >= 2 * self.max_active):
+                raise Overloaded(f"{total} requests are being answered, the most this service takes on at once; "
+                                 "retry after the time in Retry-After", retry_after=self.drain_seconds(rate, 0.0))
         held, allowed = self.held(tenant), self.tenant_limit(tenant)
         if held and held + count > allowed and allowed < self.limit:
             excess = held + count - allowed
@@ -109,11 +152,12 @@ class FairQueue(Generic[F]):
                             "time in Retry-After", retry_after=self.drain_seconds(rate, running_left))
         now = self._clock()
         self._seen[tenant] = now  # active from its admission on, while its images are still being decoded
-        if rate.image_seconds == 0:
-            return  # no batch ran yet: nothing to estimate the wait from
+        ahead = self.images_ahead(tenant)
+        if rate.image_seconds == 0 or ahead + count <= self.batch_size:
+            return  # no batch ran yet, or it joins the next batch (whose time the batcher's margin checks)
         # Its answer: after the running batch and the images ahead, its own batch (the batcher drops work with
         # less time left than a batch takes, so it must start at least that long before its deadline).
-        wait = running_left + self.images_ahead(tenant) * rate.image_seconds + rate.batch_seconds
+        wait = running_left + ahead * rate.image_seconds + rate.batch_seconds
         if now + wait > deadline:
             raise Overloaded(
                 f"the expected time to an answer ({wait:.3f} s) exceeds the {max(0.0, deadline - now):.3f} s left "

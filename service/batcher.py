@@ -176,7 +176,7 @@ class MicroBatcher(Generic[R]):
     """
 
     def __init__(self, run_batch: RunBatch[R], *, max_batch_size: int, max_wait: float, queue_limit: int,
-                 eager: bool = False, tenant_share: float = 1.0,
+                 eager: bool = False, tenant_share: float = 1.0, max_active: int | None = None,
                  share_tenants: bool = False, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, collect: Collect[R] = collect_batch) -> None:
         self._run_batch = run_batch
@@ -188,7 +188,10 @@ class MicroBatcher(Generic[R]):
         self._metrics = metrics
         self._clock = clock
         self._collect = collect
-        self._queue: FairQueue[WorkItem[R]] = FairQueue(limit=queue_limit, tenant_share=tenant_share, clock=clock)
+        self._queue: FairQueue[WorkItem[R]] = FairQueue(limit=queue_limit, tenant_share=tenant_share,
+                                                        max_active=max_active, batch_size=max_batch_size,
+                                                        clock=clock)
+        self.working = self._queue.working  # count a request as being answered, from admission to its answer
         self._running: list[WorkItem[R]] = []
         self._running_since = 0.0
         self._wakeup = asyncio.Event()
@@ -269,7 +272,7 @@ class MicroBatcher(Generic[R]):
         self._set_queued()
 
     # -- producer side ---------------------------------------------------------------------------------
-    def admit(self, count: int, *, key: BatchKey, deadline: float) -> None:
+    def admit(self, count: int, *, key: BatchKey, deadline: float, arriving: bool = True) -> None:
         """Raise the error that refuses ``count`` images of ``key``'s tenant now, if any: 503 when the batcher
         cannot take work, 504 past the deadline, 429 (with Retry-After) when the tenant holds its share of the
         queue, the queue is full, or its expected wait ends after ``deadline``. Cheap: callers check before
@@ -282,7 +285,8 @@ class MicroBatcher(Generic[R]):
             raise Unavailable("the batcher is not started")
         if deadline <= self._clock():
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
-        self._queue.admit(count, key.tenant, deadline=deadline, rate=self._rate, running_left=self._running_left())
+        self._queue.admit(count, key.tenant, deadline=deadline, rate=self._rate, running_left=self._running_left(),
+                          arriving=arriving)
 
     async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float) -> list[R]:
         """Queue a request's images and wait for their results (in image order) until ``deadline``.
@@ -293,7 +297,7 @@ class MicroBatcher(Generic[R]):
         little time is left for a batch, or :class:`InferenceFailed` (500) if the model raised on the batch.
         """
         count = int(pixels.shape[0])
-        self.admit(count, key=key, deadline=deadline)
+        self.admit(count, key=key, deadline=deadline, arriving=False)
         now = self._clock()
         loop = asyncio.get_running_loop()
         routing_id = secrets.token_hex(8)

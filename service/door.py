@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .cli import REQUEST_STARTED
 from .deadlines import REQUEST_START_HEADER, accepted_at
 from .deps import get_caller, get_tenant, require_client
-from .errors import ServiceError
+from .errors import Overloaded, ServiceError
 from .metrics import Metrics
 from .predictor import Predictor
 from .settings import Settings
@@ -31,7 +31,8 @@ PREDICT = SimpleNamespace(path="/predict")  # the route template requests refuse
 
 
 class DoorMiddleware:
-    """Refuses, cheaply, ``POST /predict`` requests that the batcher would refuse (see the module docstring)."""
+    """Refuses, cheaply, ``POST /predict`` requests that the batcher would refuse, and counts those it lets in as
+    being answered (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
                  predictor: Callable[[], Predictor | None],
@@ -44,30 +45,41 @@ class DoorMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await self._refuse(refusal, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+            predictor = self.predictor()
+            if predictor is not None and predictor.ready:
+                request = Request(scope)
+                try:
+                    tenant = get_tenant(request, self.settings, require_client(get_caller(request, self.settings),
+                                                                               self.settings))
+                except ServiceError:
+                    pass  # a bad key or tenant: the route answers it
+                else:
+                    refusal = self._refusal(predictor, request, tenant)
+                    if refusal is not None:
+                        await self._refuse(refusal, scope, receive, send)
+                        return
+                    with predictor.working(tenant):  # from here until answered, one of max_active_requests
+                        await self.app(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)  # the route says why it cannot answer
 
-    def _refusal(self, scope: Scope) -> ServiceError | None:
-        predictor = self.predictor()
-        if predictor is None or not predictor.ready:
-            return None  # the route says why it cannot answer
-        request = Request(scope)
-        try:
-            tenant = get_tenant(request, self.settings, require_client(get_caller(request, self.settings),
-                                                                       self.settings))
-        except ServiceError:
-            return None  # a bad key or tenant: the route answers it
+    def _refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
+        scope = request.scope
         first_byte = scope.get(REQUEST_STARTED) or time.monotonic()
         started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
                               trusted=self.settings.trust_request_start)
+        deadline = started + self.settings.request_deadline
         try:
-            predictor.admit(1, policy=predictor.engine.policy, tenant=tenant,
-                            deadline=started + self.settings.request_deadline)
+            predictor.admit(1, policy=predictor.engine.policy, tenant=tenant, deadline=deadline)
         except ServiceError as error:
             return error
+        waited = time.monotonic() - started
+        if waited > self.settings.request_deadline / 2:
+            # The service reads requests first come, first served: one that waited this long to be read says the
+            # requests behind it wait as long. Refusing those that have used half their time drains that backlog
+            # at the cost of a refusal each; serving them would answer them late, or leave no time for the rest.
+            return Overloaded(f"the service is behind: this request waited {waited:.3f} s before it was read, more "
+                              "than half its deadline; retry after the time in Retry-After", retry_after=waited)
         return None
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:

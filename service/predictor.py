@@ -7,6 +7,7 @@ front end (several HTTP worker processes feeding one batcher on a GPU) can drive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -130,6 +131,7 @@ class Predictor:
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=self.settings.max_batch_size, max_wait=self.settings.max_wait,
             eager=self.settings.eager_batches, tenant_share=self.settings.tenant_queue_share,
+            max_active=self.settings.max_active_requests,
             queue_limit=self.settings.queue_limit, share_tenants=self.settings.isolation == "grouped",
             metrics=self.metrics)
         self._batcher.start()
@@ -244,12 +246,20 @@ class Predictor:
     def _key(self, policy: Policy, tenant: str | None) -> BatchKey:
         return BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
 
-    def admit(self, count: int, *, policy: Policy, tenant: str | None, deadline: float) -> None:
-        """Refuse ``count`` images now (429, 503, 504) if the batcher would: checked before decoding them."""
+    def admit(self, count: int, *, policy: Policy, tenant: str | None, deadline: float, arriving: bool = True
+              ) -> None:
+        """Refuse ``count`` images now (429, 503, 504) if the batcher would: checked before decoding them.
+        ``arriving``: the request is not yet counted among those being answered (:meth:`working`)."""
         if self.state != "draining":
             self.check_ready()
         assert self._batcher is not None
-        self._batcher.admit(count, key=self._key(policy, tenant), deadline=deadline)
+        self._batcher.admit(count, key=self._key(policy, tenant), deadline=deadline, arriving=arriving)
+
+    def working(self, tenant: str | None) -> contextlib.AbstractContextManager[None]:
+        """Counts a request admitted with :meth:`admit` as being answered (``max_active_requests``), until it
+        leaves."""
+        assert self._batcher is not None
+        return self._batcher.working(tenant if self.settings.batch_key != "none" else None)
 
     async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
                       ) -> list[ImageAnswer]:

@@ -126,8 +126,9 @@ async def predict(
         images = await asyncio.wait_for(read_images(request, settings), max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
         raise DeadlineExceeded("the request's deadline passed while its body was arriving") from None
-    # Refused at the door (429) when it could not be answered in time: before decoding, so that refusing is cheap.
-    predictor.admit(len(images), policy=effective_policy, tenant=tenant, deadline=deadline)
+    # Refused (429) when it could not be answered in time: before decoding, so that refusing is cheap. The door
+    # (service.door) admitted it as one of the requests being answered already.
+    predictor.admit(len(images), policy=effective_policy, tenant=tenant, deadline=deadline, arriving=False)
 
     async def decode_and_run() -> tuple[float, list[ImageAnswer]]:
         pixels = await predictor.decode(images, deadline)

@@ -85,9 +85,14 @@ class Settings(BaseSettings):
         False, description="count deadlines from the X-Request-Start header ('t=<seconds>' or 't=<microseconds>' "
                            "since the epoch) a trusted proxy in front sets, so that time queued there counts; "
                            "only behind such a proxy: clients could otherwise set it")
+    max_active_requests: int = Field(
+        64, ge=1, description="requests being answered at once at most (decoding, queued or running); beyond it "
+                              "/predict answers 429 at once. Every request takes turns on one event loop, so this "
+                              "keeps admitted requests fast under overload")
     tenant_queue_share: float = Field(
-        0.5, gt=0, le=1, description="share of queue_limit one tenant may hold while other tenants are active "
-                                     "(tenants as batch_key names them); beyond it, its requests get 429")
+        0.5, gt=0, le=1, description="share of queue_limit (and of max_active_requests) one tenant may hold while "
+                                     "other tenants are active (tenants as batch_key names them); beyond it, its "
+                                     "requests get 429")
     pad_batches: Padding = Field(
         "auto", description="pad batches to powers of two up to max_batch_size ('auto': only on CUDA)")
     batch_key: BatchKeySource = Field(

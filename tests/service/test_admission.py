@@ -5,6 +5,7 @@ time matters."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -242,3 +243,30 @@ def test_an_answer_ready_after_the_deadline_is_a_504_not_a_late_200() -> None:
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_requests_being_answered_are_bounded_and_shared_between_tenants() -> None:
+    clock = Clock()
+    queue: FairQueue[Item] = FairQueue(limit=512, tenant_share=0.5, max_active=4, clock=clock)
+    measured = rate(0.001, 0.01)
+
+    def admit(tenant: str, *, arriving: bool = True) -> None:
+        queue.admit(1, tenant, deadline=clock.now + 10, rate=measured, running_left=0, arriving=arriving)
+
+    with contextlib.ExitStack() as working:
+        for _ in range(4):  # alone, a tenant may take every place
+            admit("heavy")
+            working.enter_context(queue.working("heavy"))
+        with pytest.raises(Overloaded):
+            admit("heavy")
+        admit("heavy", arriving=False)  # a request already counted is not refused for the bound again
+        for _ in range(2):  # below its share, a newcomer goes beyond the bound ...
+            admit("light")
+            working.enter_context(queue.working("light"))
+        with pytest.raises(TenantQueueFull):  # ... up to its share
+            admit("light")
+        with pytest.raises(TenantQueueFull):  # and the first tenant now has more than its share
+            queue.active["heavy"] -= 2
+            admit("heavy")
+        queue.active["heavy"] += 2
+    assert sum(queue.active.values()) == 0
