@@ -1,0 +1,387 @@
+"""The service under overload and unfair tenants: goodput at a multiple of its capacity, and one tenant's flood.
+
+Starts ``robustnorm-serve`` (from this interpreter's environment) on 127.0.0.1 with the bundled default model, a
+request deadline of ``--deadline`` seconds and ``--trust-request-start`` (the load generator plays the proxy in
+front: every request carries ``X-Request-Start: t=<microseconds>`` of its due time, so time spent in socket
+queues counts against the deadline as it would behind HAProxy). Then:
+
+1. capacity: closed loop at each of ``--concurrency`` clients (16, 32, 64); capacity = the most 200s per second
+   (the saturation throughput);
+2. overload: open loop, Poisson arrivals at ``--factor`` times the capacity; every request is counted by how it
+   was answered (200, 429 with or without Retry-After, 503, 504, other, transport error, no answer), 200s later
+   than the deadline (latency from the due time) are ``late``; goodput = 200s within the deadline per second;
+3. fairness (a second server with ``--batch-key header``): light tenants alone at ``--light-share`` of capacity
+   each, then the same light tenants while a heavy tenant offers ``--heavy-factor`` times its fair share of the
+   capacity; each tenant's answers and latency.
+
+The client is raw asyncio HTTP/1.1 on kept-alive connections with prebuilt requests (a raw ``image/jpeg`` body
+of examples/cat.jpg), so that it takes little of the CPU it shares with the server. Results go to
+``benchmarks/results/overload/overload-<date>.json`` (with ``os.getloadavg()`` before and after) and a PNG when
+matplotlib is installed.
+
+    .venv/bin/python benchmarks/overload.py                 # the default run, about 3.5 minutes on 2 cores
+    .venv/bin/python benchmarks/overload.py --smoke         # a few seconds per phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+logger = logging.getLogger("overload")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "overload"
+DATE = "2026-12-06"
+TENANT_HEADER = "X-Tenant"
+ANSWER_GRACE = 5.0  # seconds past the deadline a client waits for an answer before it counts none
+
+
+@dataclass
+class Outcome:
+    """One request: its tenant, when it was due, and how and when it was answered."""
+
+    tenant: str
+    due: float  # perf_counter
+    sent: float | None = None  # when its bytes were written (a connection was free)
+    done: float | None = None
+    status: int | None = None  # None: no answer (transport error or none within the grace)
+    retry_after: bool = False
+    error: str | None = None
+
+
+def _request(body: bytes, tenant: str | None, due_wall: float) -> bytes:
+    extra = f"{TENANT_HEADER}: {tenant}\r\n" if tenant else ""
+    return (f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Start: t={int(due_wall * 1e6)}\r\n{extra}\r\n").encode() + body
+
+
+class Connections:
+    """At most ``limit`` kept-alive connections to the server, opened as needed and reused once free; requests
+    wait for one in turn, as behind a proxy with ``maxconn`` (their wait counts: X-Request-Start is their due
+    time)."""
+
+    def __init__(self, port: int, limit: int = 512) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+        self.free = asyncio.Semaphore(limit)
+
+    async def exchange(self, request: bytes, outcome: Outcome, timeout: float) -> None:
+        async with self.free:
+            await self._exchange(request, outcome, timeout)
+
+    async def _exchange(self, request: bytes, outcome: Outcome, timeout: float) -> None:
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.opened += 1
+        keep = False
+        try:
+            outcome.sent = time.perf_counter()
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            outcome.done = time.perf_counter()
+            outcome.status = int(head[9:12])
+            length, keep = 0, True
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"retry-after":
+                    outcome.retry_after = True
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    keep = False
+            await asyncio.wait_for(reader.readexactly(length), timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as error:
+            outcome.status, outcome.error = None, type(error).__name__
+            keep = False
+        if keep:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def _send(connections: Connections, body: bytes, outcome: Outcome, deadline: float,
+                outcomes: list[Outcome]) -> None:
+    due_wall = time.time() - (time.perf_counter() - outcome.due)
+    await connections.exchange(_request(body, outcome.tenant or None, due_wall), outcome, deadline + ANSWER_GRACE)
+    outcomes.append(outcome)
+
+
+async def closed_loop(port: int, body: bytes, *, concurrency: int, seconds: float, deadline: float
+                      ) -> list[Outcome]:
+    connections, outcomes = Connections(port), []
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while (now := time.perf_counter()) < stop:
+            await _send(connections, body, Outcome("", now), deadline, outcomes)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    connections.close()
+    return outcomes
+
+
+async def open_loop(port: int, body: bytes, rates: dict[str, float], *, seconds: float, deadline: float,
+                    seed: int = 0) -> list[Outcome]:
+    """Poisson arrivals per tenant (``rates``: tenant -> requests per second; '' sends no tenant header)."""
+    generator = random.Random(seed)
+    start = time.perf_counter()
+    arrivals = sorted((start + at, tenant) for tenant, rate in rates.items() for at in _poisson(generator, rate,
+                                                                                              seconds))
+    connections, outcomes, tasks = Connections(port), [], set()
+    for due, tenant in arrivals:
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(_send(connections, body, Outcome(tenant, due), deadline, outcomes))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    connections.close()
+    return outcomes
+
+
+def _poisson(generator: random.Random, rate: float, seconds: float) -> Iterator[float]:
+    at = generator.expovariate(rate)
+    while at < seconds:
+        yield at
+        at += generator.expovariate(rate)
+
+
+def summarise(outcomes: list[Outcome], seconds: float, deadline: float) -> dict[str, Any]:
+    statuses = Counter("none" if o.status is None else str(o.status) for o in outcomes)
+    ok = [o.done - o.due for o in outcomes if o.status == 200 and o.done is not None]
+    on_time = [latency for latency in ok if latency <= deadline]
+    refused = [o for o in outcomes if o.status == 429]
+    milliseconds = np.array(ok) * 1e3
+    lags = [1e3 * (o.sent - o.due) for o in outcomes if o.sent is not None]
+
+    def percentile(q: float) -> float | None:
+        return round(float(np.percentile(milliseconds, q)), 1) if len(milliseconds) else None
+
+    return {
+        "sent": len(outcomes), "answered": dict(sorted(statuses.items())),
+        "unanswered": statuses.get("none", 0), "errors": dict(Counter(o.error for o in outcomes if o.error)),
+        "429_without_retry_after": sum(not o.retry_after for o in refused),
+        "ok_per_s": round(len(ok) / seconds, 1), "late_200": len(ok) - len(on_time),
+        "goodput_per_s": round(len(on_time) / seconds, 1),
+        "latency_200_ms": {"p50": percentile(50), "p90": percentile(90), "p99": percentile(99)},
+        # How late the load generator wrote requests (waiting for a connection, or its own CPU): a proxy's queue.
+        "send_lag_ms": {f"p{q}": round(float(np.percentile(lags, q)), 1) if lags else None for q in (50, 99)},
+    }
+
+
+def _metric_sum(url: str, name: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name):
+            key, _, value = line.rpartition(" ")
+            values[key[len(name):] or "total"] = float(value)
+    return values
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def service(*options: str, log: Path) -> Iterator[str]:
+    port = _free_port()
+    serve = Path(sys.executable).with_name("robustnorm-serve")
+    command = [str(serve), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options]
+    # One intra-op thread: the event loop, the decoding threads and the load generator need the other core.
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        until = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > until:
+                raise RuntimeError(f"the service did not become ready; see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Plan:
+    concurrency: tuple[int, ...] = (16, 32, 64)
+    factor: float = 3.0
+    deadline: float = 1.0
+    warmup: float = 3.0
+    capacity_seconds: float = 10.0  # per concurrency
+    overload_seconds: float = 45.0
+    fair_seconds: float = 25.0
+    light_tenants: int = 2
+    light_share: float = 0.1  # of capacity, per light tenant
+    heavy_factor: float = 10.0  # times the heavy tenant's fair share of the capacity
+
+
+def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+    body = (REPO / "examples" / "cat.jpg").read_bytes()
+    common = ["--request-deadline", str(plan.deadline), "--trust-request-start"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    report: dict[str, Any] = {"date": DATE, "plan": vars(plan), "commit": commit.stdout.strip() or None,
+                              "service": ["robustnorm-serve (bundled default model)", *common,
+                                          "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "1")],
+                              "client": "raw asyncio HTTP/1.1, at most 512 kept-alive connections (a proxy's "
+                                        "maxconn); X-Request-Start = each request's due time",
+                              "image": "examples/cat.jpg (raw image/jpeg body)", "machine": {
+                                  "cpus": os.cpu_count(), "python": platform.python_version(),
+                                  "loadavg_before": os.getloadavg()}}
+    port_of = lambda url: int(url.rsplit(":", 1)[1])
+    with service(*common, log=workdir / "service.log") as url:
+        port = port_of(url)
+        asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
+                                deadline=plan.deadline))
+        closed = {}
+        for clients in plan.concurrency:
+            closed[str(clients)] = summarise(asyncio.run(closed_loop(
+                port, body, concurrency=clients, seconds=plan.capacity_seconds, deadline=plan.deadline)),
+                plan.capacity_seconds, plan.deadline)
+            logger.info("closed loop, %d clients: %s", clients, closed[str(clients)])
+        capacity = max(result["ok_per_s"] for result in closed.values())
+        logger.info("capacity: %.1f answers/s", capacity)
+        late_before = _metric_sum(url, "robustnorm_late_dropped_requests_total")
+        rate = plan.factor * capacity
+        overload = summarise(asyncio.run(open_loop(port, body, {"": rate}, seconds=plan.overload_seconds,
+                                                   deadline=plan.deadline)), plan.overload_seconds, plan.deadline)
+        late_after = _metric_sum(url, "robustnorm_late_dropped_requests_total")
+        overload["offered_per_s"] = round(rate, 1)
+        overload["goodput_of_capacity"] = round(overload["goodput_per_s"] / capacity, 3)
+        overload["server_late_dropped_requests"] = {k: late_after[k] - late_before.get(k, 0) for k in late_after}
+        logger.info("open loop at %.1f/s: %s", rate, overload)
+        report["capacity"] = {"closed_loop": closed, "answers_per_s": capacity}
+        report["overload"] = overload
+    report["fairness"] = fairness(plan, body, capacity, common, workdir)
+    report["machine"]["loadavg_after"] = os.getloadavg()
+    return report
+
+
+def fairness(plan: Plan, body: bytes, capacity: float, common: list[str], workdir: Path) -> dict[str, Any]:
+    """Light tenants alone, then beside a heavy tenant sending ``heavy_factor`` times its share."""
+    light = {f"light{i}": plan.light_share * capacity for i in range(plan.light_tenants)}
+    share = capacity / (plan.light_tenants + 1)
+    heavy = {"heavy": plan.heavy_factor * share}
+    result: dict[str, Any] = {"light_per_s": round(plan.light_share * capacity, 1),
+                              "heavy_per_s": round(heavy["heavy"], 1)}
+    with service(*common, "--batch-key", "header", log=workdir / "service-fair.log") as url:
+        port = int(url.rsplit(":", 1)[1])
+        asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
+        for name, rates in (("light_alone", light), ("with_heavy", {**light, **heavy})):
+            outcomes = asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
+                                             seed=1))
+            result[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
+                                              plan.deadline) for tenant in rates}
+            logger.info("%s: %s", name, json.dumps(result[name]))
+    return result
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    capacity, overload = report["capacity"]["answers_per_s"], report["overload"]
+    labels = ["capacity\n(closed loop)", f"offered\n({report['plan']['factor']:g}x)", "goodput", "429/s", "504/s"]
+    seconds = report["plan"]["overload_seconds"]
+    values = [capacity, overload["offered_per_s"], overload["goodput_per_s"],
+              overload["answered"].get("429", 0) / seconds, overload["answered"].get("504", 0) / seconds]
+    left.bar(labels, values, color=["grey", "lightgrey", "tab:green", "tab:orange", "tab:red"])
+    left.axhline(0.9 * capacity, color="black", linestyle="--", linewidth=1, label="90% of capacity")
+    left.set_ylabel("requests per second")
+    left.set_title(f"Open loop at {report['plan']['factor']:g}x capacity (deadline {report['plan']['deadline']:g} s)")
+    left.legend()
+    fair = report["fairness"]
+    tenants = list(fair["with_heavy"])
+    for offset, (name, colour) in enumerate((("light_alone", "tab:blue"), ("with_heavy", "tab:purple"))):
+        p99 = [fair.get(name, {}).get(t, {}).get("latency_200_ms", {}).get("p99") or 0 for t in tenants]
+        right.bar([i + 0.4 * offset for i in range(len(tenants))], p99, width=0.4, color=colour,
+                  label=name.replace("_", " "))
+    right.set_xticks([i + 0.2 for i in range(len(tenants))], tenants)
+    right.set_ylabel("p99 latency of 200s (ms)")
+    right.set_title("Fairness: light tenants beside a heavy one")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds per phase (while developing)")
+    parser.add_argument("--factor", type=float, default=3.0, help="open-loop load as a multiple of capacity")
+    parser.add_argument("--deadline", type=float, default=1.0, help="the service's request deadline (s)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 32, 64],
+                        help="closed-loop clients for the capacity (the best of these)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline)
+    if args.smoke:
+        plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, warmup=1.0,
+                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
+    report = run(plan, args.out)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if plot(report, args.out / f"{name}.png"):
+        logger.info("wrote %s", args.out / f"{name}.png")
+    logger.info("wrote %s", args.out / f"{name}.json")
+    overload = report["overload"]
+    print(f"capacity {report['capacity']['answers_per_s']:.1f}/s; at {plan.factor:g}x: goodput "
+          f"{overload['goodput_per_s']:.1f}/s ({100 * overload['goodput_of_capacity']:.0f}% of capacity), "
+          f"answered {overload['answered']}, late 200s {overload['late_200']}, "
+          f"p50/p90/p99 {overload['latency_200_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
