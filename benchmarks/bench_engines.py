@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from norm_references import fold_norms, random_model_dir, train_mode_batchnorm
+from plotting import pyplot
 
 import robustnorm
 from robustnorm.policy import Policy
@@ -291,13 +292,8 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot_policies(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput relative to the folded model, one panel per batch size; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     sizes = sorted({row["n"] for row in report["results"]})
     figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5.5), squeeze=False)
@@ -325,13 +321,8 @@ def plot_policies(report: dict[str, Any], path: Path) -> Path | None:
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput and latency against batch size, one line per engine; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
     for kind in dict.fromkeys(row["engine"] for row in report["results"]):

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import torch
 from loadgen import make_jpegs, run_load
+from plotting import pyplot
 
 import robustnorm
 from service.engines import GroupSpec, load_engine
@@ -195,13 +196,8 @@ def _event_loop() -> dict[str, str]:
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput and p99 against concurrency, one line per server; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (throughput, tail) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(row["server"] for row in report["results"]):
