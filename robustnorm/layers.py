@@ -16,6 +16,7 @@ statistic. Every policy is differentiable with respect to the input, batch stati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -52,10 +53,32 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+_MAX_CONSTANTS = 512
+
+
+def _cached(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """A small constant tensor of a forward (group sizes, segments, policy weights), made once per key, device
+    and inference mode instead of again in every layer; never modified in place. Not cached while compiling."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = (*key, torch.is_inference_mode_enabled())
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        found = _CONSTANTS[key] = make()
+    return found
+
+
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    return _cached(("constant", values, str(device), dtype), lambda: torch.tensor(values, device=device, dtype=dtype))
+
+
 def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     """Group index of every real image, e.g. sizes (2, 3) -> [0, 0, 1, 1, 1]."""
-    counts = torch.tensor(sizes, device=device)
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+    return _cached(("segments", tuple(sizes), str(device)), lambda: torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)))
 
 
 def _group_reduce(values: Tensor, sizes: tuple[int, ...] | None, how: str) -> Tensor:
@@ -70,7 +93,7 @@ def _group_reduce(values: Tensor, sizes: tuple[int, ...] | None, how: str) -> Te
     index = _segments(sizes, values.device).unsqueeze(1).expand_as(values)
     out = values.new_zeros(groups, channels)
     if how == "mean":
-        counts = torch.tensor(sizes, device=values.device, dtype=values.dtype).unsqueeze(1)
+        counts = _constant(tuple(sizes), values.device, values.dtype).unsqueeze(1)
         return out.scatter_add(0, index, values) / counts
     return out.scatter_reduce(0, index, values, reduce=how, include_self=False)
 
@@ -102,7 +125,7 @@ class _PolicyNorm(nn.BatchNorm2d):
         mean = _group_reduce(image_mean, sizes, "mean")
         segments = _segments(sizes, x.device)
         spread, image_spread, image_rows = self._spreads(real, image_mean, mean[segments], sizes)
-        counts = torch.tensor(sizes, device=x.device)
+        counts = _constant(tuple(sizes), x.device)
         return GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=image_mean,
                                image_spread=image_spread, image_rows=image_rows)
 
@@ -166,7 +189,7 @@ class _PolicyNorm(nn.BatchNorm2d):
                           stats: GroupStatistics, stream_stats: list[tuple[Tensor, Tensor] | None] | None) -> Tensor:
         dtype = stats.mean.dtype
         population_mean, population_spread = (t.unsqueeze(0) for t in self.population(dtype))
-        batch_weight, stream_weight = (torch.tensor(weights, device=x.device, dtype=dtype).unsqueeze(1) for weights
+        batch_weight, stream_weight = (_constant(tuple(weights), x.device, dtype).unsqueeze(1) for weights
                                        in zip(*[(plan.batch_weight, plan.stream_weight) for plan in plans]))
         mean = (1 - batch_weight - stream_weight) * population_mean + batch_weight * stats.mean
         spread = (1 - batch_weight - stream_weight) * population_spread + batch_weight * stats.spread
