@@ -53,6 +53,8 @@ RESULTS = REPO / "benchmarks" / "results" / "overload"
 DATE = "2026-12-06"
 TENANT_HEADER = "X-Tenant"
 ANSWER_GRACE = 5.0  # seconds past the deadline a client waits for an answer before it counts none
+CONNECTIONS = 192  # kept-alive connections at most, as a proxy's maxconn: the service's active requests and more
+IDLE_SECONDS = 4.0  # a connection idle this long is not reused (the service's keep-alive timeout is 5 s)
 
 
 @dataclass
@@ -79,9 +81,9 @@ class Connections:
     wait for one in turn, as behind a proxy with ``maxconn`` (their wait counts: X-Request-Start is their due
     time)."""
 
-    def __init__(self, port: int, limit: int = 512) -> None:
+    def __init__(self, port: int, limit: int = CONNECTIONS) -> None:
         self.port = port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # with when it was freed
         self.opened = 0
         self.free = asyncio.Semaphore(limit)
 
@@ -90,8 +92,10 @@ class Connections:
             await self._exchange(request, outcome, timeout)
 
     async def _exchange(self, request: bytes, outcome: Outcome, timeout: float) -> None:
+        while self.idle and time.perf_counter() - self.idle[0][2] > IDLE_SECONDS:
+            self.idle.pop(0)[1].close()  # the server closes connections idle for its keep-alive timeout
         if self.idle:
-            reader, writer = self.idle.pop()
+            reader, writer, _ = self.idle.pop()
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             self.opened += 1
@@ -117,12 +121,12 @@ class Connections:
             outcome.status, outcome.error = None, type(error).__name__
             keep = False
         if keep:
-            self.idle.append((reader, writer))
+            self.idle.append((reader, writer, time.perf_counter()))
         else:
             writer.close()
 
     def close(self) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
         self.idle.clear()
 
@@ -266,8 +270,8 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"date": DATE, "plan": vars(plan), "commit": commit.stdout.strip() or None,
                               "service": ["robustnorm-serve (bundled default model)", *common,
                                           "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "1")],
-                              "client": "raw asyncio HTTP/1.1, at most 512 kept-alive connections (a proxy's "
-                                        "maxconn); X-Request-Start = each request's due time",
+                              "client": f"raw asyncio HTTP/1.1, at most {CONNECTIONS} kept-alive connections (a "
+                                        "proxy's maxconn); X-Request-Start = each request's due time",
                               "image": "examples/cat.jpg (raw image/jpeg body)", "machine": {
                                   "cpus": os.cpu_count(), "python": platform.python_version(),
                                   "loadavg_before": os.getloadavg()}}

@@ -47,6 +47,7 @@ from .schemas import (
 router = APIRouter()
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+ANSWER_MARGIN = 0.02  # share of a request's time kept for sending its answer (an answer ready later is a 504)
 _NOT_WHILE_DRAINING = [Depends(refuse_when_draining)]
 T = TypeVar("T")
 
@@ -138,6 +139,10 @@ async def predict(
     decoded, answers = await _unless_client_leaves(request, decode_and_run())
     forwards = {answer.group.batch_id: answer.group.inference_seconds for answer in answers}
     card = predictor.engine.card
+    if time.monotonic() > deadline - ANSWER_MARGIN * (deadline - started):
+        # Sending takes a moment too: an answer this close to its deadline would arrive after it.
+        predictor.metrics.drop_late("answer", len(answers))
+        raise DeadlineExceeded("the answer was ready only at the request's deadline; it was dropped", "answer")
     return PredictResponse(
         request_id=request_id, model=card.name, version=card.version,
         predictions=[image_prediction(answer, card.labels, k) for answer in answers],
