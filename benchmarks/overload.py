@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from plotting import pyplot
 
 logger = logging.getLogger("overload")
 
@@ -324,12 +325,8 @@ def fairness(plan: Plan, body: bytes, capacity: float, common: list[str], workdi
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     capacity, overload = report["capacity"]["answers_per_s"], report["overload"]

@@ -12,12 +12,13 @@ with the request's real image count and deadline.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .cli import REQUEST_STARTED
 from .deadlines import REQUEST_START_HEADER, accepted_at
@@ -58,10 +59,26 @@ class DoorMiddleware:
                     if refusal is not None:
                         await self._refuse(refusal, scope, receive, send)
                         return
-                    with predictor.working(tenant):  # from here until answered, one of max_active_requests
-                        await self.app(scope, receive, send)
+                    await self._admitted(predictor, tenant, scope, receive, send)
                     return
         await self.app(scope, receive, send)  # the route says why it cannot answer
+
+    async def _admitted(self, predictor: Predictor, tenant: str | None, scope: Scope, receive: Receive,
+                        send: Send) -> None:
+        """Run an admitted request, one of ``max_active_requests`` from when its body has arrived (a body still
+        arriving is bounded by ``max_uploads``, not here) until it is answered."""
+        with contextlib.ExitStack() as working:
+            counted = False
+
+            async def counting_receive() -> Message:
+                nonlocal counted
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body", False) and not counted:
+                    working.enter_context(predictor.working(tenant))
+                    counted = True
+                return message
+
+            await self.app(scope, counting_receive, send)
 
     def _refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
         scope = request.scope
