@@ -35,6 +35,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                     capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
-    report = run(plan, args.out)
+    with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the services' logs, kept only while running
+        report = run(plan, Path(logs))
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     if plot(report, args.out / f"{name}.png"):
         logger.info("wrote %s", args.out / f"{name}.png")

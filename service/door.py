@@ -29,6 +29,7 @@ from .predictor import Predictor
 from .settings import Settings
 
 PREDICT = SimpleNamespace(path="/predict")  # the route template requests refused here are counted under
+SMALL_BODY = 64 * 1024  # bytes: a body this small arrives with its request's head
 
 
 class DoorMiddleware:
@@ -65,10 +66,15 @@ class DoorMiddleware:
 
     async def _admitted(self, predictor: Predictor, tenant: str | None, scope: Scope, receive: Receive,
                         send: Send) -> None:
-        """Run an admitted request, one of ``max_active_requests`` from when its body has arrived (a body still
-        arriving is bounded by ``max_uploads``, not here) until it is answered."""
+        """Run an admitted request, one of ``max_active_requests`` until it is answered: from now when its body
+        is small (it comes with the head), else from when its body has arrived (one still arriving is bounded by
+        ``max_uploads``, not here)."""
         with contextlib.ExitStack() as working:
             counted = False
+            length = dict(scope["headers"]).get(b"content-length", b"").strip()
+            if length.isdigit() and int(length) <= SMALL_BODY:
+                working.enter_context(predictor.working(tenant))
+                counted = True
 
             async def counting_receive() -> Message:
                 nonlocal counted
