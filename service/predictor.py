@@ -90,6 +90,28 @@ def split_answers(batch: Batch[ImageAnswer], probabilities: torch.Tensor, report
     return results
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device (or the host) ran out of memory."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def split_batch(batch: Batch[ImageAnswer]) -> tuple[Batch[ImageAnswer], Batch[ImageAnswer]] | None:
+    """Two halves of a batch to run one after the other, or None for one request (its images stay together):
+    whole statistics groups where there are several, else the one group's requests in two groups (each then
+    normalised with its own batch statistics under a batch policy; frozen and stream statistics are unchanged)."""
+    if len(batch.groups) > 1:
+        middle = len(batch.groups) // 2
+        parts = [batch.groups[:middle], batch.groups[middle:]]
+    elif len(batch.items) > 1:
+        middle = len(batch.items) // 2
+        parts = [[batch.items[:middle]], [batch.items[middle:]]]
+    else:
+        return None
+    first, second = (replace(batch, id=f"{batch.id}.{i}", groups=groups) for i, groups in enumerate(parts, 1))
+    return first, second
+
+
 class Predictor:
     """Everything between a decoded request and its answer."""
 
@@ -292,7 +314,19 @@ class Predictor:
         plan = self._drift_plan()
         loop = asyncio.get_running_loop()
         run = functools.partial(self.engine.run, score=plan == "inline")
-        probabilities, report = await loop.run_in_executor(self._engine_thread, run, pixels, groups, batch.policy)
+        try:
+            probabilities, report = await loop.run_in_executor(self._engine_thread, run, pixels, groups,
+                                                               batch.policy)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            halves = split_batch(batch)
+            if not out_of_memory(error) or halves is None:
+                raise
+            del pixels
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("batch %s of %d images ran out of memory: running it as two batches of %d and %d",
+                           batch.id, sum(batch.sizes), sum(halves[0].sizes), sum(halves[1].sizes))
+            return {**await self._run_batch(halves[0]), **await self._run_batch(halves[1])}
         results = split_answers(batch, probabilities, report)
         self.metrics.observe_batch(report)
         self.metrics.set_streams(self.engine.stream_count())
