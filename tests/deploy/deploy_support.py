@@ -225,6 +225,19 @@ def expand_variables(expr: str, values: dict[str, str]) -> str:
     return expr
 
 
+def write_rules_shortened(target: Path, hold: str, source: Path = PROMETHEUS_DIR / "rules") -> None:
+    """The shipped alert rules, each rule's `for:` set to ``hold`` so that an alert fires within a test, written
+    into the folder ``target`` under the same file names."""
+    target.mkdir(parents=True, exist_ok=True)
+    for rules_file in source.glob("*.yml"):
+        rules = yaml.safe_load(rules_file.read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                if "for" in rule:
+                    rule["for"] = hold
+        (target / rules_file.name).write_text(yaml.safe_dump(rules, sort_keys=False))
+
+
 def dashboard_queries(rate_interval: str, path: Path = DASHBOARD_FILE) -> list[tuple[str, str]]:
     """Every query of the shipped dashboard as Grafana sends it (all instances, each measure where a panel
     uses ``$measure``), with ``rate_interval`` for ``$__rate_interval``: (panel title and ref, expression)."""

@@ -55,6 +55,7 @@ from deploy_support import (
     numbers,
     skip_or_fail,
     wait_until,
+    write_rules_shortened,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -134,13 +135,7 @@ def _test_prometheus_dir(workdir: Path) -> Path:
     config = yaml.safe_load((target / "prometheus.yml").read_text())
     config["global"].update(scrape_interval=TEST_INTERVAL, scrape_timeout="4s", evaluation_interval=TEST_INTERVAL)
     (target / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for rules_file in (target / "rules").glob("*.yml"):
-        rules = yaml.safe_load(rules_file.read_text())
-        for group in rules["groups"]:
-            for rule in group["rules"]:
-                if "for" in rule:
-                    rule["for"] = TEST_FOR
-        rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+    write_rules_shortened(target / "rules", TEST_FOR)
     _readable(target)
     return target
 

@@ -53,6 +53,7 @@ from deploy_support import (
     skip_or_fail,
     wait_http_ok,
     wait_until,
+    write_rules_shortened,
 )
 
 import robustnorm
@@ -105,14 +106,7 @@ def _test_prometheus_config(workdir: Path, replicas: list[str], lb_stats: str, p
         job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": loopback.pop(job["job_name"])}]
     assert not loopback, f"jobs missing from prometheus.yml: {sorted(loopback)}"
-    (workdir / "rules").mkdir()
-    for rules_file in (PROMETHEUS_DIR / "rules").glob("*.yml"):
-        rules = yaml.safe_load(rules_file.read_text())
-        for group in rules["groups"]:
-            for rule in group["rules"]:
-                if "for" in rule:
-                    rule["for"] = TEST_FOR
-        (workdir / "rules" / rules_file.name).write_text(yaml.safe_dump(rules, sort_keys=False))
+    write_rules_shortened(workdir / "rules", TEST_FOR)
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
