@@ -3,6 +3,6 @@
 # to robustnorm-serve; `bash scripts/serve.sh --help` lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "service"
+bash scripts/setup.sh "service,onnx"  # ONNX Runtime: the faster engine on the CPU (--engine auto)
 echo "==> starting robustnorm-serve${*:+ $*} (ready when it logs 'Uvicorn running'; stop with Ctrl-C)" >&2
 exec .venv/bin/robustnorm-serve "$@"

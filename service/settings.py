@@ -36,7 +36,7 @@ BatchKeySource = Literal["none", "api_key", "header"]
 Isolation = Literal["separate", "grouped"]
 Padding = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-EngineKind = Literal["torch", "onnx"]
+EngineKind = Literal["auto", "torch", "onnx"]
 
 
 def is_factory_spec(model: str) -> bool:
@@ -62,8 +62,10 @@ class Settings(BaseSettings):
         None, description="card JSON for a 'module:factory' model: labels, input_size, mean, std (policy optional)")
     device: str = Field("auto", description="'auto' (the GPU when there is one, else the CPU), 'cpu', 'cuda[:N]'")
     engine: EngineKind = Field(
-        "torch", description="'torch' (PyTorch) or 'onnx' (ONNX Runtime: TensorRT/CUDA providers on a GPU, else the "
-                             "CPU; the model is exported at start-up, or MODEL is a .onnx file from robustnorm export)")
+        "auto", description="'auto': ONNX Runtime on the CPU where onnxruntime is installed (faster there), else "
+                            "PyTorch; 'torch' (PyTorch) or 'onnx' (ONNX Runtime: TensorRT/CUDA providers on a GPU, "
+                            "else the CPU; the model is exported at start-up, or MODEL is a .onnx file from "
+                            "robustnorm export)")
     policy: str | None = Field(
         None, description="statistics policy overriding the model card's, e.g. 'adaptive:16' or 'blend:16'")
     allow_policy_override: bool = Field(

@@ -4,8 +4,9 @@ and one loader (:func:`load_engine`, in :mod:`.loader`)."""
 from __future__ import annotations
 
 from .base import BatchDrift, BatchReport, Engine, EngineBase, GroupOutcome, GroupSpec, PendingDrift, StreamSettings
-from .loader import default_model, load_engine, resolve_device
+from .loader import choose_engine, default_model, load_engine, resolve_device
 from .torch import TorchEngine, pad_sizes
 
 __all__ = ["BatchDrift", "BatchReport", "Engine", "EngineBase", "GroupOutcome", "GroupSpec", "PendingDrift",
-           "StreamSettings", "TorchEngine", "default_model", "load_engine", "pad_sizes", "resolve_device"]
+           "StreamSettings", "TorchEngine", "choose_engine", "default_model", "load_engine", "pad_sizes",
+           "resolve_device"]

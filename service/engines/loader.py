@@ -3,6 +3,7 @@ flag/environment order is the settings' own), in one place."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 import time
@@ -105,10 +106,33 @@ def _load_torch(settings: Settings) -> Engine:
     return engine
 
 
+def choose_engine(settings: Settings) -> str:
+    """The engine kind ``auto`` stands for: ONNX Runtime for a ``.onnx`` model, and on the CPU where
+    onnxruntime and onnx are installed (it runs the whole graph, statistics included, outside Python); PyTorch
+    otherwise (on GPUs too, where it is the measured path)."""
+    if settings.engine != "auto":
+        return settings.engine
+    model = settings.model or ""
+    if Path(model).suffix == ".onnx":
+        return "onnx"
+    installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+    return "onnx" if installed and resolve_device(settings.device).type == "cpu" else "torch"
+
+
 def load_engine(settings: Settings, *, threads: int = 0) -> Engine:
-    """The engine the ``engine`` setting names: ``torch`` (PyTorch) or ``onnx`` (ONNX Runtime; ``threads`` is its
-    intra-op thread count, 0 for its default)."""
-    engine = _load_onnx(settings, threads) if settings.engine == "onnx" else _load_torch(settings)
+    """The engine the ``engine`` setting names (``auto``: see :func:`choose_engine`): ``torch`` (PyTorch) or
+    ``onnx`` (ONNX Runtime; ``threads`` is its intra-op thread count, 0 for its default). Under ``auto`` a model
+    that cannot be exported to ONNX is served by PyTorch, with a warning."""
+    kind = choose_engine(settings)
+    if kind == "onnx" and settings.engine == "auto":
+        try:
+            engine = _load_onnx(settings, threads)
+        except Exception as error:  # any export failure: PyTorch serves every model
+            logger.warning("ONNX Runtime cannot serve this model (%s: %s); serving it with PyTorch",
+                           type(error).__name__, error)
+            engine = _load_torch(settings)
+    else:
+        engine = _load_onnx(settings, threads) if kind == "onnx" else _load_torch(settings)
     card = engine.card
     if card.calibration is not None and engine.drift_calibration(engine.policy) is None:
         logger.warning("the drift scores of %s are calibrated for policy %s, not for %s: batches report per-layer "

@@ -8,6 +8,7 @@ request is its own batch, under the card's policy and per-request overrides.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from service_support import MIN_BATCH, LiveServer, Sample, serve
 import robustnorm
 from robustnorm.export import export_onnx
 from service.app import create_app
-from service.engines import BatchReport, GroupSpec, TorchEngine, load_engine
+from service.engines import BatchReport, GroupSpec, TorchEngine, choose_engine, load_engine
 from service.engines.onnx import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, OnnxEngine, choose_providers
 from service.settings import Settings
 
@@ -86,7 +87,7 @@ def run(engine: TorchEngine | OnnxEngine, groups: list[list[torch.Tensor]], poli
 @pytest.fixture(scope="module")
 def engines(saved_model: Path) -> Iterator[tuple[TorchEngine, OnnxEngine]]:
     """Both engines on the saved model, chosen by the ``engine`` setting."""
-    torch_engine = load_engine(Settings(model=str(saved_model), device="cpu"))
+    torch_engine = load_engine(Settings(model=str(saved_model), device="cpu", engine="torch"))
     onnx_engine = load_engine(Settings(model=str(saved_model), device="cpu", engine="onnx"))
     assert isinstance(onnx_engine, OnnxEngine) and not isinstance(torch_engine, OnnxEngine)
     yield torch_engine, onnx_engine
@@ -136,8 +137,36 @@ def test_an_exported_onnx_file_serves_with_its_card(saved_model: Path, engines: 
         engine.close()
 
 
+def test_auto_engine_is_onnx_runtime_on_the_cpu_where_installed(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().engine == "auto"
+    assert choose_engine(Settings(device="cpu")) == "onnx"  # onnxruntime and onnx are installed for the tests
+    assert choose_engine(Settings(device="cpu", engine="torch")) == "torch"
+    assert choose_engine(Settings(model=str(tmp_path / "m.onnx"), device="cpu")) == "onnx"
+    # where onnxruntime is not installed (whether it is lies outside the test's control: the lookup stands in)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    assert choose_engine(Settings(device="cpu")) == "torch"
+
+
+def test_auto_engine_serves_with_pytorch_what_cannot_be_exported(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    import robustnorm.export
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this model has an operator ONNX does not know")
+
+    monkeypatch.setattr(robustnorm.export, "export_onnx", refuse)
+    engine = load_engine(Settings(device="cpu"))
+    try:
+        assert type(engine).__name__ == "TorchEngine"
+        assert "serving it with PyTorch" in caplog.text
+    finally:
+        engine.close()
+
+
 def test_missing_onnx_file_and_engine_setting_fail_clearly(tmp_path: Path) -> None:
-    assert Settings().engine == "torch"
     with pytest.raises(ValueError, match="engine"):
         Settings(engine="tensorflow")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not found"):

@@ -56,9 +56,11 @@ def _no_server_errors(registry: CollectorRegistry) -> None:
             assert not failed, f"the server answered 500: {failed}"
 
 
+# The servers here run the PyTorch engine, whose answers check_against_offline compares with the offline model;
+# the other service tests run the default engine (ONNX Runtime on the CPU where it is installed).
 @pytest.fixture(scope="module")
 def server(model_dir) -> Iterator[LiveServer]:
-    settings = Settings(model=str(model_dir), device="cpu", max_batch_size=MAX_BATCH, max_wait=0.05,
+    settings = Settings(model=str(model_dir), device="cpu", engine="torch", max_batch_size=MAX_BATCH, max_wait=0.05,
                         queue_limit=QUEUE_LIMIT, max_images_per_request=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
                         max_request_bytes=4 * MiB, max_image_pixels=MAX_PIXELS, max_request_pixels=3 * MAX_PIXELS,
                         request_deadline=30)
@@ -70,7 +72,7 @@ def server(model_dir) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def tenant_server(model_dir) -> Iterator[LiveServer]:
     """Tenants from API keys, isolated as statistics groups inside shared forward passes; policy overrides on."""
-    settings = Settings(model=str(model_dir), device="cpu", max_batch_size=MAX_BATCH, max_wait=0.05,
+    settings = Settings(model=str(model_dir), device="cpu", engine="torch", max_batch_size=MAX_BATCH, max_wait=0.05,
                         batch_key="api_key", isolation="grouped", api_keys={"key-a": "a", "key-b": "b"},
                         admin_keys={ADMIN_KEY: "ops"}, allow_policy_override=True)
     registry = CollectorRegistry()
