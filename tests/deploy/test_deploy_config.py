@@ -46,6 +46,7 @@ METRIC_NAMES = {
     "robustnorm_queue_wait_seconds", "robustnorm_batch_size", "robustnorm_inference_duration_seconds",
     "robustnorm_batches_total", "robustnorm_layer_drift", "robustnorm_batch_drift_score",
     "robustnorm_image_drift_score", "robustnorm_rejected_total", "robustnorm_model_info",
+    "robustnorm_gate_switches_total", "robustnorm_gate_score", "robustnorm_streams",
 }
 
 
