@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 
+from .cli import REQUEST_STARTED
 from .errors import Draining, Forbidden, InvalidRequest, NotFound, NotReady, Unauthorized
 from .metrics import Metrics
 from .predictor import Predictor
@@ -56,9 +57,13 @@ PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
 def refuse_when_draining(request: Request) -> None:
-    """503 for a request that arrives once the service is draining (requests accepted before still run)."""
+    """503 for a request that arrives once the service is draining. A request whose first byte arrived before
+    the drain began was accepted then, and runs (unless the service has stopped)."""
     predictor = getattr(request.app.state, "predictor", None)
-    if predictor is not None and predictor.draining:
+    if predictor is None or not predictor.draining:
+        return
+    first_byte, began = request.scope.get(REQUEST_STARTED), predictor.drain_started
+    if predictor.state == "stopped" or first_byte is None or began is None or first_byte >= began:
         raise Draining("the service is shutting down and takes no new requests; retry on another replica")
 
 

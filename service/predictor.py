@@ -219,6 +219,13 @@ class Predictor:
     def ready(self) -> bool:
         return self.state == "ready" and self._batcher is not None and self._batcher.alive
 
+    def check_accepting(self, first_byte: float) -> None:
+        """:meth:`check_ready` for a request whose first byte arrived at ``first_byte`` (monotonic): while
+        draining, a request that arrived before the drain began was accepted then, and runs."""
+        if self.state == "draining" and self.drain_started is not None and first_byte < self.drain_started:
+            return
+        self.check_ready()
+
     def check_ready(self) -> None:
         """Raise the 503 that says why the predictor cannot take a request now."""
         if self._batcher is not None and self._batcher.failure is not None:

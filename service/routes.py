@@ -117,7 +117,7 @@ async def predict(
     request_id = supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex
     response.headers["X-Request-ID"] = request_id
 
-    predictor.check_ready()
+    predictor.check_accepting(first_byte)
     effective_policy = predictor.resolve_policy(policy)
     classes = len(predictor.engine.labels)
     k = settings.default_top_k if top_k is None else top_k

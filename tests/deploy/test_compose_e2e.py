@@ -77,6 +77,7 @@ NOISE_REQUESTS = 48  # of 32 noise images each, per round
 LOCUST_USERS = 10
 LOCUST_SECONDS = 20
 DRAIN_CLIENTS = 12
+DRAIN_IMAGES = 16  # per request
 
 
 # ------------------------------------------------------------------------------------------ the stack
@@ -480,7 +481,7 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
     balancer exit 0 within their grace periods, not killed."""
     (lb,) = stack.containers("lb")
     url = f"http://{address(lb)}:8080/predict"  # HAProxy itself on the stack's network, not a proxy of it
-    files = _multipart(images[:16])
+    files = _multipart(images[:DRAIN_IMAGES])
     outcomes: list[Outcome] = []
     stop = threading.Event()
 
@@ -528,7 +529,8 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
                          and not (o.status == 503 and (o.closes or o.no_server or o.draining)))
     samples = [o.body for o in outcomes if o.status not in (200, None)][:3]
     assert not unexpected, f"answers other than 200 and a refusing 503: {unexpected}; e.g. {samples}"
-    assert in_flight_answers[200] > 0, f"no request in flight at SIGTERM was served: {dict(in_flight_answers)}"
+    kinds = Counter("draining" if o.draining else "no server" if o.no_server else str(o.status) for o in in_flight)
+    assert in_flight_answers[200] > 0, f"no request in flight at SIGTERM was served: {dict(kinds)}"
     for container in [*scaled, lb]:
         state = inspect(container)["State"]
         assert not state["Running"] and state["ExitCode"] == 0 and not state["OOMKilled"], state
