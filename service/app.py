@@ -104,7 +104,7 @@ class RequestGuardMiddleware:
         holds_upload = answered = False
         received = 0
 
-        def release_upload() -> None:
+        def free_upload_place() -> None:
             nonlocal holds_upload
             if holds_upload:
                 self.uploads -= 1
@@ -118,22 +118,22 @@ class RequestGuardMiddleware:
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, body_until - time.monotonic()))
                 except asyncio.TimeoutError:
-                    release_upload()
+                    free_upload_place()
                     raise BodyTimeout(f"the request body did not arrive within {self.body_timeout:g} s of the "
                                       "request's first byte; send it faster or in a smaller request") from None
             if message["type"] == "http.disconnect":
-                release_upload()
+                free_upload_place()
                 if not answered:
                     scope[CLIENT_LEFT] = True
                 return message
             if message["type"] == "http.request" and not body_done:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    release_upload()
+                    free_upload_place()
                     raise TooLarge(f"the request body exceeds the limit of {self.max_body_bytes} bytes")
                 if not message.get("more_body", False):
                     body_done = True
-                    release_upload()
+                    free_upload_place()
                 elif not holds_upload:
                     if self.uploads >= self.max_uploads:
                         raise UploadsFull(f"{self.uploads} request bodies are arriving already, the most this "
@@ -155,7 +155,7 @@ class RequestGuardMiddleware:
         try:
             await self.app(scope, guarded_receive, guarded_send)
         finally:
-            release_upload()
+            free_upload_place()
 
 
 class RequestMetricsMiddleware:

@@ -60,10 +60,8 @@ def refuse_when_draining(request: Request) -> None:
     """503 for a request that arrives once the service is draining. A request whose first byte arrived before
     the drain began was accepted then, and runs (unless the service has stopped)."""
     predictor = getattr(request.app.state, "predictor", None)
-    if predictor is None or not predictor.draining:
-        return
-    first_byte, began = request.scope.get(REQUEST_STARTED), predictor.drain_started
-    if predictor.state == "stopped" or first_byte is None or began is None or first_byte >= began:
+    if (predictor is not None and predictor.draining
+            and not predictor.arrived_before_drain(request.scope.get(REQUEST_STARTED))):
         raise Draining("the service is shutting down and takes no new requests; retry on another replica")
 
 

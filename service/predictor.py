@@ -65,11 +65,16 @@ class ImageAnswer:
     group: GroupPlace
 
 
+def _group_layers(report: BatchReport, g: int) -> dict[str, dict[str, float]]:
+    """Group ``g``'s per-layer drift from a report's layer -> measure -> one value per group."""
+    return {layer: {measure: values[g] for measure, values in measures.items()} for layer, measures in
+            report.layers.items()}
+
+
 def _places(batch: Batch[ImageAnswer], report: BatchReport) -> list[GroupPlace]:
     finished_at = time.time()
     return [GroupPlace(batch_id=batch.id, index=g, policy=str(batch.policy), outcome=outcome,
-                       layers={layer: {measure: values[g] for measure, values in measures.items()}
-                               for layer, measures in report.layers.items()},
+                       layers=_group_layers(report, g),
                        inference_seconds=report.seconds, finished_at=finished_at)
             for g, outcome in enumerate(report.groups)]
 
@@ -219,12 +224,16 @@ class Predictor:
     def ready(self) -> bool:
         return self.state == "ready" and self._batcher is not None and self._batcher.alive
 
+    def arrived_before_drain(self, first_byte: float | None) -> bool:
+        """Whether, while draining, a request whose first byte arrived at ``first_byte`` (monotonic) came before
+        the drain began: it was accepted then, and runs."""
+        return (self.state == "draining" and self.drain_started is not None and first_byte is not None
+                and first_byte < self.drain_started)
+
     def check_accepting(self, first_byte: float) -> None:
-        """:meth:`check_ready` for a request whose first byte arrived at ``first_byte`` (monotonic): while
-        draining, a request that arrived before the drain began was accepted then, and runs."""
-        if self.state == "draining" and self.drain_started is not None and first_byte < self.drain_started:
-            return
-        self.check_ready()
+        """:meth:`check_ready`, but a request that arrived before a drain began is still taken."""
+        if not self.arrived_before_drain(first_byte):
+            self.check_ready()
 
     def check_ready(self) -> None:
         """Raise the 503 that says why the predictor cannot take a request now."""
@@ -375,9 +384,7 @@ class Predictor:
             return
         scored = report.with_drift(scoring.result())
         self.metrics.observe_drift(scored)
-        updated = [replace(place, outcome=outcome,
-                           layers={layer: {measure: values[g] for measure, values in measures.items()}
-                                   for layer, measures in scored.layers.items()})
+        updated = [replace(place, outcome=outcome, layers=_group_layers(scored, g))
                    for g, (place, outcome) in enumerate(zip(places, scored.groups))]
         if self.latest is places[-1]:
             self.latest = updated[-1]

@@ -196,7 +196,8 @@ class EngineBase:
         for key, shifted in selection.switched if selection is not None else ():
             logger.info("drift gate of stream %r switched to %s statistics", key or "global",
                         "stream" if shifted else "population")
+        pending = PendingDrift(run, calibration, scored)
         report = BatchReport(groups=outcomes, layers={}, image_scores=image_scores, seconds=seconds,
                              padded_to=padded_to, switches=list(selection.switched) if selection is not None else [],
-                             pending=PendingDrift(run, calibration, scored))
-        return report.with_drift(report.pending.compute()) if score and report.pending is not None else report
+                             pending=pending)
+        return report.with_drift(pending.compute()) if score else report
