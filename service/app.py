@@ -60,6 +60,10 @@ def _error_response(status_code: int, code: str, message: str, headers: dict[str
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
+# Seconds a refused request's unread body may pause before it is no longer read (see RequestGuardMiddleware): a
+# body already in flight arrives in milliseconds; a trickled one is not waited for.
+LINGER_IDLE = 0.25
+
 # Scope key set when the client hung up before its answer was sent: the request is counted as 499.
 CLIENT_LEFT = "robustnorm.client_left"
 
@@ -71,8 +75,11 @@ class RequestGuardMiddleware:
       ``max_request_bytes`` (413 beyond).
     - At most ``max_uploads`` bodies arrive at once: a body that does not come in one piece takes a place until
       it is complete, and gets 503 when none is free. Slow uploads hold little memory and never for long.
-    - A response sent before the body was read, or while draining, closes the connection: an unread body cannot
-      keep it open, and kept-alive clients of a draining service reconnect elsewhere.
+    - A response sent before the body was read waits while the rest of the body keeps arriving (within the
+      bounds above, and no pause over ``LINGER_IDLE``); if the body is still incomplete, the connection closes
+      after it, as it does after every response while draining: kept-alive clients of a draining service
+      reconnect elsewhere, and no connection closes on bytes still in flight, which would reset it and could
+      destroy the answer before it is read.
     - A client that hangs up before its answer is marked in the scope (``CLIENT_LEFT``).
     - A request line and headers over ``max_header_bytes`` get 431 (uvicorn refuses them only while they are
       still arriving).
@@ -142,10 +149,28 @@ class RequestGuardMiddleware:
                     holds_upload = True
             return message
 
+        async def read_rest_of_body() -> None:
+            """Reads what is left of a body the app did not read, while it keeps coming (a pause of
+            ``LINGER_IDLE`` ends it) and within the body's bounds: the connection then closes after the answer
+            with nothing unread, where unread bytes would make the kernel reset it and could destroy the answer
+            before the client (or a proxy still sending) has read it. A slow body is not waited for."""
+            nonlocal body_done, received
+            while not body_done and received <= self.max_body_bytes:
+                try:
+                    message = await asyncio.wait_for(receive(), min(LINGER_IDLE, body_until - time.monotonic()))
+                except asyncio.TimeoutError:
+                    return
+                if message["type"] != "http.request":
+                    return
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+
         async def guarded_send(message: Message) -> None:
             nonlocal answered
             if message["type"] == "http.response.start":
                 answered = True
+                if not body_done:
+                    await read_rest_of_body()
                 if not body_done or self.draining():
                     kept = [(name, value) for name, value in message.get("headers", [])
                             if name.lower() != b"connection"]

@@ -75,8 +75,9 @@ def head(path: str = "/predict", *, length: int, media_type: str = "image/jpeg")
             ).encode()
 
 
-def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
-    """What the server sends until it closes the connection, and when it closed it (seconds from now)."""
+def read_until_closed(sock: socket.socket, limit: float, *, reset_ends: bool = True) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and when it closed it (seconds from now). A reset
+    ends it too, or, with ``reset_ends=False``, raises."""
     started, received = time.monotonic(), b""
     sock.settimeout(0.2)
     while time.monotonic() - started < limit:
@@ -85,6 +86,8 @@ def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
         except TimeoutError:
             continue
         except ConnectionResetError:
+            if not reset_ends:
+                raise
             break
         if not chunk:
             break
@@ -234,6 +237,34 @@ def test_an_answer_before_the_body_is_read_closes_the_connection(service: Servic
         sock.sendall(head(length=MiB, media_type="text/plain") + bytes(1000))
         answer, seconds = read_until_closed(sock, SLACK)
     assert answer.startswith(b"HTTP/1.1 415") and b"connection: close" in answer.lower() and seconds < 1.0
+
+
+def test_a_refusal_waits_for_the_rest_of_a_body_in_flight(service: ServiceProcess) -> None:
+    """A refusal decided from the head alone (415 here; a draining replica's 503 the same) is sent once the rest
+    of the body has arrived, not while the client (or a proxy in front) is still sending it: a connection closed
+    with bytes unread is reset, and a reset can destroy the answer before the sender reads it. A body that
+    pauses is not waited for."""
+    body = bytes(200_000)
+    with socket.create_connection(("127.0.0.1", service.port)) as sock:
+        sock.sendall(head(length=len(body), media_type="text/plain") + body[:100_000])
+        sock.settimeout(0.1)  # under LINGER_IDLE (service.app): the service is still waiting for the rest
+        with pytest.raises(TimeoutError):
+            early = sock.recv(65536)
+            raise AssertionError(f"answered before the body was complete: {early[:80]!r}")
+        sock.sendall(body[100_000:])
+        sock.settimeout(SLACK)
+        answer = b""
+        while not answer.endswith(b"}}"):  # the whole JSON error; a reset would raise here
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the whole answer: {answer!r}"
+            answer += chunk
+    # The body was read in full, so the connection could have carried the client's next request.
+    assert answer.startswith(b"HTTP/1.1 415") and b"connection: close" not in answer.lower(), answer[:200]
+    # A body that pauses longer than that is not waited for: the answer comes, and the connection closes.
+    with socket.create_connection(("127.0.0.1", service.port)) as sock:
+        sock.sendall(head(length=len(body), media_type="text/plain") + body[:1000])
+        answer, seconds = read_until_closed(sock, SLACK, reset_ends=False)
+    assert answer.startswith(b"HTTP/1.1 415") and seconds < 1.0, (answer, seconds)
 
 
 def test_uploads_beyond_the_limit_get_503_but_a_body_sent_in_one_piece_is_served(
