@@ -27,7 +27,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -38,6 +40,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -443,12 +446,12 @@ class Outcome:
     lost: str = ""  # established, then reset or left without an answer
 
 
-def _send(url: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> Outcome:
-    """One request on a connection of its own, so that a refusal is told apart from a reset."""
+def _send(client: httpx.Client, url: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> Outcome:
+    """One request; ``client`` keeps no connection, so that each request opens its own (a refusal is told apart
+    from a reset), and ``started`` is taken just before it, not before a client's own set-up."""
     started = time.time()
     try:
-        with httpx.Client(timeout=httpx.Timeout(60, connect=3)) as client:
-            response = client.post(url, files=files)
+        response = client.post(url, files=files)
         return Outcome(started, time.time(), status=response.status_code,
                        closes=response.headers.get("connection", "").lower() == "close",
                        no_server=response.status_code == 503 and "No server is available" in response.text,
@@ -460,15 +463,15 @@ def _send(url: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> Outcome:
         return Outcome(started, time.time(), lost=f"{type(error).__name__}: {error}")
 
 
-def _sigterm_times(containers: list[str], since: float) -> list[float]:
-    """When the engine sent SIGTERM to each container (its `kill` events), as Unix times."""
+def _sigterm_times(containers: list[str], since: float, signum: int = signal.SIGTERM) -> list[float]:
+    """When the engine sent SIGTERM (or ``signum``) to each container (its `kill` events), as Unix times."""
     lines = docker("events", "--since", f"{since - 1:.3f}", "--until", f"{time.time():.3f}", "--filter", "event=kill",
                    "--format", "{{json .}}").splitlines()
     found: dict[str, float] = {}
     for event in map(json.loads, lines):
-        if event["Actor"]["Attributes"].get("signal") == "15" and event["Actor"]["ID"] in containers:
+        if event["Actor"]["Attributes"].get("signal") == str(int(signum)) and event["Actor"]["ID"] in containers:
             found.setdefault(event["Actor"]["ID"], event["timeNano"] / 1e9)
-    assert set(found) == set(containers), f"SIGTERM seen for {sorted(found)} of {containers}"
+    assert set(found) == set(containers), f"signal {int(signum)} seen for {sorted(found)} of {containers}"
     return list(found.values())
 
 
@@ -485,9 +488,11 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
     outcomes: list[Outcome] = []
     stop = threading.Event()
 
+    client = httpx.Client(timeout=httpx.Timeout(60, connect=3), limits=httpx.Limits(max_keepalive_connections=0))
+
     def client_loop() -> None:
         while not stop.is_set():
-            outcomes.append(_send(url, files))
+            outcomes.append(_send(client, url, files))
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(DRAIN_CLIENTS)]
     for thread in threads:
@@ -499,12 +504,13 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
         stack.compose("stop", "service", timeout=120)  # the replicas drain; HAProxy keeps listening
         replicas_seconds = time.time() - stop_started
         time.sleep(3)  # HAProxy answers for the stopped replicas
-        stack.compose("stop", timeout=120)  # the rest of the stack: the load balancer, Prometheus
+        stack.compose("stop", timeout=120)  # the rest of the stack: the load balancer (SIGUSR1), Prometheus
         time.sleep(2)  # clients meet the stopped stack
     finally:
         stop.set()
         for thread in threads:
             thread.join(90)
+        client.close()
     assert not any(thread.is_alive() for thread in threads), "a client never returned"
     signalled = _sigterm_times(scaled, stop_started)
 
@@ -521,7 +527,24 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
                 dict(refused), len(lost), len(in_flight), dict(in_flight_answers), replicas_seconds,
                 sum(o.no_server for o in outcomes), sum(o.draining for o in outcomes))
     assert served_before > 0, "no request was served before the stop"
-    assert not lost, f"{len(lost)} requests lost after they were accepted: {Counter(lost).most_common(5)}"
+    if lost:
+        (lb_signalled,) = _sigterm_times([lb], stop_started, signum=signal.SIGUSR1)
+        when = [f"sent {o.started - min(signalled):+.2f} s, cut {o.ended - min(signalled):+.2f} s after the first "
+                f"replica's SIGTERM ({o.ended - lb_signalled:+.2f} s after HAProxy's SIGUSR1)"
+                for o in outcomes if o.lost]
+        # HAProxy's log line for each request that did not end normally (termination state other than "--")
+        windows = [(o.started - 0.3, o.ended + 0.3) for o in outcomes if o.lost]
+        abnormal = []
+        for line in docker("logs", lb).splitlines():
+            accepted = re.search(r"\[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d+)\]", line)
+            if accepted is None or re.search(r" ---- \d+/", line):
+                continue
+            at = datetime.strptime(accepted.group(1) + "+0000", "%d/%b/%Y:%H:%M:%S.%f%z").timestamp()
+            if any(start <= at <= end for start, end in windows):
+                abnormal.append(line)
+        abnormal = abnormal[:10]
+        raise AssertionError(f"{len(lost)} requests lost after they were accepted: {Counter(lost).most_common(5)}; "
+                             f"{when[:5]}; HAProxy's abnormal endings: {abnormal}")
     # a 502 or 504 would be a request that HAProxy had forwarded and a replica dropped
     # (HAProxy's own 503 once every replica is out, before the load balancer stops, was never forwarded)
     unexpected = Counter(o.status for o in outcomes
