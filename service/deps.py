@@ -1,5 +1,8 @@
 """FastAPI dependencies and their ``Annotated`` aliases (tests override them via ``app.dependency_overrides``).
 
+Every dependency is a coroutine, though none waits for anything: FastAPI runs a plain ``def`` dependency on its
+thread pool, a hand-off to another thread and back for each, several per request.
+
 Who may call what. A key is sent as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``. When a request carries
 both, or several of either, they must all be the same key, else 401: no header silently wins over another.
 Every key has one role:
@@ -36,15 +39,15 @@ SEND_A_KEY = "send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
 Role = Literal["tenant", "admin", "metrics"]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     predictor = getattr(request.app.state, "predictor", None)
     if predictor is None:
         raise NotReady("the service is starting; retry shortly")
@@ -56,7 +59,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
-def refuse_when_draining(request: Request) -> None:
+async def refuse_when_draining(request: Request) -> None:
     """503 for a request that arrives once the service is draining. A request whose first byte arrived before
     the drain began was accepted then, and runs (unless the service has stopped)."""
     predictor = getattr(request.app.state, "predictor", None)
@@ -103,7 +106,8 @@ def _name_of(keys: dict[str, str], key: str) -> str | None:
     return name
 
 
-def get_caller(request: Request, settings: SettingsDep) -> Caller:
+def caller_of(request: Request, settings: Settings) -> Caller:
+    """Who sent ``request``: the role and name of its key (401 for a key that is not valid)."""
     roles: tuple[tuple[Role, dict[str, str]], ...] = (
         ("tenant", settings.api_keys), ("admin", settings.admin_keys), ("metrics", settings.metrics_keys))
     if not any(keys for _, keys in roles):
@@ -118,10 +122,14 @@ def get_caller(request: Request, settings: SettingsDep) -> Caller:
     return Caller(role, name)
 
 
+async def get_caller(request: Request, settings: SettingsDep) -> Caller:
+    return caller_of(request, settings)
+
+
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def require_client(caller: CallerDep, settings: SettingsDep) -> Caller:
+def check_client(caller: Caller, settings: Settings) -> Caller:
     """For /predict, /v1/model and /v1/stats: a tenant's or an admin's key when tenant keys are configured."""
     if caller.role == "metrics":
         raise Forbidden("a metrics key reads /metrics only; use a tenant's key")
@@ -130,7 +138,7 @@ def require_client(caller: CallerDep, settings: SettingsDep) -> Caller:
     return caller
 
 
-def require_metrics_reader(caller: CallerDep, settings: SettingsDep) -> Caller:
+async def require_metrics_reader(caller: CallerDep, settings: SettingsDep) -> Caller:
     """For /metrics: an admin's or a scraper's key once tenant or metrics keys are configured."""
     if caller.role == "tenant":
         raise Forbidden("/metrics shows every tenant's traffic: it needs an admin or a metrics key, not a tenant's")
@@ -139,7 +147,7 @@ def require_metrics_reader(caller: CallerDep, settings: SettingsDep) -> Caller:
     return caller
 
 
-def require_admin(caller: CallerDep, settings: SettingsDep) -> str:
+async def require_admin(caller: CallerDep, settings: SettingsDep) -> str:
     """The admin's name, for admin routes: 404 when no admin key is configured, 401 without a valid key, 403
     for another role's key."""
     if not settings.admin_keys:
@@ -152,12 +160,16 @@ def require_admin(caller: CallerDep, settings: SettingsDep) -> str:
     raise Unauthorized(f"an admin key is required; {SEND_A_KEY}")
 
 
+async def require_client(caller: CallerDep, settings: SettingsDep) -> Caller:
+    return check_client(caller, settings)
+
+
 ClientDep = Annotated[Caller, Depends(require_client)]
 MetricsReaderDep = Annotated[Caller, Depends(require_metrics_reader)]
 AdminDep = Annotated[str, Depends(require_admin)]
 
 
-def get_tenant(request: Request, settings: SettingsDep, caller: ClientDep) -> str | None:
+def tenant_of(request: Request, settings: Settings, caller: Caller) -> str | None:
     """The tenant a request's images are batched with.
 
     A tenant from an API key is the service's own; one from a header is only as trustworthy as the gateway
@@ -174,6 +186,16 @@ def get_tenant(request: Request, settings: SettingsDep, caller: ClientDep) -> st
     return None
 
 
+def identify(request: Request, settings: Settings) -> str | None:
+    """The tenant of a request that may call /predict (401 or 403 for one that may not): what the dependencies
+    of the route find, for code that runs before it (service.door)."""
+    return tenant_of(request, settings, check_client(caller_of(request, settings), settings))
+
+
+async def get_tenant(request: Request, settings: SettingsDep, caller: ClientDep) -> str | None:
+    return tenant_of(request, settings, caller)
+
+
 TenantDep = Annotated[str | None, Depends(get_tenant)]
 
 
@@ -185,7 +207,7 @@ class StatsScope:
     tenant: str | None = None
 
 
-def get_stats_scope(caller: ClientDep, settings: SettingsDep) -> StatsScope:
+async def get_stats_scope(caller: ClientDep, settings: SettingsDep) -> StatsScope:
     """An admin sees everything, a tenant of an API key its own batches (when batches are keyed by it), and so
     does an open single-tenant service; anyone else (tenants named by a header, tenants sharing batches) sees
     aggregates only, never a batch that may hold another tenant's images."""

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .cli import REQUEST_STARTED
 from .deadlines import REQUEST_START_HEADER, accepted_at
-from .deps import get_caller, get_tenant, require_client
+from .deps import identify
 from .errors import Overloaded, ServiceError
 from .metrics import Metrics
 from .predictor import Predictor
@@ -51,8 +51,7 @@ class DoorMiddleware:
             if predictor is not None and predictor.ready:
                 request = Request(scope)
                 try:
-                    tenant = get_tenant(request, self.settings, require_client(get_caller(request, self.settings),
-                                                                               self.settings))
+                    tenant = identify(request, self.settings)
                 except ServiceError:
                     pass  # a bad key or tenant: the route answers it
                 else:
