@@ -76,12 +76,22 @@ class _Ring:
 
 
 @dataclass
+class _Packed:
+    """The rows of every layer of one kind (BatchNorm or RobustNorm) side by side along the channels, in one ring:
+    one push and one reduction per batch for all of them, where a ring per layer took a few dozen small
+    tensor operations."""
+
+    ring: _Ring  # (window, R, total channels)
+    spans: dict[str, tuple[int, int]]  # layer -> its channels [start, stop)
+
+
+@dataclass
 class Stream:
     """The running statistics of one stream, per norm layer, and its drift gate's state."""
 
     key: str
     window: int
-    layers: dict[str, _Ring] = field(default_factory=dict)
+    packed: dict[bool, _Packed] = field(default_factory=dict)  # robust -> the rows of those layers
     robust: dict[str, bool] = field(default_factory=dict)
     images: int = 0  # images ever pushed
     last_used: float = 0.0
@@ -89,6 +99,7 @@ class Stream:
     gate_score: float | None = None
     switches: int = 0
     gate_ring: _Ring | None = None  # each recent image's raw gate score, (window, 1, 1)
+    _statistics: dict[bool, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)  # since the last push
 
     @property
     def count(self) -> int:
@@ -97,22 +108,37 @@ class Stream:
 
     def statistics(self, layer: str) -> tuple[Tensor, Tensor] | None:
         """The window's (mean, spread) for ``layer``, or ``None`` while the stream holds nothing."""
-        ring = self.layers.get(layer)
-        if ring is None or ring.count == 0:
+        kind = self.robust.get(layer)
+        packed = self.packed.get(kind) if kind is not None else None
+        if packed is None or packed.ring.count == 0 or layer not in packed.spans:
             return None
-        return rows_statistics(ring.held(), self.robust[layer])
+        assert kind is not None
+        pooled = self._statistics.get(kind)
+        if pooled is None:  # every layer of the kind at once, until the next push
+            pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind)
+        start, stop = packed.spans[layer]
+        return pooled[0][start:stop], pooled[1][start:stop]
 
     def push(self, rows: dict[str, Tensor], robust: dict[str, bool]) -> None:
-        """Add one micro-batch's per-image rows, ``layer -> (n, R, C)``."""
-        added = 0
+        """Add one micro-batch's per-image rows, ``layer -> (n, R, C)`` (the same n for every layer)."""
+        kinds: dict[bool, dict[str, Tensor]] = {}
         for name, new in rows.items():
-            ring = self.layers.get(name)
-            if ring is None:
-                ring = _Ring(new.new_zeros((self.window, *new.shape[1:])))
-                self.layers[name] = ring
-                self.robust[name] = robust[name]
-            ring.push(new.detach())
-            added = new.shape[0]
+            kinds.setdefault(robust[name], {})[name] = new.detach()
+        added = 0
+        for kind, layers in kinds.items():
+            packed = self.packed.get(kind)
+            if packed is None or list(packed.spans) != list(layers):  # the first push (the layers never change)
+                spans, start = {}, 0
+                for name, new in layers.items():
+                    spans[name] = (start, start + new.shape[2])
+                    start += new.shape[2]
+                    self.robust[name] = kind
+                first = next(iter(layers.values()))
+                packed = self.packed[kind] = _Packed(_Ring(first.new_zeros((self.window, first.shape[1], start))),
+                                                     spans)
+            packed.ring.push(torch.cat(list(layers.values()), dim=2))
+            added = next(iter(layers.values())).shape[0]
+        self._statistics.clear()
         self.images += added
 
     def update_gate(self, raw: Tensor, calibration: GateCalibration) -> bool | None:
