@@ -60,9 +60,11 @@ def _error_response(status_code: int, code: str, message: str, headers: dict[str
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
-# Seconds a refused request's unread body may pause before it is no longer read (see RequestGuardMiddleware): a
-# body already in flight arrives in milliseconds; a trickled one is not waited for.
+# How much of a refused request's unread body is still read (see RequestGuardMiddleware): while it pauses no
+# longer than LINGER_IDLE seconds (a body already in flight arrives in milliseconds; a trickled one is not waited
+# for), and at most LINGER_BYTES of it (a proxy's buffer, a few images; a larger remainder is not worth reading).
 LINGER_IDLE = 0.25
+LINGER_BYTES = 256 * 1024
 
 # Scope key set when the client hung up before its answer was sent: the request is counted as 499.
 CLIENT_LEFT = "robustnorm.client_left"
@@ -76,7 +78,8 @@ class RequestGuardMiddleware:
     - At most ``max_uploads`` bodies arrive at once: a body that does not come in one piece takes a place until
       it is complete, and gets 503 when none is free. Slow uploads hold little memory and never for long.
     - A response sent before the body was read waits while the rest of the body keeps arriving (within the
-      bounds above, and no pause over ``LINGER_IDLE``); if the body is still incomplete, the connection closes
+      bounds above, no pause over ``LINGER_IDLE`` and at most ``LINGER_BYTES`` more; not when refused for
+      ``max_uploads``); if the body is still incomplete, the connection closes
       after it, as it does after every response while draining: kept-alive clients of a draining service
       reconnect elsewhere, and no connection closes on bytes still in flight, which would reset it and could
       destroy the answer before it is read.
@@ -108,7 +111,7 @@ class RequestGuardMiddleware:
         body_until = scope.setdefault(REQUEST_STARTED, time.monotonic()) + self.body_timeout
         headers = dict(scope["headers"])
         body_done = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0").strip() in (b"0", b"")
-        holds_upload = answered = False
+        holds_upload = answered = shed = False
         received = 0
 
         def free_upload_place() -> None:
@@ -118,7 +121,7 @@ class RequestGuardMiddleware:
                 holds_upload = False
 
         async def guarded_receive() -> Message:
-            nonlocal body_done, holds_upload, received
+            nonlocal body_done, holds_upload, received, shed
             if body_done:
                 message = await receive()  # nothing but http.disconnect comes after the body
             else:
@@ -143,6 +146,7 @@ class RequestGuardMiddleware:
                     free_upload_place()
                 elif not holds_upload:
                     if self.uploads >= self.max_uploads:
+                        shed = True  # refused for the bodies arriving: its own is not read
                         raise UploadsFull(f"{self.uploads} request bodies are arriving already, the most this "
                                           "service takes at once; retry in a second")
                     self.uploads += 1
@@ -151,11 +155,13 @@ class RequestGuardMiddleware:
 
         async def read_rest_of_body() -> None:
             """Reads what is left of a body the app did not read, while it keeps coming (a pause of
-            ``LINGER_IDLE`` ends it) and within the body's bounds: the connection then closes after the answer
-            with nothing unread, where unread bytes would make the kernel reset it and could destroy the answer
-            before the client (or a proxy still sending) has read it. A slow body is not waited for."""
+            ``LINGER_IDLE`` ends it), up to ``LINGER_BYTES`` more and within the body's bounds: the connection
+            then closes after the answer with nothing unread, where unread bytes would make the kernel reset it
+            and could destroy the answer before the client (or a proxy still sending) has read it. A slow or
+            large body is not waited for, nor one refused because too many bodies are arriving."""
             nonlocal body_done, received
-            while not body_done and received <= self.max_body_bytes:
+            until_bytes = min(self.max_body_bytes, received + LINGER_BYTES)
+            while not body_done and not shed and received <= until_bytes:
                 try:
                     message = await asyncio.wait_for(receive(), min(LINGER_IDLE, body_until - time.monotonic()))
                 except asyncio.TimeoutError:
