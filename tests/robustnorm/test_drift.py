@@ -91,6 +91,26 @@ def test_forward_drift_is_zero_when_batch_equals_population_and_rises_with_shift
 
 
 @pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+def test_drift_report_measures_every_layer_as_layer_drift_does(norm: str) -> None:
+    """drift_report measures all layers of a forward at once (channels side by side, averaged per layer by a
+    matrix product); each layer's values must be layer_drift's on that layer alone, for every group."""
+    model = small_trained(norm)
+    set_policy(model, "batch")
+    with torch.no_grad(), batch_groups(model, [3, 8, 1], record=True) as run:
+        model(torch.randn(12, 3, 16, 16) * 1.5 + 0.3)
+    report = drift_report(run)
+    assert len(report.layers) == len(run.stats) > 3
+    kl_per_layer = []
+    for name, stats in run.stats.items():
+        population_mean, population_spread = run.population[name]
+        expected = layer_drift(stats.mean, stats.spread, population_mean, population_spread, run.robust_layers[name])
+        for measure, values in expected.items():
+            assert report.layers[name][measure] == pytest.approx(values.tolist(), rel=1e-5, abs=1e-6), (name, measure)
+        kl_per_layer.append(expected["kl"])
+    assert report.raw_batch == pytest.approx(torch.stack(kl_per_layer).mean(dim=0).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
 def test_calibrated_scores_center_clean_batches_and_flag_shifted_ones(norm: str) -> None:
     model = small_trained(norm)
     set_policy(model, "frozen")
