@@ -32,6 +32,8 @@ import logging
 import os
 import platform
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,7 +54,7 @@ logger = logging.getLogger("overload")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "overload"
-DATE = "2026-12-06"
+DATE = time.strftime("%Y-%m-%d", time.gmtime())
 TENANT_HEADER = "X-Tenant"
 ANSWER_GRACE = 5.0  # seconds past the deadline a client waits for an answer before it counts none
 CONNECTIONS = 192  # kept-alive connections at most, as a proxy's maxconn: the service's active requests and more
@@ -251,6 +253,57 @@ def service(*options: str, log: Path) -> Iterator[str]:
             process.wait()
 
 
+HAPROXY_CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def loopback_haproxy_config(replicas: list[int], port: int, stats_port: int) -> str:
+    """The shipped haproxy.cfg with loopback binds and ``replicas`` (ports on 127.0.0.1) as its servers in place
+    of the DNS template; everything else (timeouts, queue and overload limits, tenant quota) as shipped."""
+    text = HAPROXY_CONFIG.read_text()
+    servers = "\n".join(f"    server replica{i} 127.0.0.1:{replica}" for i, replica in enumerate(replicas, 1))
+    text, templates = re.subn(r"^\s*server-template .*$", servers, text, flags=re.M)
+    text, binds = re.subn(r"^(\s*)bind :8080$", rf"\g<1>bind 127.0.0.1:{port}", text, flags=re.M)
+    text, stats = re.subn(r"^(\s*)bind :8405$", rf"\g<1>bind 127.0.0.1:{stats_port}", text, flags=re.M)
+    if (templates, binds, stats) != (1, 1, 1):
+        raise RuntimeError(f"{HAPROXY_CONFIG} changed shape: its server template and binds were not found")
+    return text
+
+
+@contextmanager
+def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterator[str]:
+    """HAProxy (``haproxy`` on the PATH) with the shipped configuration in front of the service at
+    ``service_url``; ``tenant_rate`` sets ROBUSTNORM_TENANT_RATE (the per-tenant quota, requests per second)."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise RuntimeError("--proxy needs haproxy on the PATH (Debian: apt-get install haproxy)")
+    port, stats_port = _free_port(), _free_port()
+    config = log.with_suffix(".cfg")
+    config.write_text(loopback_haproxy_config([int(service_url.rsplit(":", 1)[1])], port, stats_port))
+    environment = dict(os.environ)
+    environment.pop("ROBUSTNORM_TENANT_RATE", None)
+    if tenant_rate is not None:
+        environment["ROBUSTNORM_TENANT_RATE"] = str(max(1, round(tenant_rate)))
+    with log.open("w") as output:
+        process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT,
+                                   env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        until = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > until:
+                raise RuntimeError(f"HAProxy did not pass requests through; see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @dataclass
 class Plan:
     concurrency: tuple[int, ...] = (16, 32, 64)
@@ -265,21 +318,49 @@ class Plan:
     heavy_factor: float = 10.0  # times the heavy tenant's fair share of the capacity
 
 
-def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+FRONTS = ("service", "haproxy")  # the load generator talks to the service itself, or to HAProxy in front of it
+
+
+@contextmanager
+def entry(front: str, *options: str, tenant_rate: float | None, workdir: Path, name: str) -> Iterator[str]:
+    """The URL the load generator talks to: a fresh service, alone or behind the shipped HAProxy."""
+    with service(*options, log=workdir / f"{name}.log") as url:
+        if front == "service":
+            yield url
+        else:
+            with haproxy(url, tenant_rate=tenant_rate, log=workdir / f"{name}-haproxy.log") as proxied:
+                yield proxied
+
+
+def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str, Any]:
     body = (REPO / "examples" / "cat.jpg").read_bytes()
     common = ["--request-deadline", str(plan.deadline), "--trust-request-start"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    haproxy_version = (subprocess.run([shutil.which("haproxy") or "haproxy", "-v"], capture_output=True,
+                                      text=True).stdout.splitlines() or [None])[0] if "haproxy" in fronts else None
     report: dict[str, Any] = {"date": DATE, "plan": vars(plan), "commit": commit.stdout.strip() or None,
                               "service": ["robustnorm-serve (bundled default model)", *common,
                                           "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "1")],
+                              "haproxy": haproxy_version and f"{haproxy_version}, deploy/haproxy/haproxy.cfg "
+                                                             "with loopback binds and the service as its server",
                               "client": f"raw asyncio HTTP/1.1, at most {CONNECTIONS} kept-alive connections (a "
-                                        "proxy's maxconn); X-Request-Start = each request's due time",
+                                        "proxy's maxconn); X-Request-Start = each request's due time (HAProxy "
+                                        "replaces it with its own receive time)",
                               "image": "examples/cat.jpg (raw image/jpeg body)", "machine": {
                                   "cpus": os.cpu_count(), "python": platform.python_version(),
-                                  "loadavg_before": os.getloadavg()}}
-    port_of = lambda url: int(url.rsplit(":", 1)[1])
-    with service(*common, log=workdir / "service.log") as url:
-        port = port_of(url)
+                                  "loadavg_before": os.getloadavg()}, "fronts": {}}
+    for front in fronts:
+        report["fronts"][front] = measure(plan, front, body, common, workdir)
+    report["machine"]["loadavg_after"] = os.getloadavg()
+    return report
+
+
+def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Path) -> dict[str, Any]:
+    """Capacity, overload at ``plan.factor`` x capacity and fairness, with the load generator talking to
+    ``front``."""
+    result: dict[str, Any] = {}
+    with entry(front, *common, tenant_rate=None, workdir=workdir, name=f"{front}-overload") as url:
+        port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
                                 deadline=plan.deadline))
         closed = {}
@@ -287,9 +368,9 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             closed[str(clients)] = summarise(asyncio.run(closed_loop(
                 port, body, concurrency=clients, seconds=plan.capacity_seconds, deadline=plan.deadline)),
                 plan.capacity_seconds, plan.deadline)
-            logger.info("closed loop, %d clients: %s", clients, closed[str(clients)])
+            logger.info("%s, closed loop, %d clients: %s", front, clients, closed[str(clients)])
         capacity = max(result["ok_per_s"] for result in closed.values())
-        logger.info("capacity: %.1f answers/s", capacity)
+        logger.info("%s: capacity %.1f answers/s", front, capacity)
         late_before = _metric_sum(url, "robustnorm_late_dropped_requests_total")
         rate = plan.factor * capacity
         overload = summarise(asyncio.run(open_loop(port, body, {"": rate}, seconds=plan.overload_seconds,
@@ -298,22 +379,26 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         overload["offered_per_s"] = round(rate, 1)
         overload["goodput_of_capacity"] = round(overload["goodput_per_s"] / capacity, 3)
         overload["server_late_dropped_requests"] = {k: late_after[k] - late_before.get(k, 0) for k in late_after}
-        logger.info("open loop at %.1f/s: %s", rate, overload)
-        report["capacity"] = {"closed_loop": closed, "answers_per_s": capacity}
-        report["overload"] = overload
-    report["fairness"] = fairness(plan, body, capacity, common, workdir)
-    report["machine"]["loadavg_after"] = os.getloadavg()
-    return report
+        logger.info("%s, open loop at %.1f/s: %s", front, rate, overload)
+        result["capacity"] = {"closed_loop": closed, "answers_per_s": capacity}
+        result["overload"] = overload
+    result["fairness"] = fairness(plan, front, body, capacity, common, workdir)
+    return result
 
 
-def fairness(plan: Plan, body: bytes, capacity: float, common: list[str], workdir: Path) -> dict[str, Any]:
-    """Light tenants alone, then beside a heavy tenant sending ``heavy_factor`` times its share."""
+def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[str], workdir: Path
+             ) -> dict[str, Any]:
+    """Light tenants alone, then beside a heavy tenant sending ``heavy_factor`` times its share (behind HAProxy,
+    with its per-tenant quota set to that share)."""
     light = {f"light{i}": plan.light_share * capacity for i in range(plan.light_tenants)}
     share = capacity / (plan.light_tenants + 1)
     heavy = {"heavy": plan.heavy_factor * share}
+    quota = share if front == "haproxy" else None
     result: dict[str, Any] = {"light_per_s": round(plan.light_share * capacity, 1),
-                              "heavy_per_s": round(heavy["heavy"], 1)}
-    with service(*common, "--batch-key", "header", log=workdir / "service-fair.log") as url:
+                              "heavy_per_s": round(heavy["heavy"], 1),
+                              "tenant_rate_quota": quota and max(1, round(quota))}
+    with entry(front, *common, "--batch-key", "header", tenant_rate=quota, workdir=workdir,
+               name=f"{front}-fair") as url:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
         for name, rates in (("light_alone", light), ("with_heavy", {**light, **heavy})):
@@ -321,7 +406,7 @@ def fairness(plan: Plan, body: bytes, capacity: float, common: list[str], workdi
                                              seed=1))
             result[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
                                               plan.deadline) for tenant in rates}
-            logger.info("%s: %s", name, json.dumps(result[name]))
+            logger.info("%s, %s: %s", front, name, json.dumps(result[name]))
     return result
 
 
@@ -329,27 +414,29 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    capacity, overload = report["capacity"]["answers_per_s"], report["overload"]
-    labels = ["capacity\n(closed loop)", f"offered\n({report['plan']['factor']:g}x)", "goodput", "429/s", "504/s"]
-    seconds = report["plan"]["overload_seconds"]
-    values = [capacity, overload["offered_per_s"], overload["goodput_per_s"],
-              overload["answered"].get("429", 0) / seconds, overload["answered"].get("504", 0) / seconds]
-    left.bar(labels, values, color=["grey", "lightgrey", "tab:green", "tab:orange", "tab:red"])
-    left.axhline(0.9 * capacity, color="black", linestyle="--", linewidth=1, label="90% of capacity")
-    left.set_ylabel("requests per second")
-    left.set_title(f"Open loop at {report['plan']['factor']:g}x capacity (deadline {report['plan']['deadline']:g} s)")
-    left.legend()
-    fair = report["fairness"]
-    tenants = list(fair["with_heavy"])
-    for offset, (name, colour) in enumerate((("light_alone", "tab:blue"), ("with_heavy", "tab:purple"))):
-        p99 = [fair.get(name, {}).get(t, {}).get("latency_200_ms", {}).get("p99") or 0 for t in tenants]
-        right.bar([i + 0.4 * offset for i in range(len(tenants))], p99, width=0.4, color=colour,
-                  label=name.replace("_", " "))
-    right.set_xticks([i + 0.2 for i in range(len(tenants))], tenants)
-    right.set_ylabel("p99 latency of 200s (ms)")
-    right.set_title("Fairness: light tenants beside a heavy one")
-    right.legend()
+    fronts = report["fronts"]
+    figure, axes = plt.subplots(len(fronts), 2, figsize=(11, 4 * len(fronts)), squeeze=False)
+    seconds, factor = report["plan"]["overload_seconds"], report["plan"]["factor"]
+    for (left, right), (front, result) in zip(axes, fronts.items()):
+        capacity, overload = result["capacity"]["answers_per_s"], result["overload"]
+        labels = ["capacity\n(closed loop)", f"offered\n({factor:g}x)", "goodput", "429/s", "503/s", "504/s"]
+        values = [capacity, overload["offered_per_s"], overload["goodput_per_s"],
+                  *(overload["answered"].get(code, 0) / seconds for code in ("429", "503", "504"))]
+        left.bar(labels, values, color=["grey", "lightgrey", "tab:green", "tab:orange", "gold", "tab:red"])
+        left.axhline(0.9 * capacity, color="black", linestyle="--", linewidth=1, label="90% of capacity")
+        left.set_ylabel("requests per second")
+        left.set_title(f"{front}: open loop at {factor:g}x capacity (deadline {report['plan']['deadline']:g} s)")
+        left.legend()
+        fair = result["fairness"]
+        tenants = list(fair["with_heavy"])
+        for offset, (name, colour) in enumerate((("light_alone", "tab:blue"), ("with_heavy", "tab:purple"))):
+            p99 = [fair.get(name, {}).get(t, {}).get("latency_200_ms", {}).get("p99") or 0 for t in tenants]
+            right.bar([i + 0.4 * offset for i in range(len(tenants))], p99, width=0.4, color=colour,
+                      label=name.replace("_", " "))
+        right.set_xticks([i + 0.2 for i in range(len(tenants))], tenants)
+        right.set_ylabel("p99 latency of 200s (ms)")
+        right.set_title(f"{front}: light tenants beside a heavy one")
+        right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -363,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=1.0, help="the service's request deadline (s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 32, 64],
                         help="closed-loop clients for the capacity (the best of these)")
+    parser.add_argument("--fronts", nargs="+", choices=FRONTS, default=list(FRONTS),
+                        help="what the load generator talks to: the service itself, HAProxy in front of it, or both")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -372,17 +461,20 @@ def main(argv: list[str] | None = None) -> int:
                     capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
-    with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the services' logs, kept only while running
-        report = run(plan, Path(logs))
+    with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the logs, kept only while running
+        report = run(plan, Path(logs), tuple(args.fronts))
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     if plot(report, args.out / f"{name}.png"):
         logger.info("wrote %s", args.out / f"{name}.png")
     logger.info("wrote %s", args.out / f"{name}.json")
-    overload = report["overload"]
-    print(f"capacity {report['capacity']['answers_per_s']:.1f}/s; at {plan.factor:g}x: goodput "
-          f"{overload['goodput_per_s']:.1f}/s ({100 * overload['goodput_of_capacity']:.0f}% of capacity), "
-          f"answered {overload['answered']}, late 200s {overload['late_200']}, "
-          f"p50/p90/p99 {overload['latency_200_ms']}")
+    for front, result in report["fronts"].items():
+        overload, fair = result["overload"], result["fairness"]
+        light = {tenant: (fair["light_alone"][tenant]["latency_200_ms"]["p99"],
+                          fair["with_heavy"][tenant]["latency_200_ms"]["p99"]) for tenant in fair["light_alone"]}
+        print(f"{front}: capacity {result['capacity']['answers_per_s']:.1f}/s; at {plan.factor:g}x: goodput "
+              f"{overload['goodput_per_s']:.1f}/s ({100 * overload['goodput_of_capacity']:.0f}% of capacity), "
+              f"answered {overload['answered']}, late 200s {overload['late_200']}, "
+              f"p50/p90/p99 {overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one: {light}")
     return 0
 
 

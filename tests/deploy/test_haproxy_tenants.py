@@ -1,4 +1,5 @@
-"""The shipped haproxy.cfg routes the requests of one tenant to one replica, and stamps X-Request-Start.
+"""The shipped haproxy.cfg routes the requests of one tenant to one replica, stamps X-Request-Start, refuses a
+tenant over its quota (ROBUSTNORM_TENANT_RATE) and refuses predictions at once when the replicas' queues are long.
 
 HAProxy (Debian's) runs the shipped config with its DNS server template replaced by loopback servers: small HTTP
 stubs in this process that answer which replica they are and the X-Request-Start they were sent, so that the
@@ -7,6 +8,7 @@ routing itself is tested, without models.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -20,11 +22,16 @@ import pytest
 from deploy_support import HAPROXY_CONFIG, Process, free_port, require_tool, wait_until
 
 TENANTS = [f"tenant-{index}" for index in range(12)]
+REPLICAS: list[ThreadingHTTPServer] = []  # the stub replicas while the module's fixture runs
 
 
 class Replica(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
+        time.sleep(float(self.headers.get("x-stub-seconds") or 0))  # a slow replica, when a test asks for one
+        tenant = self.headers.get("x-tenant")
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.seen[tenant] = self.server.seen.get(tenant, 0) + 1  # type: ignore[attr-defined]
         body = json.dumps({"replica": self.server.server_port,  # type: ignore[attr-defined]
                            "request_start": self.headers.get("x-request-start")}).encode()
         self.send_response(200)
@@ -43,10 +50,13 @@ class Replica(BaseHTTPRequestHandler):
 def replicas() -> Iterator[list[int]]:
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), Replica) for _ in range(3)]
     for server in servers:
+        server.seen, server.lock = {}, threading.Lock()  # type: ignore[attr-defined]  # requests per tenant
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    REPLICAS.extend(servers)
     yield [server.server_port for server in servers]
     for server in servers:
         server.shutdown()
+    REPLICAS.clear()
 
 
 def config(workdir: Path, ports: list[int], lb: int, stats: int) -> Path:
@@ -64,12 +74,12 @@ def config(workdir: Path, ports: list[int], lb: int, stats: int) -> Path:
 class Balancer:
     """HAProxy with the shipped config in front of ``ports``."""
 
-    def __init__(self, workdir: Path, ports: list[int]) -> None:
+    def __init__(self, workdir: Path, ports: list[int], env: dict[str, str] | None = None) -> None:
         binary = require_tool("haproxy", "apt-get install -y haproxy")
         self.port, stats = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = Process(f"haproxy-{len(ports)}", [binary, "-db", "-f", str(config(workdir, ports, self.port,
-                                                                                            stats))], workdir)
+                                                                                            stats))], workdir, env=env)
         stats_url = f"http://127.0.0.1:{stats}/stats;csv"
 
         def every_server_up() -> bool:
@@ -127,3 +137,67 @@ def test_a_replica_leaving_moves_only_its_own_tenants(tmp_path: Path, balancer: 
         smaller.stop()
     moved = [tenant for tenant in TENANTS if before[tenant] != after[tenant]]
     assert all(before[tenant] == replicas[2] for tenant in moved), (before, after)
+
+
+def _seen(tenant: str) -> int:
+    """Requests of ``tenant`` the stub replicas received so far."""
+    return sum(server.seen.get(tenant, 0) for server in REPLICAS)  # type: ignore[attr-defined]
+
+
+def test_a_tenant_over_its_quota_is_refused_at_the_proxy(tmp_path: Path, replicas: list[int]) -> None:
+    quota = 20  # predictions per second and tenant
+    limited = Balancer(tmp_path, replicas, env={"ROBUSTNORM_TENANT_RATE": str(quota)})
+    try:
+        with httpx.Client(base_url=limited.url, timeout=10) as client:
+            before = _seen("greedy")
+            started = time.monotonic()
+            answers = [client.post("/predict", content=b"x", headers={"X-Tenant": "greedy"}) for _ in range(150)]
+            elapsed = time.monotonic() - started
+            # Another tenant, and requests that name none, are not held back by the greedy one.
+            others = [client.post("/predict", content=b"x", headers={"X-Tenant": "modest"}) for _ in range(2)]
+            anonymous = [client.post("/predict", content=b"x") for _ in range(30)]
+    finally:
+        limited.stop()
+    passed = [answer for answer in answers if answer.status_code == 200]
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert len(passed) + len(refused) == len(answers), {answer.status_code for answer in answers}
+    assert passed and refused, (len(passed), len(refused), elapsed)
+    # The quota holds over the whole run (HAProxy's rate is over the last 100 ms: a window of slack).
+    assert len(passed) <= quota * (elapsed + 0.2) + 2, (len(passed), elapsed)
+    assert _seen("greedy") - before == len(passed)  # a refused request never reached a replica
+    for answer in refused:
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["error"]["code"] == "tenant_rate"
+    assert [answer.status_code for answer in others] == [200, 200]
+    assert all(answer.status_code == 200 for answer in anonymous)
+
+
+def test_predictions_are_refused_at_once_when_the_queues_are_long(tmp_path: Path, replicas: list[int]) -> None:
+    """One replica, each request taking 2 s there: 48 run at once (the servers' maxconn), 16 more may wait in the
+    proxy's queue, and the rest are answered 429 at once, without reaching the replica."""
+    slow = Balancer(tmp_path, replicas[:1])
+
+    async def burst() -> list[tuple[int, float, str]]:
+        async with httpx.AsyncClient(base_url=slow.url, timeout=30,
+                                     limits=httpx.Limits(max_connections=None)) as client:
+            async def one() -> tuple[int, float, str]:
+                started = time.monotonic()
+                answer = await client.post("/predict", content=b"x",
+                                           headers={"X-Stub-Seconds": "2", "X-Tenant": "burst"})
+                code = answer.json()["error"]["code"] if answer.status_code == 429 else ""
+                return answer.status_code, time.monotonic() - started, code
+
+            first = [asyncio.create_task(one()) for _ in range(64)]
+            await asyncio.sleep(1.0)  # 48 running at the replica, 16 queued in the proxy
+            later = [asyncio.create_task(one()) for _ in range(16)]
+            return await asyncio.gather(*first, *later)
+
+    try:
+        before = _seen("burst")
+        results = asyncio.run(burst())
+    finally:
+        slow.stop()
+    assert [status for status, _, _ in results[:64]] == [200] * 64, results[:64]
+    refused = results[64:]
+    assert all(status == 429 and code == "overloaded" and seconds < 1.0 for status, seconds, code in refused), refused
+    assert _seen("burst") - before == 64
