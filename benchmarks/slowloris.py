@@ -7,23 +7,31 @@ uploads that send ``--upload-mib`` of a declared 8 MiB body and then one byte ev
 server's peak resident memory above its baseline, the normal client's p50/p99 in both phases, how long the
 server kept each kind of hostile connection, and what it answered them.
 
-    python benchmarks/slowloris.py            # -> benchmarks/results/slowloris/slowloris-<date>.json
+    python benchmarks/slowloris.py                   # -> benchmarks/results/slowloris/slowloris-<date>.json
+    python benchmarks/slowloris.py --front haproxy   # the same through the shipped HAProxy in front of the service
+                                                     # -> slowloris-haproxy-<date>.json
+
+Behind HAProxy (``haproxy`` on the PATH, deploy/haproxy/haproxy.cfg with loopback binds), the attacker and the
+normal client both talk to the proxy; the service's memory is measured as before, and HAProxy's beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from overload import haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "slowloris"
@@ -88,15 +96,16 @@ async def normal_client(url: str, photo: bytes, seconds: float) -> list[float]:
     return latencies
 
 
-async def attack(url: str, port: int, pid: int, photo: bytes, args: argparse.Namespace) -> dict:
+async def attack(url: str, port: int, pids: list[int], photo: bytes, args: argparse.Namespace) -> dict:
     third = args.connections // 3
     kinds = ["headers"] * third + ["idle"] * third + ["upload"] * (args.connections - 2 * third)
-    peak = [rss(pid)]
+    peaks = [[rss(pid)] for pid in pids]
     hostile = asyncio.gather(*(hold(port, kind, int(args.upload_mib * MiB), args.hold_limit) for kind in kinds))
 
     async def sample() -> None:
         while not hostile.done():
-            peak.append(rss(pid))
+            for peak, pid in zip(peaks, pids):
+                peak.append(rss(pid))
             await asyncio.sleep(0.05)
 
     sampler = asyncio.ensure_future(sample())
@@ -114,7 +123,7 @@ async def attack(url: str, port: int, pid: int, photo: bytes, args: argparse.Nam
             statuses[status] = statuses.get(status, 0) + 1
         by_kind[kind] = {"connections": len(rows), "held_max_s": max(s for s, _ in rows),
                          "held_median_s": statistics.median(s for s, _ in rows), "answers": statuses}
-    return {"latencies": latencies, "peak_rss": max(peak), "by_kind": by_kind}
+    return {"latencies": latencies, "peak_rss": [max(peak) for peak in peaks], "by_kind": by_kind}
 
 
 def summary(latencies: list[float]) -> dict:
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upload-mib", type=float, default=1.0, help="bytes each stalled upload sends first")
     parser.add_argument("--seconds", type=float, default=8.0, help="normal client's time per phase")
     parser.add_argument("--hold-limit", type=float, default=20.0, help="seconds the attacker holds at most")
+    parser.add_argument("--front", choices=("service", "haproxy"), default="service",
+                        help="attack the service itself, or the shipped HAProxy in front of it")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     port = free_port()
@@ -148,14 +159,23 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > until or server.poll() is not None:
                 raise SystemExit("the service did not become ready")
             time.sleep(0.5)
-        for _ in range(20):
-            httpx.post(f"{url}/predict", content=photo, headers={"Content-Type": "image/jpeg"})
-        alone = asyncio.run(normal_client(url, photo, args.seconds))
-        baseline = rss(server.pid)
-        attacked = asyncio.run(attack(url, port, server.pid, photo, args))
+        with contextlib.ExitStack() as stack:
+            pids = [server.pid]
+            if args.front == "haproxy":
+                logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slowloris-")))
+                url = stack.enter_context(haproxy(url, tenant_rate=None, log=logs / "haproxy.log"))
+                port = int(url.rsplit(":", 1)[1])
+                pids.append(int(subprocess.run(["pgrep", "-f", f"haproxy -db -f {logs}"], capture_output=True,
+                                               text=True).stdout.split()[0]))
+            for _ in range(20):
+                httpx.post(f"{url}/predict", content=photo, headers={"Content-Type": "image/jpeg"})
+            alone = asyncio.run(normal_client(url, photo, args.seconds))
+            baselines = [rss(pid) for pid in pids]
+            attacked = asyncio.run(attack(url, port, pids, photo, args))
     finally:
         server.terminate()
         server.wait(30)
+    baseline = baselines[0]
     quiet, loud = summary(alone), summary(attacked["latencies"])
     report = {
         "what": "a slowloris of --connections hostile connections (a third each: endless heads, silent "
@@ -165,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "connections": args.connections, "upload_mib": args.upload_mib,
-        "rss_baseline_mib": baseline / MiB, "rss_growth_peak_mib": (attacked["peak_rss"] - baseline) / MiB,
+        "front": args.front,
+        "rss_baseline_mib": baseline / MiB, "rss_growth_peak_mib": (attacked["peak_rss"][0] - baseline) / MiB,
+        "haproxy_rss_growth_peak_mib": (attacked["peak_rss"][1] - baselines[1]) / MiB if len(pids) > 1 else None,
         "normal_client_alone": quiet, "normal_client_under_attack": loud,
         "p99_ratio": loud["p99_ms"] / quiet["p99_ms"], "hostile": attacked["by_kind"],
     }
-    out = args.out or RESULTS / f"slowloris-{time.strftime('%Y-%m-%d')}.json"
+    front = "-haproxy" if args.front == "haproxy" else ""
+    out = args.out or RESULTS / f"slowloris{front}-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({key: report[key] for key in ("rss_growth_peak_mib", "normal_client_alone",

@@ -173,7 +173,7 @@ def test_a_tenant_over_its_quota_is_refused_at_the_proxy(tmp_path: Path, replica
 
 
 def test_predictions_are_refused_at_once_when_the_queues_are_long(tmp_path: Path, replicas: list[int]) -> None:
-    """One replica, each request taking 2 s there: 48 run at once (the servers' maxconn), 16 more may wait in the
+    """One replica, each request taking 2 s there: 64 run at once (the servers' maxconn), 16 more may wait in the
     proxy's queue, and the rest are answered 429 at once, without reaching the replica."""
     slow = Balancer(tmp_path, replicas[:1])
 
@@ -187,8 +187,8 @@ def test_predictions_are_refused_at_once_when_the_queues_are_long(tmp_path: Path
                 code = answer.json()["error"]["code"] if answer.status_code == 429 else ""
                 return answer.status_code, time.monotonic() - started, code
 
-            first = [asyncio.create_task(one()) for _ in range(64)]
-            await asyncio.sleep(1.0)  # 48 running at the replica, 16 queued in the proxy
+            first = [asyncio.create_task(one()) for _ in range(80)]
+            await asyncio.sleep(1.0)  # 64 running at the replica, 16 queued in the proxy
             later = [asyncio.create_task(one()) for _ in range(16)]
             return await asyncio.gather(*first, *later)
 
@@ -197,7 +197,7 @@ def test_predictions_are_refused_at_once_when_the_queues_are_long(tmp_path: Path
         results = asyncio.run(burst())
     finally:
         slow.stop()
-    assert [status for status, _, _ in results[:64]] == [200] * 64, results[:64]
-    refused = results[64:]
+    assert [status for status, _, _ in results[:80]] == [200] * 80, results[:80]
+    refused = results[80:]
     assert all(status == 429 and code == "overloaded" and seconds < 1.0 for status, seconds, code in refused), refused
-    assert _seen("burst") - before == 64
+    assert _seen("burst") - before == 80
