@@ -257,15 +257,16 @@ HAPROXY_CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 def loopback_haproxy_config(replicas: list[int], port: int, stats_port: int) -> str:
-    """The shipped haproxy.cfg with loopback binds and ``replicas`` (ports on 127.0.0.1) as its servers in place
-    of the DNS template; everything else (timeouts, queue and overload limits, tenant quota) as shipped."""
+    """The shipped haproxy.cfg with loopback binds and ``replicas`` (ports on 127.0.0.1) as the servers of each
+    backend in place of the DNS templates; everything else (timeouts, queue and overload limits, tenant quota)
+    as shipped."""
     text = HAPROXY_CONFIG.read_text()
     servers = "\n".join(f"    server replica{i} 127.0.0.1:{replica}" for i, replica in enumerate(replicas, 1))
     text, templates = re.subn(r"^\s*server-template .*$", servers, text, flags=re.M)
     text, binds = re.subn(r"^(\s*)bind :8080$", rf"\g<1>bind 127.0.0.1:{port}", text, flags=re.M)
     text, stats = re.subn(r"^(\s*)bind :8405$", rf"\g<1>bind 127.0.0.1:{stats_port}", text, flags=re.M)
-    if (templates, binds, stats) != (1, 1, 1):
-        raise RuntimeError(f"{HAPROXY_CONFIG} changed shape: its server template and binds were not found")
+    if (templates, binds, stats) != (2, 1, 1):
+        raise RuntimeError(f"{HAPROXY_CONFIG} changed shape: its server templates and binds were not found")
     return text
 
 

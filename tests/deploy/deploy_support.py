@@ -263,3 +263,15 @@ def noise_png(seed: int, size: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def loopback_haproxy_config(servers: Sequence[str], bind: str, stats_bind: str) -> str:
+    """The shipped haproxy.cfg with loopback binds and ``servers`` (host:port) in each backend in place of the
+    DNS server templates."""
+    text = HAPROXY_CONFIG.read_text()
+    lines = "\n".join(f"    server replica{i} {address} check" for i, address in enumerate(servers, 1))
+    text, templates = re.subn(r"^\s*server-template .*$", lines, text, flags=re.M)
+    text, binds = re.subn(r"^(\s*)bind :8080$", rf"\g<1>bind {bind}", text, flags=re.M)
+    text, stats_binds = re.subn(r"^(\s*)bind :8405$", rf"\g<1>bind {stats_bind}", text, flags=re.M)
+    assert (templates, binds, stats_binds) == (2, 1, 1), "haproxy.cfg changed shape; update this helper"
+    return text

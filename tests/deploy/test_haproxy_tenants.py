@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_support import HAPROXY_CONFIG, Process, free_port, require_tool, wait_until
+from deploy_support import Process, free_port, loopback_haproxy_config, require_tool, wait_until
 
 TENANTS = [f"tenant-{index}" for index in range(12)]
 REPLICAS: list[ThreadingHTTPServer] = []  # the stub replicas while the module's fixture runs
@@ -46,9 +47,14 @@ class Replica(BaseHTTPRequestHandler):
         pass
 
 
+class StubServer(ThreadingHTTPServer):
+    request_queue_size = 256  # HAProxy opens up to its maxconn connections at once (the default backlog is 5)
+    daemon_threads = True
+
+
 @pytest.fixture(scope="module")
 def replicas() -> Iterator[list[int]]:
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Replica) for _ in range(3)]
+    servers = [StubServer(("127.0.0.1", 0), Replica) for _ in range(3)]
     for server in servers:
         server.seen, server.lock = {}, threading.Lock()  # type: ignore[attr-defined]  # requests per tenant
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -60,14 +66,9 @@ def replicas() -> Iterator[list[int]]:
 
 
 def config(workdir: Path, ports: list[int], lb: int, stats: int) -> Path:
-    text = HAPROXY_CONFIG.read_text()
-    servers = "\n".join(f"    server replica{i} 127.0.0.1:{port} check" for i, port in enumerate(ports, 1))
-    text, templates = re.subn(r"^\s*server-template .*$", servers, text, flags=re.M)
-    text, binds = re.subn(r"^(\s*)bind :8080$", rf"\g<1>bind 127.0.0.1:{lb}", text, flags=re.M)
-    text, stats_binds = re.subn(r"^(\s*)bind :8405$", rf"\g<1>bind 127.0.0.1:{stats}", text, flags=re.M)
-    assert (templates, binds, stats_binds) == (1, 1, 1), "haproxy.cfg changed shape; update this test"
     path = workdir / f"haproxy-{len(ports)}.cfg"
-    path.write_text(text)
+    path.write_text(loopback_haproxy_config([f"127.0.0.1:{port}" for port in ports], f"127.0.0.1:{lb}",
+                                            f"127.0.0.1:{stats}"))
     return path
 
 
@@ -87,10 +88,10 @@ class Balancer:
                 lines = httpx.get(stats_url, timeout=2).text.splitlines()
             except httpx.TransportError:
                 return False
-            rows = [line.split(",") for line in lines if line.startswith("replicas,replica")]
-            return len(rows) == len(ports) and all(row[17].startswith("UP") for row in rows)
+            rows = [line.split(",") for line in lines if line.startswith(("replicas,replica", "uploads,replica"))]
+            return len(rows) == 2 * len(ports) and all(row[17].startswith("UP") for row in rows)
 
-        wait_until(every_server_up, 30, "HAProxy reports every stub replica UP")
+        wait_until(every_server_up, 30, "HAProxy reports every stub replica UP in both backends")
 
     def replica(self, headers: dict[str, str]) -> int:
         return httpx.post(f"{self.url}/predict", content=b"x", headers=headers, timeout=10).json()["replica"]
@@ -201,3 +202,37 @@ def test_predictions_are_refused_at_once_when_the_queues_are_long(tmp_path: Path
     refused = results[80:]
     assert all(status == 429 and code == "overloaded" and seconds < 1.0 for status, seconds, code in refused), refused
     assert _seen("burst") - before == 80
+
+
+def test_slow_uploads_do_not_take_the_places_of_quick_requests(tmp_path: Path, replicas: list[int]) -> None:
+    """Bodies still arriving go through a backend of their own (32 places per replica, 8 more may wait): 48 stalled
+    uploads hold 32 places and the queue, the rest are answered 503 at once, and a quick request still passes."""
+    proxy = Balancer(tmp_path, replicas[:1])
+    stalled: list[socket.socket] = []
+    try:
+        head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nX-Tenant: slow\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 204800\r\n\r\n")
+        for _ in range(48):
+            connection = socket.create_connection(("127.0.0.1", proxy.port))
+            connection.sendall(head + bytes(20 * 1024))  # more than HAProxy's first buffer, less than declared
+            stalled.append(connection)
+        time.sleep(1.5)
+        started = time.monotonic()
+        quick = httpx.post(f"{proxy.url}/predict", content=b"x", headers={"X-Tenant": "slow"}, timeout=10)
+        quick_seconds = time.monotonic() - started
+        answers = []
+        for connection in stalled:  # what each has been answered so far (well within HAProxy's 5 s queue timeout)
+            connection.setblocking(False)
+            try:
+                answers.append(connection.recv(4096))
+            except BlockingIOError:
+                answers.append(b"")  # still held: at a replica, or waiting for a place
+    finally:
+        for connection in stalled:
+            connection.close()
+        proxy.stop()
+    assert quick.status_code == 200 and quick_seconds < 1.0, (quick.status_code, quick_seconds)
+    refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503")]
+    assert len(refused) == 8, [answer[:12] for answer in answers]
+    assert all(b"uploads_full" in answer and b"retry-after: 1" in answer.lower() for answer in refused)
+    assert answers.count(b"") == 40  # 32 at the replica, 8 waiting

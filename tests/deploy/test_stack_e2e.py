@@ -36,7 +36,6 @@ import pytest
 import yaml
 from deploy_support import (
     DEPLOY,
-    HAPROXY_CONFIG,
     LOCUSTFILE,
     PROMETHEUS_DIR,
     Process,
@@ -45,6 +44,7 @@ from deploy_support import (
     dashboard_queries,
     free_port,
     grouping_labels,
+    loopback_haproxy_config,
     noise_png,
     numbers,
     require_tool,
@@ -114,14 +114,8 @@ def _test_prometheus_config(workdir: Path, replicas: list[str], lb_stats: str, p
 
 def _test_haproxy_config(workdir: Path, replicas: list[str], lb: str, lb_stats: str) -> Path:
     """The shipped haproxy.cfg with loopback binds and the replicas as servers instead of a DNS template."""
-    text = HAPROXY_CONFIG.read_text()
-    servers = "\n".join(f"    server replica{i} {address}" for i, address in enumerate(replicas, 1))
-    text, templates = re.subn(r"^\s*server-template .*$", servers, text, flags=re.M)
-    text, binds = re.subn(r"^(\s*)bind :8080$", rf"\g<1>bind {lb}", text, flags=re.M)
-    text, stats_binds = re.subn(r"^(\s*)bind :8405$", rf"\g<1>bind {lb_stats}", text, flags=re.M)
-    assert (templates, binds, stats_binds) == (1, 1, 1), "haproxy.cfg changed shape; update this test"
     path = workdir / "haproxy.cfg"
-    path.write_text(text)
+    path.write_text(loopback_haproxy_config(replicas, lb, lb_stats))
     return path
 
 
