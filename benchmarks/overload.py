@@ -10,17 +10,23 @@ queues counts against the deadline as it would behind HAProxy). Then:
 2. overload: open loop, Poisson arrivals at ``--factor`` times the capacity; every request is counted by how it
    was answered (200, 429 with or without Retry-After, 503, 504, other, transport error, no answer), 200s later
    than the deadline (latency from the due time) are ``late``; goodput = 200s within the deadline per second;
-3. fairness (a second server with ``--batch-key header``): light tenants alone at ``--light-share`` of capacity
-   each, then the same light tenants while a heavy tenant offers ``--heavy-factor`` times its fair share of the
-   capacity; each tenant's answers and latency.
+3. fairness (a second server with ``--batch-key header``): light tenants alone at 10% of capacity each, then the
+   same light tenants while a heavy tenant offers 10 times its fair share of the capacity (capacity / tenants);
+   each tenant's answers and latency. Behind HAProxy, ROBUSTNORM_TENANT_RATE (the proxy's per-tenant quota) is
+   that fair share.
+
+Each of these runs against the service itself and against the shipped HAProxy in front of it (``--fronts``:
+deploy/haproxy/haproxy.cfg with loopback binds, ``haproxy`` on the PATH), ``--runs`` times each (every run
+measures its own capacity).
 
 The client is raw asyncio HTTP/1.1 on kept-alive connections with prebuilt requests (a raw ``image/jpeg`` body
 of examples/cat.jpg), so that it takes little of the CPU it shares with the server. Results go to
 ``benchmarks/results/overload/overload-<date>.json`` (with ``os.getloadavg()`` before and after) and a PNG when
 matplotlib is installed.
 
-    .venv/bin/python benchmarks/overload.py                 # the default run, about 3.5 minutes on 2 cores
-    .venv/bin/python benchmarks/overload.py --smoke         # a few seconds per phase
+    .venv/bin/python benchmarks/overload.py                 # 3 runs per front, about 22 minutes on 2 cores
+    .venv/bin/python benchmarks/overload.py --runs 1        # one run per front, about 7 minutes
+    .venv/bin/python benchmarks/overload.py --smoke         # a few seconds per phase, one run
 """
 
 from __future__ import annotations
@@ -317,6 +323,7 @@ class Plan:
     light_tenants: int = 2
     light_share: float = 0.1  # of capacity, per light tenant
     heavy_factor: float = 10.0  # times the heavy tenant's fair share of the capacity
+    runs: int = 1  # the whole measurement (capacity, overload, fairness) this many times per front
 
 
 FRONTS = ("service", "haproxy")  # the load generator talks to the service itself, or to HAProxy in front of it
@@ -351,9 +358,16 @@ def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str
                                   "cpus": os.cpu_count(), "python": platform.python_version(),
                                   "loadavg_before": os.getloadavg()}, "fronts": {}}
     for front in fronts:
-        report["fronts"][front] = measure(plan, front, body, common, workdir)
+        runs = [measure(plan, front, body, common, workdir) for _ in range(plan.runs)]
+        report["fronts"][front] = {"runs": runs, "median_run": median_run(runs)}
     report["machine"]["loadavg_after"] = os.getloadavg()
     return report
+
+
+def median_run(runs: list[dict[str, Any]]) -> int:
+    """Index of the run with the median goodput (as a share of its own capacity): the one the plot shows."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["overload"]["goodput_of_capacity"])
+    return order[(len(order) - 1) // 2]
 
 
 def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Path) -> dict[str, Any]:
@@ -418,7 +432,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     fronts = report["fronts"]
     figure, axes = plt.subplots(len(fronts), 2, figsize=(11, 4 * len(fronts)), squeeze=False)
     seconds, factor = report["plan"]["overload_seconds"], report["plan"]["factor"]
-    for (left, right), (front, result) in zip(axes, fronts.items()):
+    for (left, right), (front, measured) in zip(axes, fronts.items()):
+        result = measured["runs"][measured["median_run"]]
         capacity, overload = result["capacity"]["answers_per_s"], result["overload"]
         labels = ["capacity\n(closed loop)", f"offered\n({factor:g}x)", "goodput", "429/s", "503/s", "504/s"]
         values = [capacity, overload["offered_per_s"], overload["goodput_per_s"],
@@ -453,13 +468,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="closed-loop clients for the capacity (the best of these)")
     parser.add_argument("--fronts", nargs="+", choices=FRONTS, default=list(FRONTS),
                         help="what the load generator talks to: the service itself, HAProxy in front of it, or both")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="repeat the whole measurement per front (runs vary on a shared machine; the JSON keeps "
+                             "every run and marks the median's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline)
+    plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, runs=args.runs)
     if args.smoke:
         plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, warmup=1.0,
-                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0)
+                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0, runs=1)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
     with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the logs, kept only while running
@@ -468,14 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     if plot(report, args.out / f"{name}.png"):
         logger.info("wrote %s", args.out / f"{name}.png")
     logger.info("wrote %s", args.out / f"{name}.json")
-    for front, result in report["fronts"].items():
-        overload, fair = result["overload"], result["fairness"]
-        light = {tenant: (fair["light_alone"][tenant]["latency_200_ms"]["p99"],
-                          fair["with_heavy"][tenant]["latency_200_ms"]["p99"]) for tenant in fair["light_alone"]}
-        print(f"{front}: capacity {result['capacity']['answers_per_s']:.1f}/s; at {plan.factor:g}x: goodput "
-              f"{overload['goodput_per_s']:.1f}/s ({100 * overload['goodput_of_capacity']:.0f}% of capacity), "
-              f"answered {overload['answered']}, late 200s {overload['late_200']}, "
-              f"p50/p90/p99 {overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one: {light}")
+    for front, measured in report["fronts"].items():
+        for index, result in enumerate(measured["runs"]):
+            overload, fair = result["overload"], result["fairness"]
+            light = {tenant: (fair["light_alone"][tenant]["latency_200_ms"]["p99"],
+                              fair["with_heavy"][tenant]["latency_200_ms"]["p99"])
+                     for tenant in fair["light_alone"]}
+            print(f"{front}, run {index + 1}: capacity {result['capacity']['answers_per_s']:.1f}/s; "
+                  f"at {plan.factor:g}x: goodput {overload['goodput_per_s']:.1f}/s "
+                  f"({100 * overload['goodput_of_capacity']:.0f}% of capacity), answered {overload['answered']}, "
+                  f"late 200s {overload['late_200']}, p50/p90/p99 "
+                  f"{overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one: {light}")
     return 0
 
 

@@ -12,6 +12,10 @@ range's scale when ``window`` is near the training batch size (128 for the bundl
 shrink towards one image's range when traffic arrives one image at a time, as an average of per-batch ranges
 would.
 
+With ``trim`` (a share, 0 by default) the window's statistics and its gate score leave out, per channel, that
+share of the images at each end: a client whose images are a minority of a shared stream's traffic then cannot
+drag the statistics everyone's images are normalised with, however extreme its images (``trimmed_mean``).
+
 The store bounds its state: at most ``max_streams`` streams (the least recently used one is dropped), idle
 streams expire after ``idle_seconds``, and one micro-batch contributes at most ``max_batch_share`` of the
 window, so no single batch can replace a stream's estimate. Streams are updated only from the engine's
@@ -42,12 +46,35 @@ if TYPE_CHECKING:
 GLOBAL_STREAM = ""  # the key of the one stream that serves traffic without a tenant
 
 
-def rows_statistics(rows: Tensor, robust: bool) -> tuple[Tensor, Tensor]:
-    """Mean and spread (pooled variance, or range) of per-image rows (k, R, C)."""
-    mean = rows[:, 0].mean(dim=0)
+def trimmed_mean(values: Tensor, cut: int) -> Tensor:
+    """Mean over dim 0 without the ``cut`` largest and the ``cut`` smallest values of each column."""
+    if cut <= 0:
+        return values.mean(dim=0)
+    return values.sort(dim=0).values[cut:values.shape[0] - cut].mean(dim=0)
+
+
+def trimmed_count(held: int, trim: float) -> int:
+    """Images left out at each end when ``trim`` of ``held`` images are (at least one image always stays)."""
+    return min(int(trim * held), (held - 1) // 2)
+
+
+def rows_statistics(rows: Tensor, robust: bool, trim: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean and spread (pooled variance, or range) of per-image rows (k, R, C).
+
+    With ``trim`` > 0, per channel the ``trim`` share of the images with the highest values and the share with the
+    lowest are left out: the mean and the second moment are trimmed means, and the range runs from the highest
+    maximum left to the lowest minimum left, so that a minority of outlying images (a client sending garbage, or
+    images crafted to move the statistics) cannot drag the window's statistics.
+    """
+    cut = trimmed_count(rows.shape[0], trim)
+    mean = trimmed_mean(rows[:, 0], cut)
     if robust:
-        return mean, rows[:, 1].amax(dim=0) - rows[:, 2].amin(dim=0)
-    return mean, (rows[:, 1].mean(dim=0) - mean.square()).clamp_min(0)
+        if cut == 0:
+            return mean, rows[:, 1].amax(dim=0) - rows[:, 2].amin(dim=0)
+        highest = rows[:, 1].topk(cut + 1, dim=0).values[-1]
+        lowest = rows[:, 2].topk(cut + 1, dim=0, largest=False).values[-1]
+        return mean, highest - lowest
+    return mean, (trimmed_mean(rows[:, 1], cut) - mean.square()).clamp_min(0)
 
 
 def image_spread_from_rows(rows: Tensor, robust: bool) -> Tensor:
@@ -91,6 +118,7 @@ class Stream:
 
     key: str
     window: int
+    trim: float = 0.0  # share of outlying images left out at each end (rows_statistics, and the gate's score)
     packed: dict[bool, _Packed] = field(default_factory=dict)  # robust -> the rows of those layers
     robust: dict[str, bool] = field(default_factory=dict)
     images: int = 0  # images ever pushed
@@ -115,7 +143,7 @@ class Stream:
         assert kind is not None
         pooled = self._statistics.get(kind)
         if pooled is None:  # every layer of the kind at once, until the next push
-            pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind)
+            pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind, self.trim)
         start, stop = packed.spans[layer]
         return pooled[0][start:stop], pooled[1][start:stop]
 
@@ -149,7 +177,8 @@ class Stream:
         self.gate_ring.push(raw.detach().reshape(-1, 1, 1))
         if self.gate_ring.count < calibration.min_images:
             return None
-        self.gate_score = float(self.gate_ring.held().mean())
+        held = self.gate_ring.held().flatten()
+        self.gate_score = float(trimmed_mean(held, trimmed_count(held.shape[0], self.trim)))
         if not self.shifted and self.gate_score > calibration.on:
             self.shifted = True
         elif self.shifted and self.gate_score < calibration.off:
@@ -164,12 +193,13 @@ class StreamStore:
     """Streams by key, bounded in number and age; what the engine reads before and updates after a batch."""
 
     def __init__(self, window: int, *, max_streams: int = 256, idle_seconds: float = 3600.0,
-                 max_batch_share: float = 0.25, gate: GateCalibration | None = None,
+                 max_batch_share: float = 0.25, trim: float = 0.0, gate: GateCalibration | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if window < 1 or max_streams < 1 or idle_seconds <= 0 or not 0 < max_batch_share <= 1:
-            raise ValueError("a stream store needs window >= 1, max_streams >= 1, idle_seconds > 0 and "
-                             "0 < max_batch_share <= 1")
+        if window < 1 or max_streams < 1 or idle_seconds <= 0 or not 0 < max_batch_share <= 1 or not 0 <= trim < 0.5:
+            raise ValueError("a stream store needs window >= 1, max_streams >= 1, idle_seconds > 0, "
+                             "0 < max_batch_share <= 1 and 0 <= trim < 0.5")
         self.window = window
+        self.trim = trim
         self.max_streams = max_streams
         self.idle_seconds = idle_seconds
         self.max_batch_images = max(1, math.ceil(max_batch_share * window))
@@ -204,7 +234,7 @@ class StreamStore:
             self._expire(now)
             stream = self._streams.get(key)
             if stream is None:
-                stream = Stream(key=key, window=self.window)
+                stream = Stream(key=key, window=self.window, trim=self.trim)
                 self._streams[key] = stream
                 while len(self._streams) > self.max_streams:
                     self._streams.popitem(last=False)

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         0.25, gt=0, le=1, description="share of a stream's window one micro-batch may fill at most (bounds how far "
                                       "one batch moves the statistics later batches run with)")
 
+    stream_trim: float = Field(
+        0.0, ge=0, lt=0.5, description="share of a stream window's images left out at each end, per channel, of its "
+                                       "statistics and of its gate score (0: none): bounds what a minority of "
+                                       "outlying or crafted images can do to a shared stream")
+
     drift_metrics: str = Field(
         "after", description="when batches' per-layer drift and batch scores are computed for metrics and /v1/stats: "
                              "'after' the answers leave (on a thread of its own; the response's batch drift_score "

@@ -122,6 +122,7 @@ class StreamSettings:
     max_streams: int = 256
     idle_seconds: float = 3600.0
     max_batch_share: float = 0.25
+    trim: float = 0.0
 
 
 class EngineBase:
@@ -167,7 +168,7 @@ class EngineBase:
             assert policy.window is not None
             settings = self.stream_settings
             store = StreamStore(policy.window, max_streams=settings.max_streams, idle_seconds=settings.idle_seconds,
-                                max_batch_share=settings.max_batch_share, gate=self.gate)
+                                max_batch_share=settings.max_batch_share, trim=settings.trim, gate=self.gate)
             self._stores[key] = store
         return store.select([group.stream for group in groups])
 

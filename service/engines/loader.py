@@ -48,7 +48,7 @@ def default_model() -> str:
 
 def _stream_settings(settings: Settings) -> StreamSettings:
     return StreamSettings(max_streams=settings.max_streams, idle_seconds=settings.stream_idle_seconds,
-                          max_batch_share=settings.stream_batch_share)
+                          max_batch_share=settings.stream_batch_share, trim=settings.stream_trim)
 
 
 def _policy(settings: Settings, card: robustnorm.ModelCard) -> Policy:

@@ -145,3 +145,54 @@ def test_the_calibrated_gate_ignores_label_skew_and_sees_shift(cifar10: Path) ->
     assert window_score(clean[:256]) < gate.off
     for name in ("gaussian_noise", "contrast", "defocus_blur", "pixelate"):
         assert window_score(corrupt(name, clean[:256], 5, 0)) > gate.on, name
+
+
+@pytest.mark.parametrize("norm", ["bn", "robustnorm"])
+def test_a_trimmed_window_ignores_a_minority_of_extreme_images(norm: str) -> None:
+    """One image in nine black or white in turn (a client sending garbage into a shared stream): with a trim of 0.2
+    the first layer's window statistics (its input does not depend on the statistics) are those of the clean
+    images alone, under the same trim; untrimmed they are far off."""
+    torch.manual_seed(0)
+    model = robustnorm.create_model("resnet20", norm=norm, p=0.2).eval()
+    clean = torch.randn(72, 3, 32, 32) * 0.5
+    mixed = clean.clone()
+    mixed[::9] = torch.where(torch.arange(8).view(8, 1, 1, 1) % 2 == 0, -3.0, 3.0).expand(8, 3, 32, 32)
+    alone = clean[[i for i in range(72) if i % 9]]
+    first = robustnorm.policy_layers(model)[0][0]
+
+    def window(images: torch.Tensor, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
+        store = StreamStore(72, max_batch_share=1.0, trim=trim)
+        with torch.no_grad():
+            for start in range(0, images.shape[0], 8):
+                with robustnorm.batch_groups(model, [8], policy="stream:72", streams=store.select(["s"])):
+                    model(images[start:start + 8])
+        return store.get("s").statistics(first)
+
+    def error(trim: float) -> tuple[float, float]:
+        """The mean's largest error in units of the clean spread; the spread's median relative error."""
+        (mean, spread), (ref_mean, ref_spread) = window(mixed, trim), window(alone, trim)
+        scale = ref_spread.sqrt() if norm == "bn" else ref_spread
+        return (float(((mean - ref_mean).abs() / scale).max()),
+                float(((spread - ref_spread).abs() / ref_spread).median()))
+
+    trimmed, untrimmed = error(0.2), error(0.0)
+    assert max(trimmed) < 0.05, trimmed
+    assert untrimmed[1] > 0.5, untrimmed
+
+
+def test_a_trimmed_gate_score_ignores_a_minority_of_outliers() -> None:
+    gate = _synthetic_gate()
+    for trim, expected in ((0.0, True), (0.2, False)):
+        stream = StreamStore(20, max_batch_share=1.0, trim=trim, gate=gate).get("s")
+        for index in range(40):  # one image in ten scores far above `on`, the others as clean images do
+            stream.update_gate(torch.tensor([50.0 if index % 10 == 9 else 1.0]), gate)
+        assert stream.shifted is expected, (trim, stream.gate_score)
+    stream = StreamStore(20, max_batch_share=1.0, trim=0.2, gate=gate).get("s")
+    for _ in range(20):  # every image shifted: the trimmed score sees it
+        stream.update_gate(torch.tensor([2.5]), gate)
+    assert stream.shifted
+
+
+def test_trim_is_a_share_below_half() -> None:
+    with pytest.raises(ValueError, match="trim"):
+        StreamStore(8, trim=0.5)
