@@ -8,7 +8,9 @@ one :class:`robustnorm.StreamStore` with the service's defaults, the card's poli
 
 - victims: a seeded stream of test images (clean, or one corruption at severity 5, where the gate has reason to
   switch), in which every 10th image is the attacker's (10% of the traffic);
-- a benign run, where those places hold other clean test images, and attacked runs, where they hold
+- a benign run, where those places hold other test images of the victims' kind (clean, or the same corruption),
+  a second benign run with yet other such images (``benign-other``: how many predictions any change of the 10%
+  moves, the floor under every attack's figure), and attacked runs, where those places hold
   * ``noise``: uniform random pixels;
   * ``extremes``: images all black and all white in turn (the largest moves of means and spreads);
   * ``poison-batch`` and ``poison-blend``: the project's poisoning attack (``robustnorm evaluate``'s
@@ -111,8 +113,9 @@ def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -
             if card.calibration is not None and card.calibration.gate else None)
     test = load_cifar10("test")
     order = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(seed))
-    victims_at, benign_at, pool_at = (order[:images], order[images:images + images // (SHARE - 1) + 1],
-                                      order[-2000:])
+    places = images // (SHARE - 1) + 1
+    victims_at, benign_at, other_at, pool_at = (order[:images], order[images:images + places],
+                                                order[images + places:images + 2 * places], order[-2000:])
     x01 = to_float(test.images)
     labels = test.labels
     generator = torch.Generator().manual_seed(seed + 1)
@@ -131,15 +134,23 @@ def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -
     for trim in trims:
         result["scenarios"][f"trim={trim:g}"] = by_scenario = {}
         for index, scenario in enumerate(SCENARIOS):
-            victims = x01[victims_at] if scenario == "clean" else corrupt(scenario, x01[victims_at], 5, seed + index)
-            truth = labels[victims_at]
-            benign_stream, is_victim = interleave(victims, x01[benign_at])
+            def traffic(at: torch.Tensor, offset: int, scenario: str = scenario, index: int = index) -> torch.Tensor:
+                images = x01[at]
+                return images if scenario == "clean" else corrupt(scenario, images, 5, seed + 100 * offset + index)
+
+            victims, truth = traffic(victims_at, 0), labels[victims_at]
+            benign_stream, is_victim = interleave(victims, traffic(benign_at, 1))
             benign, benign_switched = run_stream(model, card, gate, benign_stream, trim)
+            other_stream, _ = interleave(victims, traffic(other_at, 2))
+            other, other_switched = run_stream(model, card, gate, other_stream, trim)
             scored = is_victim & (torch.arange(is_victim.shape[0]) >= WARM)
             victim_truth = torch.empty(is_victim.shape[0], dtype=torch.long)
             victim_truth[is_victim] = truth[: int(is_victim.sum())]
             rows = {"benign": {"accuracy": _pct(benign[scored] == victim_truth[scored]),
-                               "switched": round(100 * benign_switched, 1)}}
+                               "switched": round(100 * benign_switched, 1)},
+                    "benign-other": {"flipped": _pct(other[scored] != benign[scored]),
+                                     "accuracy": _pct(other[scored] == victim_truth[scored]),
+                                     "switched": round(100 * other_switched, 1)}}
             for attack, images01 in attackers.items():
                 stream, _ = interleave(victims, images01)
                 attacked, switched = run_stream(model, card, gate, stream, trim)
