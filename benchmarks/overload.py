@@ -228,6 +228,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str) -> None:
+    """Until ``url``/readyz answers 200; ``failure`` if ``process`` exits or ``seconds`` pass first."""
+    until = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > until:
+            raise RuntimeError(failure)
+        time.sleep(0.2)
+
+
 @contextmanager
 def service(*options: str, log: Path) -> Iterator[str]:
     port = _free_port()
@@ -239,16 +253,7 @@ def service(*options: str, log: Path) -> Iterator[str]:
         process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        until = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > until:
-                raise RuntimeError(f"the service did not become ready; see {log}")
-            time.sleep(0.2)
+        _wait_ready(url, process, 180, f"the service did not become ready; see {log}")
         yield url
     finally:
         process.terminate()
@@ -295,16 +300,7 @@ def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterat
                                    env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        until = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > until:
-                raise RuntimeError(f"HAProxy did not pass requests through; see {log}")
-            time.sleep(0.2)
+        _wait_ready(url, process, 30, f"HAProxy did not pass requests through; see {log}")
         yield url
     finally:
         process.terminate()
