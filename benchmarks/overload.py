@@ -281,13 +281,21 @@ def loopback_haproxy_config(replicas: list[int], port: int, stats_port: int) -> 
     return text
 
 
+@dataclass
+class Proxy:
+    """A running HAProxy: where to send requests, and its process (for its memory)."""
+
+    url: str
+    pid: int
+
+
 @contextmanager
-def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterator[str]:
+def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterator[Proxy]:
     """HAProxy (``haproxy`` on the PATH) with the shipped configuration in front of the service at
     ``service_url``; ``tenant_rate`` sets ROBUSTNORM_TENANT_RATE (the per-tenant quota, requests per second)."""
     binary = shutil.which("haproxy")
     if binary is None:
-        raise RuntimeError("--proxy needs haproxy on the PATH (Debian: apt-get install haproxy)")
+        raise RuntimeError("measuring through HAProxy needs haproxy on the PATH (Debian: apt-get install haproxy)")
     port, stats_port = _free_port(), _free_port()
     config = log.with_suffix(".cfg")
     config.write_text(loopback_haproxy_config([int(service_url.rsplit(":", 1)[1])], port, stats_port))
@@ -301,7 +309,7 @@ def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterat
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, 30, f"HAProxy did not pass requests through; see {log}")
-        yield url
+        yield Proxy(url, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -332,8 +340,8 @@ def entry(front: str, *options: str, tenant_rate: float | None, workdir: Path, n
         if front == "service":
             yield url
         else:
-            with haproxy(url, tenant_rate=tenant_rate, log=workdir / f"{name}-haproxy.log") as proxied:
-                yield proxied
+            with haproxy(url, tenant_rate=tenant_rate, log=workdir / f"{name}-haproxy.log") as proxy:
+                yield proxy.url
 
 
 def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str, Any]:

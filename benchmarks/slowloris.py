@@ -163,10 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             pids = [server.pid]
             if args.front == "haproxy":
                 logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slowloris-")))
-                url = stack.enter_context(haproxy(url, tenant_rate=None, log=logs / "haproxy.log"))
-                port = int(url.rsplit(":", 1)[1])
-                pids.append(int(subprocess.run(["pgrep", "-f", f"haproxy -db -f {logs}"], capture_output=True,
-                                               text=True).stdout.split()[0]))
+                proxy = stack.enter_context(haproxy(url, tenant_rate=None, log=logs / "haproxy.log"))
+                url, port = proxy.url, int(proxy.url.rsplit(":", 1)[1])
+                pids.append(proxy.pid)
             for _ in range(20):
                 httpx.post(f"{url}/predict", content=photo, headers={"Content-Type": "image/jpeg"})
             alone = asyncio.run(normal_client(url, photo, args.seconds))
