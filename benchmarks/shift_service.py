@@ -31,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +63,17 @@ def png(image: torch.Tensor) -> bytes:
 class Service:
     """The service in a subprocess, and one kept-alive connection to it."""
 
-    def __init__(self, model: str, port: int, policy: str | None, log: Path) -> None:
-        command = [sys.executable, "-m", "service", "--model", model, "--port", str(port), "--log-level", "warning"]
+    def __init__(self, model: str, port: int, policy: str | None, log: Path, options: Sequence[str] = ()) -> None:
+        command = [sys.executable, "-m", "service", "--model", model, "--port", str(port), "--log-level", "warning",
+                   *options]
         if policy:
             command += ["--policy", policy]
         env = {**os.environ, "ROBUSTNORM_ADMIN_KEYS": json.dumps({ADMIN_KEY: "benchmark"})}
         self.log = log.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = port
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.others: dict[str, http.client.HTTPConnection] = {}
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
@@ -85,15 +89,24 @@ class Service:
             time.sleep(0.5)
         raise RuntimeError(f"the service did not become ready; see {log}")
 
-    def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> dict:
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+             source: str | None = None) -> dict:
+        """One request on the kept-alive connection, or on one from the loopback address ``source`` (another
+        client, to the service)."""
+        connection = self.connection
+        if source is not None:
+            if source not in self.others:
+                self.others[source] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60,
+                                                                 source_address=(source, 0))
+            connection = self.others[source]
         try:
-            self.connection.request(method, path, body=body, headers=headers or {})
-            response = self.connection.getresponse()
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
         except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
             # the server closes a kept-alive connection left idle (while the references run): connect again
-            self.connection.close()
-            self.connection.request(method, path, body=body, headers=headers or {})
-            response = self.connection.getresponse()
+            connection.close()
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"{method} {path} answered {response.status}: {payload[:300]!r}")
@@ -117,6 +130,8 @@ class Service:
 
     def close(self) -> None:
         self.connection.close()
+        for other in self.others.values():
+            other.close()
         self.process.terminate()
         try:
             self.process.wait(timeout=30)

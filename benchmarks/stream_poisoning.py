@@ -25,22 +25,31 @@ one :class:`robustnorm.StreamStore` with the service's defaults, the card's poli
   the window's images with the highest values and the fifth with the lowest are left out of its statistics and
   of its gate score).
 
+The same through the real service (``--service``): ``python -m service --model NAME`` with default settings
+but ``--stream-key`` (``client``, the default: each client address has a stream of its own; ``shared``: all
+traffic is one stream), the victims' requests from 127.0.0.1 and the attacker's (and, in the benign runs, the
+other 10%) from 127.0.0.2, one request at a time, every image rounded to 8 bits (PNG).
+
     python benchmarks/stream_poisoning.py                  # both bundled models, about 20 minutes on 1 core
+    python benchmarks/stream_poisoning.py --service        # through the service, about 40 minutes
     python benchmarks/stream_poisoning.py --smoke          # a few hundred images, a minute
 
-Results: ``benchmarks/results/shift/stream_poisoning.json``.
+Results: ``benchmarks/results/shift/stream_poisoning.json`` (``stream_poisoning_service.json`` with ``--service``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -51,6 +60,7 @@ from robustnorm.data import load_cifar10, normalize, to_float
 from robustnorm.evaluation.cells import Cell
 from robustnorm.evaluation.craft import craft
 from robustnorm.gate import GateCalibration
+from shift_service import Service, png, quantised
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifar10-resnet20-bn", "cifar10-resnet20-robustnorm")
@@ -106,11 +116,49 @@ def run_stream(model: torch.nn.Module, card: robustnorm.ModelCard, gate: GateCal
     return predicted, adapted / x.shape[0]
 
 
-def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -> dict:
-    model, card = robustnorm.load_model(name)
-    model.eval()
+Runner = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]
+"""Runs one stream (images in [0, 1], the mask of the victims' places): every image's predicted class and the
+share of the images that ran with stream statistics."""
+
+
+def library_runners(model: torch.nn.Module, card: robustnorm.ModelCard, trims: list[float]
+                    ) -> Iterator[tuple[str, Runner]]:
     gate = (GateCalibration.from_dict(card.calibration.gate)
             if card.calibration is not None and card.calibration.gate else None)
+    for trim in trims:
+        yield f"trim={trim:g}", lambda stream01, _, trim=trim: run_stream(model, card, gate, stream01, trim)
+
+
+VICTIM, ATTACKER = "127.0.0.1", "127.0.0.2"
+
+
+def service_runners(name: str, stream_keys: list[str], port: int, logs: Path) -> Iterator[tuple[str, Runner]]:
+    """The real service (``python -m service --model NAME``, default settings but ``--stream-key``), the
+    victims' requests from one loopback address and the attacker's from another, one request at a time."""
+    for key in stream_keys:
+        service = Service(name, port, None, logs / f"poisoning-{name}-{key}.log", ["--stream-key", key])
+        try:
+            yield f"service stream_key={key}", functools.partial(run_service, service)
+        finally:
+            service.close()
+
+
+def run_service(service: Service, stream01: torch.Tensor, is_victim: torch.Tensor) -> tuple[torch.Tensor, float]:
+    service.reset()
+    predicted, adapted = torch.empty(stream01.shape[0], dtype=torch.long), 0
+    for i, image in enumerate(quantised(stream01)):
+        body = service.call("POST", "/predict", png(image), {"Content-Type": "image/png"},
+                            source=VICTIM if is_victim[i] else ATTACKER)
+        answer = body["predictions"][0]
+        predicted[i] = answer["index"]
+        adapted += answer["batch"]["statistics"] == "stream"
+    return predicted, adapted / stream01.shape[0]
+
+
+def measure(name: str, images: int, steps: int, seed: int,
+            runners: Callable[[torch.nn.Module, robustnorm.ModelCard], Iterator[tuple[str, Runner]]]) -> dict:
+    model, card = robustnorm.load_model(name)
+    model.eval()
     test = load_cifar10("test")
     order = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(seed))
     places = images // (SHARE - 1) + 1
@@ -131,8 +179,8 @@ def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -
     craft_seconds = time.perf_counter() - started
     result: dict = {"version": card.version, "policy": card.policy, "craft_seconds": round(craft_seconds, 1),
                     "poisoners_crafted": count, "scenarios": {}}
-    for trim in trims:
-        result["scenarios"][f"trim={trim:g}"] = by_scenario = {}
+    for label, run in runners(model, card):
+        result["scenarios"][label] = by_scenario = {}
         for index, scenario in enumerate(SCENARIOS):
             def traffic(at: torch.Tensor, offset: int, scenario: str = scenario, index: int = index) -> torch.Tensor:
                 images = x01[at]
@@ -140,9 +188,9 @@ def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -
 
             victims, truth = traffic(victims_at, 0), labels[victims_at]
             benign_stream, is_victim = interleave(victims, traffic(benign_at, 1))
-            benign, benign_switched = run_stream(model, card, gate, benign_stream, trim)
+            benign, benign_switched = run(benign_stream, is_victim)
             other_stream, _ = interleave(victims, traffic(other_at, 2))
-            other, other_switched = run_stream(model, card, gate, other_stream, trim)
+            other, other_switched = run(other_stream, is_victim)
             scored = is_victim & (torch.arange(is_victim.shape[0]) >= WARM)
             victim_truth = torch.empty(is_victim.shape[0], dtype=torch.long)
             victim_truth[is_victim] = truth[: int(is_victim.sum())]
@@ -153,12 +201,12 @@ def measure(name: str, images: int, steps: int, seed: int, trims: list[float]) -
                                      "switched": round(100 * other_switched, 1)}}
             for attack, images01 in attackers.items():
                 stream, _ = interleave(victims, images01)
-                attacked, switched = run_stream(model, card, gate, stream, trim)
+                attacked, switched = run(stream, is_victim)
                 rows[attack] = {"flipped": _pct(attacked[scored] != benign[scored]),
                                 "accuracy": _pct(attacked[scored] == victim_truth[scored]),
                                 "switched": round(100 * switched, 1)}
             by_scenario[scenario] = {"victims_counted": int(scored.sum()), "runs": rows}
-            print(f"{name} trim {trim:g} {scenario}: " + "; ".join(
+            print(f"{name} {label} {scenario}: " + "; ".join(
                 f"{attack} {row.get('flipped', 0):.1f}% flipped, acc {row['accuracy']:.1f}, "
                 f"switched {row['switched']}%" for attack, row in rows.items()), flush=True)
     return result
@@ -176,9 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trims", type=lambda text: [float(v) for v in text.split(",")], default=[0.0, 0.2],
                         help="stream trims to measure (the service's stream_trim; default 0 and 0.2)")
+    parser.add_argument("--service", action="store_true",
+                        help="drive the real service instead of the library: the attacker is another client (its "
+                             "own loopback address), the service runs with default settings and each --stream-keys")
+    parser.add_argument("--stream-keys", type=lambda text: text.split(","), default=["client", "shared"],
+                        help="with --service: the service's stream_key settings to measure (default client,shared)")
+    parser.add_argument("--port", type=int, default=8831, help="with --service: the service's port")
     parser.add_argument("--smoke", action="store_true", help="300 victims, 3 steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shift" / "stream_poisoning.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default benchmarks/results/shift/stream_poisoning.json, "
+                             "stream_poisoning_service.json with --service)")
     args = parser.parse_args(argv)
+    results = ROOT / "benchmarks" / "results" / "shift"
+    args.out = args.out or results / ("stream_poisoning_service.json" if args.service else "stream_poisoning.json")
     torch.set_num_threads(1)
     images, steps = (300, 3) if args.smoke else (args.images, args.steps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -188,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
               "attacker_share": 1 / SHARE, "victims": images, "counted_after": WARM, "pgd_steps": steps,
               "models": {}}
     for name in args.models.split(","):
-        report["models"][name] = measure(name, images, steps, args.seed, args.trims)
+        runners = (functools.partial(lambda _model, _card, name: service_runners(
+            name, args.stream_keys, args.port, Path(tempfile.gettempdir())), name=name) if args.service
+            else functools.partial(library_runners, trims=args.trims))
+        report["models"][name] = measure(name, images, steps, args.seed, runners)
     out = args.out.with_name(args.out.stem + "-smoke.json") if args.smoke else args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -47,7 +47,8 @@ class BatchKey:
     """What decides which requests may share a forward pass."""
 
     policy: Policy  # the effective statistics policy: never mixed within a forward
-    tenant: str | None = None  # None when requests are not isolated by tenant (also their stream's key)
+    tenant: str | None = None  # None when requests are not isolated by tenant
+    stream: str | None = None  # the stream its images join under a stream policy (None: the shared stream)
 
 
 class Queued(Protocol):
@@ -114,13 +115,13 @@ def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wa
     return Collected([], expired, min(head_due, min(item.deadline - margin for item in live)))
 
 
-def group_by_tenant(items: Sequence[Q], share_tenants: bool) -> list[list[Q]]:
-    """Statistics groups of a batch: one per tenant when tenants share a forward pass, else one group."""
-    if not share_tenants:
-        return [list(items)]
-    groups: dict[str | None, list[Q]] = {}
+def statistics_groups(items: Sequence[Q], share_tenants: bool) -> list[list[Q]]:
+    """Statistics groups of a batch: one per tenant when tenants share a forward pass and, under a stream
+    policy, one per stream (each group reads and feeds its own stream); else one group."""
+    groups: dict[tuple[str | None, str | None], list[Q]] = {}
     for item in items:
-        groups.setdefault(item.key.tenant, []).append(item)
+        key = (item.key.tenant if share_tenants else None, item.key.stream if item.key.policy.uses_streams else None)
+        groups.setdefault(key, []).append(item)
     return list(groups.values())
 
 
@@ -162,6 +163,11 @@ class Batch(Generic[R]):
     def tenants(self) -> list[str | None]:
         """The tenant of each statistics group (``None`` where requests are not isolated by tenant)."""
         return [group[0].key.tenant for group in self.groups]
+
+    @property
+    def streams(self) -> list[str | None]:
+        """The stream of each statistics group (``None``: the shared stream)."""
+        return [group[0].key.stream for group in self.groups]
 
 
 RunBatch = Callable[[Batch[R]], Awaitable[Mapping[str, list[R]]]]
@@ -373,7 +379,7 @@ class MicroBatcher(Generic[R]):
                 self._remove(collected.batch)
                 self._queue.started(collected.batch)
                 return Batch(id=f"{self._instance}-{secrets.token_hex(6)}", policy=collected.batch[0].key.policy,
-                             groups=group_by_tenant(collected.batch, self.share_tenants))
+                             groups=statistics_groups(collected.batch, self.share_tenants))
             self._wakeup.clear()
             timeout = None if collected.wake_at is None else max(0.0, collected.wake_at - now)
             with contextlib.suppress(asyncio.TimeoutError):

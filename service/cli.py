@@ -181,7 +181,10 @@ def build_server(app: FastAPI, settings: Settings, **config: Any) -> Server:
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level, "http": protocol,
         "timeout_keep_alive": settings.keep_alive_timeout, "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "timeout_graceful_shutdown": max(1.0, settings.drain_timeout), **config}
+        "timeout_graceful_shutdown": max(1.0, settings.drain_timeout),
+        # The service decides which proxy headers it trusts (trust_forwarded_for, trust_request_start); uvicorn's
+        # own rewriting of the client address from X-Forwarded-For (on for loopback peers) would bypass that.
+        "proxy_headers": False, **config}
     return Server(uvicorn.Config(app, **options), on_drain=functools.partial(_drain, app),
                   grace=settings.drain_grace, drain_timeout=settings.drain_timeout)
 

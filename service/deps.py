@@ -186,6 +186,27 @@ def tenant_of(request: Request, settings: Settings, caller: Caller) -> str | Non
     return None
 
 
+def client_address(request: Request, settings: Settings) -> str:
+    """The address of the client that sent a request: the connecting peer, or, with ``trust_forwarded_for``, the
+    last X-Forwarded-For entry (the one the trusted proxy in front appended; earlier ones the client may have
+    written itself)."""
+    if settings.trust_forwarded_for:
+        forwarded = ",".join(request.headers.getlist("x-forwarded-for")).rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded[:MAX_TENANT_LENGTH]
+    return request.client.host if request.client is not None else "unknown"
+
+
+def stream_of(request: Request, settings: Settings, tenant: str | None) -> str | None:
+    """The stream a request's images join under a stream policy (``None``: the one shared stream): its tenant's
+    when tenants are batched apart, else its client's (``stream_key='client'``) or the shared one."""
+    if tenant is not None:
+        return tenant
+    if settings.stream_key == "client":
+        return f"client:{client_address(request, settings)}"
+    return None
+
+
 def identify(request: Request, settings: Settings) -> str | None:
     """The tenant of a request that may call /predict (401 or 403 for one that may not): what the dependencies
     of the route find, for code that runs before it (service.door)."""

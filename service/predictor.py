@@ -281,8 +281,8 @@ class Predictor:
             raise DeadlineExceeded("the request's deadline passed while its images were waiting for or in "
                                    "decoding") from None
 
-    def _key(self, policy: Policy, tenant: str | None) -> BatchKey:
-        return BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None)
+    def _key(self, policy: Policy, tenant: str | None, stream: str | None = None) -> BatchKey:
+        return BatchKey(policy=policy, tenant=tenant if self.settings.batch_key != "none" else None, stream=stream)
 
     def admit(self, count: int, *, policy: Policy, tenant: str | None, deadline: float, arriving: bool = True
               ) -> None:
@@ -299,15 +299,16 @@ class Predictor:
         assert self._batcher is not None
         return self._batcher.working(tenant if self.settings.batch_key != "none" else None)
 
-    async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float
-                      ) -> list[ImageAnswer]:
-        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic). A request
+    async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float,
+                      stream: str | None = None) -> list[ImageAnswer]:
+        """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic); under a
+        stream policy they join ``stream`` (``None``: the shared stream, see :func:`service.deps.stream_of`). A request
         accepted before a drain began still runs (its images are queued until the drain closes the batcher).
         Answers ready only after the deadline are dropped (504), never returned late."""
         if self.state != "draining":
             self.check_ready()
         assert self._batcher is not None
-        answers = await self._batcher.submit(pixels, key=self._key(policy, tenant), deadline=deadline)
+        answers = await self._batcher.submit(pixels, key=self._key(policy, tenant, stream), deadline=deadline)
         if time.monotonic() > deadline:
             self.metrics.drop_late("answer", len(answers))
             raise DeadlineExceeded("the answer was ready only after the request's deadline; it was dropped", "answer")
@@ -325,7 +326,7 @@ class Predictor:
         return "after" if self._drift_pending < 2 else "skipped"  # a bounded backlog: never fall behind
 
     async def _run_batch(self, batch: Batch[ImageAnswer]) -> dict[str, list[ImageAnswer]]:
-        groups = [GroupSpec(size, tenant) for size, tenant in zip(batch.sizes, batch.tenants)]
+        groups = [GroupSpec(size, stream) for size, stream in zip(batch.sizes, batch.streams)]
         pixels = torch.cat([item.pixels for item in batch.items])
         plan = self._drift_plan()
         loop = asyncio.get_running_loop()

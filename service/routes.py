@@ -25,6 +25,7 @@ from .deps import (
     StatsScopeDep,
     TenantDep,
     refuse_when_draining,
+    stream_of,
 )
 from .errors import ClientGone, DeadlineExceeded, InvalidRequest
 from .inputs import read_images
@@ -130,11 +131,13 @@ async def predict(
     # Refused (429) when it could not be answered in time: before decoding, so that refusing is cheap. The door
     # (service.door) admitted it as one of the requests being answered already.
     predictor.admit(len(images), policy=effective_policy, tenant=tenant, deadline=deadline, arriving=False)
+    stream = stream_of(request, settings, tenant)
 
     async def decode_and_run() -> tuple[float, list[ImageAnswer]]:
         pixels = await predictor.decode(images, deadline)
         decoded = time.monotonic()
-        return decoded, await predictor.predict(pixels, policy=effective_policy, tenant=tenant, deadline=deadline)
+        return decoded, await predictor.predict(pixels, policy=effective_policy, tenant=tenant, stream=stream,
+                                                deadline=deadline)
 
     decoded, answers = await _unless_client_leaves(request, decode_and_run())
     forwards = {answer.group.batch_id: answer.group.inference_seconds for answer in answers}

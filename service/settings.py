@@ -33,6 +33,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 BatchKeySource = Literal["none", "api_key", "header"]
+StreamKey = Literal["client", "shared"]
 Isolation = Literal["separate", "grouped"]
 Padding = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -123,6 +124,17 @@ class Settings(BaseSettings):
     stream_batch_share: float = Field(
         0.25, gt=0, le=1, description="share of a stream's window one micro-batch may fill at most (bounds how far "
                                       "one batch moves the statistics later batches run with)")
+
+    stream_key: StreamKey = Field(
+        "client", description="whose images share a stream when batch_key is 'none': 'client' gives each client "
+                              "address its own stream, so that no client's images move the statistics another "
+                              "client's images run with; 'shared' makes all traffic one stream (it fills faster, "
+                              "but every client moves every answer). With a batch_key each tenant has its own "
+                              "stream either way")
+    trust_forwarded_for: bool = Field(
+        False, description="take the client address (stream_key='client') from the last X-Forwarded-For entry, "
+                           "which a trusted proxy in front appends; only behind such a proxy: clients could "
+                           "otherwise choose their stream")
 
     stream_trim: float = Field(
         0.0, ge=0, lt=0.5, description="share of a stream window's images left out at each end, per channel, of its "

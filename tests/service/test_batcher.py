@@ -11,11 +11,12 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from service.batcher import Batch, BatchKey, MicroBatcher, collect_batch, group_by_tenant
+from robustnorm import parse_policy
+from service.batcher import Batch, BatchKey, MicroBatcher, collect_batch, statistics_groups
 from service.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, Unavailable
 from service.metrics import Metrics
 
-POLICY = "adaptive:8"
+POLICY = parse_policy("adaptive:8")
 DEFAULT_KEY = BatchKey(POLICY)
 
 
@@ -83,7 +84,7 @@ def test_wakes_up_at_the_first_deadline_when_it_comes_before_max_wait() -> None:
 
 
 def test_policies_never_share_a_batch() -> None:
-    queue = [Item("a", 1), Item("frozen", 1, key=BatchKey("frozen")), Item("b", 1)]
+    queue = [Item("a", 1), Item("frozen", 1, key=BatchKey(parse_policy("frozen"))), Item("b", 1)]
     collected = collect_batch(queue, now=10.0, max_batch_size=8, max_wait=0.01)
     assert names(collected.batch) == ["a", "b"]
     rest = collect_batch([queue[1]], now=10.0, max_batch_size=8, max_wait=0.01)
@@ -97,8 +98,20 @@ def test_tenants_are_separate_batches_unless_they_share_forwards_as_groups() -> 
     assert names(separate.batch) == ["a1", "a2"]
     shared = collect_batch(queue, now=10.0, max_batch_size=8, max_wait=0.01, share_tenants=True)
     assert names(shared.batch) == ["a1", "b1", "a2"]
-    assert [names(group) for group in group_by_tenant(shared.batch, True)] == [["a1", "a2"], ["b1"]]
-    assert [names(group) for group in group_by_tenant(shared.batch, False)] == [["a1", "b1", "a2"]]
+    assert [names(group) for group in statistics_groups(shared.batch, True)] == [["a1", "a2"], ["b1"]]
+    assert [names(group) for group in statistics_groups(shared.batch, False)] == [["a1", "b1", "a2"]]
+
+
+def test_streams_are_statistics_groups_under_stream_policies_only() -> None:
+    streaming = parse_policy("stream:64")
+    items = [Item("x1", 1, key=BatchKey(streaming, stream="client:x")),
+             Item("y1", 1, key=BatchKey(streaming, stream="client:y")),
+             Item("x2", 2, key=BatchKey(streaming, stream="client:x"))]
+    batch = collect_batch(items, now=10.0, max_batch_size=8, max_wait=0.01)
+    assert names(batch.batch) == ["x1", "y1", "x2"]  # clients still share a forward pass
+    assert [names(group) for group in statistics_groups(batch.batch, False)] == [["x1", "x2"], ["y1"]]
+    plain = [Item(item.name, item.size, key=BatchKey(POLICY, stream=item.key.stream)) for item in items]
+    assert [names(group) for group in statistics_groups(plain, False)] == [["x1", "y1", "x2"]]
 
 
 # -- MicroBatcher -------------------------------------------------------------------------------------------

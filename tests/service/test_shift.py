@@ -107,3 +107,31 @@ def test_admin_routes_are_off_without_an_admin_key() -> None:
     for plain in serve(create_app(Settings(device="cpu", model=MODEL), registry=CollectorRegistry())):
         answer = httpx.post(f"{plain.url}/v1/streams/reset", json={}, headers={"X-API-Key": ADMIN})
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
+def held_after(url: str, image: torch.Tensor, *, source: str = "127.0.0.1", forwarded: str | None = None) -> int:
+    """How many images the stream held when ``image`` ran, sent from the loopback address ``source``."""
+    headers = {"Content-Type": "image/png"} | ({"X-Forwarded-For": forwarded} if forwarded else {})
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=30) as client:
+        response = client.post(f"{url}/predict", content=png(image), headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"][0]["batch"]["stream_images"]
+
+
+def test_each_client_has_a_stream_of_its_own_by_default() -> None:
+    image = torch.full((3, 32, 32), 90, dtype=torch.uint8)
+    for live in serve(create_app(Settings(device="cpu", model=MODEL, policy="stream:64"),
+                                 registry=CollectorRegistry())):
+        assert [held_after(live.url, image) for _ in range(3)] == [0, 1, 2]
+        assert held_after(live.url, image, source="127.0.0.2") == 0, "another address, another stream"
+        assert held_after(live.url, image, forwarded="10.0.0.9") == 3, "X-Forwarded-For is not trusted by default"
+        assert httpx.get(f"{live.url}/v1/stats").json()["streams"] == 2
+    shared = Settings(device="cpu", model=MODEL, policy="stream:64", stream_key="shared")
+    for live in serve(create_app(shared, registry=CollectorRegistry())):
+        assert [held_after(live.url, image, source=source) for source in ("127.0.0.1", "127.0.0.2")] == [0, 1]
+    proxied = Settings(device="cpu", model=MODEL, policy="stream:64", trust_forwarded_for=True)
+    for live in serve(create_app(proxied, registry=CollectorRegistry())):
+        assert held_after(live.url, image, forwarded="10.0.0.9") == 0
+        assert held_after(live.url, image, forwarded="spoofed, 10.0.0.9") == 1, "the proxy's entry is the last"
+        assert held_after(live.url, image, forwarded="10.0.0.10") == 0
+        assert held_after(live.url, image) == 0, "no header: the peer's address"
