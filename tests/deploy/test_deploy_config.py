@@ -121,6 +121,11 @@ def test_service_scales_out_behind_the_load_balancer(compose: dict[str, Any]) ->
     haproxy = HAPROXY_CONFIG.read_text()
     assert re.search(r"^\s*server-template \S+ \d+-\d+ service:8000 .*resolvers docker", haproxy, re.M)
     assert re.search(r"^\s*option httpchk GET /readyz", haproxy, re.M)
+    # Replicas take each client's address (its statistics stream) from the header the proxy appends, and only
+    # because it does.
+    assert re.search(r"^\s*option forwardfor\s*$", haproxy, re.M)
+    for name in ("service", "service-gpu"):
+        assert services[name]["environment"]["ROBUSTNORM_TRUST_FORWARDED_FOR"] == "true", name
     mounts = services["lb"]["volumes"]
     assert "./deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in mounts
     assert services["lb"]["ports"] == ["${ROBUSTNORM_HTTP_PORT:-8000}:8080"]
