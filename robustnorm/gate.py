@@ -4,7 +4,13 @@ The gate reads the images themselves, so its score means the same under every st
 of a deeper layer's input would move when the layers before it adapt). For each image, per colour channel of
 the normalised pixels: the mean, the log standard deviation, the log mean squared and mean absolute
 difference between neighbouring pixels (noise raises them, blur and contrast lower them, pixelation makes
-them sparse) and the log ratio of those differences across 8-pixel block edges to all of them (JPEG blocks).
+them sparse), the log ratio of those differences across 8-pixel block edges to all of them (JPEG blocks) and,
+in the feature set ``pixels+fine`` (:data:`GATE_FEATURES`, what ``calibrate_gate`` fits), the log ratio of the
+mean squared difference between neighbouring pixels to that between pixels two apart: how much of the image's
+detail sits at the finest scale. Blur lowers it and noise raises it, but it also moves where the others hardly
+do: under glass blur (an image blurred, its pixels shuffled locally, blurred again: less detail overall but
+jitter at the finest scale) and frost (a textured overlay). Cards calibrated before it was added keep the
+feature set ``pixels`` (the first five), which their thresholds were fitted on.
 
 Label skew must not look like shift: a camera that sees only ships sees blue, smooth images. So each image is
 compared with the clean images of the class the model predicts for it: its raw score is the mean over
@@ -23,22 +29,38 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-FEATURES_PER_CHANNEL = ("mean", "log_std", "log_diff_sq", "log_diff_abs", "log_block_edges")
+FEATURE_SETS = {
+    "pixels": ("mean", "log_std", "log_diff_sq", "log_diff_abs", "log_block_edges"),
+    "pixels+fine": ("mean", "log_std", "log_diff_sq", "log_diff_abs", "log_block_edges", "log_fine_ratio"),
+}
+GATE_FEATURES = "pixels+fine"  # what calibrate_gate fits
 _BLOCK = 8
 
 
-def image_features(pixels: Tensor) -> Tensor:
-    """The gate's features of each image (n, C * 5), from normalised pixels (n, C, H, W)."""
+def _squared_differences(x: Tensor, step: int) -> Tensor:
+    """Mean squared difference between pixels ``step`` apart, across plus down, per image and channel."""
+    return ((x[:, :, :, step:] - x[:, :, :, :-step]).square().mean(dim=(2, 3))
+            + (x[:, :, step:] - x[:, :, :-step]).square().mean(dim=(2, 3)))
+
+
+def image_features(pixels: Tensor, kind: str = GATE_FEATURES) -> Tensor:
+    """The gate's features of each image (n, C * features), from normalised pixels (n, C, H, W), channel-major
+    within each feature (the order of ``FEATURE_SETS[kind]``)."""
+    if kind not in FEATURE_SETS:
+        raise ValueError(f"unknown gate feature set {kind!r}; known: {', '.join(FEATURE_SETS)}")
     x = pixels.float()
     mean = x.mean(dim=(2, 3))
     log_std = x.flatten(2).std(dim=2).clamp_min(1e-4).log()
     across, down = (x[:, :, :, 1:] - x[:, :, :, :-1]), (x[:, :, 1:] - x[:, :, :-1])
-    squared = across.square().mean(dim=(2, 3)) + down.square().mean(dim=(2, 3))
+    squared = _squared_differences(x, 1)
     absolute = across.abs().mean(dim=(2, 3)) + down.abs().mean(dim=(2, 3))
     edges = (across[:, :, :, _BLOCK - 1::_BLOCK].abs().mean(dim=(2, 3))
              + down[:, :, _BLOCK - 1::_BLOCK].abs().mean(dim=(2, 3)))
-    return torch.cat([mean, log_std, (squared + 1e-6).log(), (absolute + 1e-4).log(),
-                      ((edges + 1e-4) / (absolute + 1e-4)).log()], dim=1)
+    features = [mean, log_std, (squared + 1e-6).log(), (absolute + 1e-4).log(),
+                ((edges + 1e-4) / (absolute + 1e-4)).log()]
+    if kind == "pixels+fine":
+        features.append(((squared + 1e-6) / (_squared_differences(x, 2) + 1e-6)).log())
+    return torch.cat(features, dim=1)
 
 
 @dataclass
@@ -51,6 +73,7 @@ class GateCalibration:
     off: float  # and back to the population below this one
     min_images: int = 64  # the gate decides nothing on fewer images
     samples: dict[str, float] | None = None  # what the calibration saw (counts, clean and skewed maxima)
+    features: str = "pixels"  # the feature set (FEATURE_SETS); cards without the field were fitted on "pixels"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +84,7 @@ class GateCalibration:
 
     def image_raw(self, pixels: Tensor, predicted: Tensor) -> Tensor:
         """Each image's raw score against the clean images of its predicted class, (n,)."""
-        features = image_features(pixels)
+        features = image_features(pixels, self.features)
         mean = torch.tensor(self.class_mean, dtype=features.dtype, device=features.device)[predicted]
         std = torch.tensor(self.class_std, dtype=features.dtype, device=features.device)[predicted]
         return ((features - mean) / std).square().mean(dim=1)
@@ -88,7 +111,7 @@ def window_scores(raw: Tensor, window: int, starts: Sequence[int]) -> list[float
 @torch.no_grad()
 def calibrate_gate(model: torch.nn.Module, images: Tensor, labels: Tensor, *, window: int, classes: int,
                    windows: int = 64, margin: float = 1.1, min_images: int = 64, seed: int = 0,
-                   chunk: int = 1000) -> GateCalibration:
+                   chunk: int = 1000, features: str = GATE_FEATURES) -> GateCalibration:
     """Fit the gate on clean held-out images (normalised, with their true ``labels``).
 
     Half the images give each predicted class's feature statistics (the model's own predictions under
@@ -105,7 +128,7 @@ def calibrate_gate(model: torch.nn.Module, images: Tensor, labels: Tensor, *, wi
         with batch_groups(model, policy="frozen"):
             predicted.append(model(part).argmax(dim=1))
     predicted = torch.cat(predicted)
-    features = image_features(images)
+    kind, features = features, image_features(images, features)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(images.shape[0], generator=generator)
     fit, held = order[: len(order) // 2], order[len(order) // 2:]
@@ -123,7 +146,7 @@ def calibrate_gate(model: torch.nn.Module, images: Tensor, labels: Tensor, *, wi
     highest = max(clean + skewed)
     off = margin * highest
     return GateCalibration(class_mean=class_mean.tolist(), class_std=class_std.tolist(), on=margin * off, off=off,
-                           min_images=min(min_images, window),
+                           min_images=min(min_images, window), features=kind,
                            samples={"images": float(images.shape[0]), "window": float(size),
                                     "clean_mean": sum(clean) / len(clean), "clean_max": max(clean),
                                     "skewed_max": max(skewed) if skewed else 0.0})

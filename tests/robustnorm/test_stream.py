@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import robustnorm
-from robustnorm.gate import GateCalibration, calibrate_gate, image_features
+from robustnorm.gate import FEATURE_SETS, GATE_FEATURES, GateCalibration, calibrate_gate, image_features
 from robustnorm.policy import GroupPlan, parse_policy
 from robustnorm.stream import StreamStore
 
@@ -98,7 +98,38 @@ def test_tenants_streams_are_apart_and_one_batch_fills_at_most_its_share() -> No
 def _synthetic_gate() -> GateCalibration:
     features = image_features(torch.zeros(1, 3, 8, 8)).shape[1]
     return GateCalibration(class_mean=[[0.0] * features] * 2, class_std=[[1.0] * features] * 2, on=2.0, off=1.5,
-                           min_images=4)
+                           min_images=4, features=GATE_FEATURES)
+
+
+def test_gate_feature_sets_and_cards_fitted_before_the_fine_ratio() -> None:
+    pixels = torch.rand(4, 3, 16, 16)
+    assert image_features(pixels, "pixels").shape == (4, 3 * 5)
+    assert image_features(pixels).shape == (4, 3 * len(FEATURE_SETS[GATE_FEATURES]))
+    assert torch.equal(image_features(pixels)[:, :15], image_features(pixels, "pixels")), "the older set is a prefix"
+    with pytest.raises(ValueError, match="unknown gate feature set"):
+        image_features(pixels, "layer1")
+    older = _synthetic_gate().to_dict()
+    older.pop("features")
+    older["class_mean"] = [[0.0] * 15] * 2
+    older["class_std"] = [[1.0] * 15] * 2
+    card_gate = GateCalibration.from_dict(older)  # a card written before the field existed
+    assert card_gate.features == "pixels"
+    assert card_gate.image_raw(pixels, torch.zeros(4, dtype=torch.long)).shape == (4,)
+
+
+def test_the_fine_ratio_sees_detail_move_to_the_finest_scale() -> None:
+    """Blurred images have little fine detail; shuffling their pixels locally (glass blur's second step) adds
+    it back at the finest scale only, and the fine ratio rises although the image stays blurred."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(8, 3, 36, 36, generator=generator), 5, stride=1)
+    shuffled = smooth.clone()
+    swap = torch.rand(32, 31, generator=generator) < 0.5  # swap pixel pairs (x, x + 1) here and there
+    left, right = shuffled[..., :-1][..., swap], shuffled[..., 1:][..., swap]
+    shuffled[..., :-1][..., swap], shuffled[..., 1:][..., swap] = right, left
+    ratio = FEATURE_SETS[GATE_FEATURES].index("log_fine_ratio")
+    before = image_features(smooth)[:, ratio * 3:(ratio + 1) * 3]
+    after = image_features(shuffled)[:, ratio * 3:(ratio + 1) * 3]
+    assert (after > before + 0.1).all()
 
 
 def test_the_gate_switches_with_hysteresis_on_a_drift_sequence() -> None:
@@ -143,8 +174,13 @@ def test_the_calibrated_gate_ignores_label_skew_and_sees_shift(cifar10: Path) ->
     for c in range(10):
         assert window_score(clean[test_labels == c][:128]) < gate.off, f"one class ({c}) is not a shift"
     assert window_score(clean[:256]) < gate.off
-    for name in ("gaussian_noise", "contrast", "defocus_blur", "pixelate"):
+    for name in ("gaussian_noise", "contrast", "defocus_blur", "pixelate", "glass_blur", "frost"):
         assert window_score(corrupt(name, clean[:256], 5, 0)) > gate.on, name
+    # Without the fine ratio (the feature set of cards calibrated before it), glass blur looks clean.
+    legacy = calibrate_gate(model, norm(pixels[fit]), labels[fit], window=128, classes=10, features="pixels")
+    with torch.no_grad(), robustnorm.batch_groups(model, policy="frozen"):
+        predicted = model(norm(corrupt("glass_blur", clean[:256], 5, 0))).argmax(dim=1)
+    assert float(legacy.image_raw(norm(corrupt("glass_blur", clean[:256], 5, 0)), predicted).mean()) < legacy.off
 
 
 @pytest.mark.parametrize("norm", ["bn", "robustnorm"])
