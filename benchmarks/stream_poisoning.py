@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     report = {"date": dt.date.today().isoformat(), "commit": commit.stdout.strip() or None,
               "command": " ".join(["python", "benchmarks/stream_poisoning.py", *(argv or sys.argv[1:])]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                         + ("the script 1 thread, the service its defaults" if args.service else "1 thread"),
               "attacker_share": 1 / SHARE, "victims": images, "counted_after": WARM, "pgd_steps": steps,
               "models": {}}
     for name in args.models.split(","):
