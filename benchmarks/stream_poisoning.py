@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from shift_service import Service, png, quantised
 
 import robustnorm
 from robustnorm.corruptions import corrupt
@@ -60,7 +61,6 @@ from robustnorm.data import load_cifar10, normalize, to_float
 from robustnorm.evaluation.cells import Cell
 from robustnorm.evaluation.craft import craft
 from robustnorm.gate import GateCalibration
-from shift_service import Service, png, quantised
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifar10-resnet20-bn", "cifar10-resnet20-robustnorm")

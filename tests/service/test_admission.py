@@ -14,8 +14,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from service.admission import ACTIVE_SECONDS, FairQueue, Rate
 from robustnorm import parse_policy
+from service.admission import ACTIVE_SECONDS, FairQueue, Rate
 from service.batcher import Batch, BatchKey, MicroBatcher, collect_batch
 from service.deadlines import MAX_PROXY_LAG, accepted_at, proxy_start
 from service.errors import DeadlineExceeded, Overloaded, QueueFull, TenantQueueFull
