@@ -222,13 +222,13 @@ def _metric_sum(url: str, name: str) -> dict[str, float]:
     return values
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str) -> None:
+def wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str) -> None:
     """Until ``url``/readyz answers 200; ``failure`` if ``process`` exits or ``seconds`` pass first."""
     until = time.monotonic() + seconds
     while True:
@@ -244,7 +244,7 @@ def _wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: st
 
 @contextmanager
 def service(*options: str, log: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     serve = Path(sys.executable).with_name("robustnorm-serve")
     command = [str(serve), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options]
     # One intra-op thread: the event loop, the decoding threads and the load generator need the other core.
@@ -253,7 +253,7 @@ def service(*options: str, log: Path) -> Iterator[str]:
         process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, 180, f"the service did not become ready; see {log}")
+        wait_ready(url, process, 180, f"the service did not become ready; see {log}")
         yield url
     finally:
         process.terminate()
@@ -296,7 +296,7 @@ def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterat
     binary = shutil.which("haproxy")
     if binary is None:
         raise RuntimeError("measuring through HAProxy needs haproxy on the PATH (Debian: apt-get install haproxy)")
-    port, stats_port = _free_port(), _free_port()
+    port, stats_port = free_port(), free_port()
     config = log.with_suffix(".cfg")
     config.write_text(loopback_haproxy_config([int(service_url.rsplit(":", 1)[1])], port, stats_port))
     environment = dict(os.environ)
@@ -308,7 +308,7 @@ def haproxy(service_url: str, *, tenant_rate: float | None, log: Path) -> Iterat
                                    env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, 30, f"HAProxy did not pass requests through; see {log}")
+        wait_ready(url, process, 30, f"HAProxy did not pass requests through; see {log}")
         yield Proxy(url, process.pid)
     finally:
         process.terminate()

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,18 +30,12 @@ import time
 from pathlib import Path
 
 import httpx
-from overload import haproxy
+from overload import free_port, haproxy, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "slowloris"
 MiB = 1024 * 1024
 DECLARED = 8 * MiB
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss(pid: int) -> int:
@@ -149,16 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--log-level", "warning"], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        until = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > until or server.poll() is not None:
-                raise SystemExit("the service did not become ready")
-            time.sleep(0.5)
+        wait_ready(url, server, 120, "the service did not become ready")
         with contextlib.ExitStack() as stack:
             pids = [server.pid]
             if args.front == "haproxy":
