@@ -94,7 +94,7 @@ def run_shift(args: argparse.Namespace, progress: bool) -> None:
         shift_cells,
         shift_images,
     )
-    from .store import card_digest, merge_devices, resumable, write_results
+    from .store import card_digest, gate_digest, merge_devices, resumable, write_results
 
     grid = _grid(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,6 +122,9 @@ def run_shift(args: argparse.Namespace, progress: bool) -> None:
             entry = {"model": card.name, "version": card.version, "norm": card.norm, "card_policy": card.policy,
                      "card_digest": card_digest(card), "seconds": 0.0, "cells": []}
             report["models"].append(entry)
+        if entry.get("gate_digest") != gate_digest(card):  # a recalibrated gate: its auto cells are stale
+            entry["cells"] = [record for record in entry["cells"] if not record["policy"].startswith("auto")]
+            entry["gate_digest"] = gate_digest(card)
         entry["skipped"] = {**entry.get("skipped", {}), **model_policies(card, grid)[1]}
         for policy, why in model_policies(card, grid)[1].items():
             logger.warning("%s: %s left out: %s", card.name, policy, why)

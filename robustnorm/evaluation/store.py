@@ -7,7 +7,8 @@ dataset, grid name, seed and image counts, plus the grid's spec) and one entry p
 - :func:`merge_results` adds to one result the robust cells another of the same identity holds for the same
   model (weights and policy), and never replaces a figure: cells both hold must agree (except in time).
 Accuracy cells are keyed to :func:`card_digest` (weights and deployed policy), the drift section also to
-:func:`calibration_digest` (the drift calibration the scores read).
+:func:`calibration_digest` (the drift calibration the scores read), and the shift grid's ``auto`` cells also to
+:func:`gate_digest` (the drift gate they switch with).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def card_digest(card: ModelCard) -> str:
 def calibration_digest(card: ModelCard) -> str:
     """What the drift section depends on as well: the card's drift calibration (the scores read it)."""
     return _digest(card.calibration and card.calibration.to_dict())
+
+
+def gate_digest(card: ModelCard) -> str:
+    """What the ``auto`` policy's cells depend on as well: the card's drift gate (``calibration.gate``)."""
+    gate = card.calibration.gate if card.calibration is not None else None
+    return _digest(gate)
 
 
 def without_nan(value: object) -> object:

@@ -181,6 +181,37 @@ def test_resume_runs_only_the_missing_cells(tmp_path, monkeypatch: pytest.Monkey
     assert ran == []
 
 
+def test_resume_reruns_the_auto_cells_of_a_recalibrated_gate(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("robustnorm.data.load_cifar10", lambda split, root=None: fake_test_set())
+    out = tmp_path / "grid.json"
+    command = ["evaluate", "--sections", "shift", "--models", "cifar10-resnet20-bn", "--shift-images", "40",
+               "--shift-policies", "frozen", "card", "--corruptions", "contrast", "--severities", "5",
+               "--skew-sizes", "--shift-sizes", "8", "--shift-out", str(out), "--quiet", "--device", "cpu",
+               "--resume"]
+    assert main(command) == 0
+    first = json.loads(out.read_text())
+    assert sorted({cell["policy"] for cell in first["models"][0]["cells"]}) == ["auto:256:256", "frozen"]
+
+    ran: list[ShiftCell] = []
+    original = shifting.run_cells
+
+    def counting(model: torch.nn.Module, card: ModelCard, cells: list, *args: object, **kwargs: object) -> list:
+        ran.extend(cells)
+        return original(model, card, cells, *args, **kwargs)
+
+    monkeypatch.setattr(shifting, "run_cells", counting)
+    assert main(command) == 0
+    assert ran == []  # the same gate: nothing to run
+    digest = first["models"][0]["gate_digest"]
+    first["models"][0]["gate_digest"] = "an-older-gate"  # as a file written before the card's gate was recalibrated
+    out.write_text(json.dumps(first))
+    assert main(command) == 0
+    assert ran and {cell.policy for cell in ran} == {"auto:256:256"}
+    second = json.loads(out.read_text())
+    assert second["models"][0]["gate_digest"] == digest
+    assert len(second["models"][0]["cells"]) == len(first["models"][0]["cells"])
+
+
 def test_summary_relative_to_frozen() -> None:
     def cell(policy: str, corruption: str, severity: int, accuracy: float) -> dict:
         return {"policy": policy, "n": 8, "corruption": corruption, "severity": severity, "skew": False,
