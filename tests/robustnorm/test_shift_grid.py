@@ -153,6 +153,19 @@ def fake_test_set(images: int = 200) -> ImageDataset:
     return ImageDataset(pixels, torch.arange(10).repeat(images // 10), tuple(CIFAR10_CLASSES))
 
 
+def record_cells_run(monkeypatch: pytest.MonkeyPatch) -> list[ShiftCell]:
+    """The cells ``robustnorm evaluate`` runs from now on, in order (it still runs them)."""
+    ran: list[ShiftCell] = []
+    original = shifting.run_cells
+
+    def counting(model: torch.nn.Module, card: ModelCard, cells: list, *args: object, **kwargs: object) -> list:
+        ran.extend(cells)
+        return original(model, card, cells, *args, **kwargs)
+
+    monkeypatch.setattr(shifting, "run_cells", counting)
+    return ran
+
+
 def test_resume_runs_only_the_missing_cells(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("robustnorm.data.load_cifar10", lambda split, root=None: fake_test_set())
     out = tmp_path / "grid.json"
@@ -164,14 +177,7 @@ def test_resume_runs_only_the_missing_cells(tmp_path, monkeypatch: pytest.Monkey
     cells = first["models"][0]["cells"]
     assert len(cells) == 2 * (2 * 2 + 2) and first["grid_spec"]["images"] == 40
 
-    ran: list[ShiftCell] = []
-    original = shifting.run_cells
-
-    def counting(model: torch.nn.Module, card: ModelCard, cells: list, *args: object, **kwargs: object) -> list:
-        ran.extend(cells)
-        return original(model, card, cells, *args, **kwargs)
-
-    monkeypatch.setattr(shifting, "run_cells", counting)
+    ran = record_cells_run(monkeypatch)
     assert main([*command, "--shift-sizes", "1", "8", "4", "--resume"]) == 0
     assert ran and all(cell.n == 4 for cell in ran) and len(ran) == 2 * 2
     second = json.loads(out.read_text())
@@ -192,14 +198,7 @@ def test_resume_reruns_the_auto_cells_of_a_recalibrated_gate(tmp_path, monkeypat
     first = json.loads(out.read_text())
     assert sorted({cell["policy"] for cell in first["models"][0]["cells"]}) == ["auto:256:256", "frozen"]
 
-    ran: list[ShiftCell] = []
-    original = shifting.run_cells
-
-    def counting(model: torch.nn.Module, card: ModelCard, cells: list, *args: object, **kwargs: object) -> list:
-        ran.extend(cells)
-        return original(model, card, cells, *args, **kwargs)
-
-    monkeypatch.setattr(shifting, "run_cells", counting)
+    ran = record_cells_run(monkeypatch)
     assert main(command) == 0
     assert ran == []  # the same gate: nothing to run
     digest = first["models"][0]["gate_digest"]
