@@ -6,7 +6,8 @@ Writes ``summary.md`` beside the JSON (mean error per severity, mean corruption 
 ``frozen``, per model, policy and batch size; label-skewed scenes in a second table; accuracy per corruption at the
 smallest and largest batch size; see :mod:`robustnorm.evaluation.shift_report`) and ``accuracy_vs_severity.png``
 (accuracy against severity, severity 0 being clean images: one line per policy, one panel per model and batch
-size). Needs matplotlib.
+size); for a JSON named other than ``grid.json``, ``NAME-summary.md`` and ``NAME-accuracy_vs_severity.png``.
+Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ def main() -> None:
                         help="common_accuracy (default): every policy on the same images; accuracy: each cell's own")
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
-    markdown = args.results.with_name("summary.md")
+    prefix = "" if args.results.stem == "grid" else f"{args.results.stem}-"
+    markdown = args.results.with_name(f"{prefix}summary.md")
     sizes = sorted({cell["n"] for entry in results["models"] for cell in entry["cells"]})
     per_corruption = [f"Accuracy % per corruption, n = {n}:\n\n{corruption_table(results, n, field=args.field)}"
                       for n in sizes if n in (sizes[0], sizes[-1])]
     markdown.write_text("\n".join([summary_markdown(results, field=args.field), *per_corruption]))
-    print(f"wrote {markdown} and {plot(results, args.results.with_name('accuracy_vs_severity.png'), args.field)}")
+    figure = plot(results, args.results.with_name(f"{prefix}accuracy_vs_severity.png"), args.field)
+    print(f"wrote {markdown} and {figure}")
 
 
 if __name__ == "__main__":
