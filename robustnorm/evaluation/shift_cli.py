@@ -83,6 +83,7 @@ def run_shift(args: argparse.Namespace, progress: bool) -> None:
 
     from ..data import load_cifar10, to_float
     from ..io import load_model
+    from ..policy import parse_policy
     from ..progress import progress_bar
     from .shift import (
         COMMON_FROM,
@@ -122,9 +123,10 @@ def run_shift(args: argparse.Namespace, progress: bool) -> None:
             entry = {"model": card.name, "version": card.version, "norm": card.norm, "card_policy": card.policy,
                      "card_digest": card_digest(card), "seconds": 0.0, "cells": []}
             report["models"].append(entry)
-        if entry.get("gate_digest") != gate_digest(card):  # a recalibrated gate: its auto cells are stale
-            entry["cells"] = [record for record in entry["cells"] if not record["policy"].startswith("auto")]
-            entry["gate_digest"] = gate_digest(card)
+        gate = gate_digest(card)
+        if entry.get("gate_digest") != gate:  # a recalibrated gate: its auto cells are stale
+            entry["cells"] = [record for record in entry["cells"] if parse_policy(record["policy"]).kind != "auto"]
+            entry["gate_digest"] = gate
         entry["skipped"] = {**entry.get("skipped", {}), **model_policies(card, grid)[1]}
         for policy, why in model_policies(card, grid)[1].items():
             logger.warning("%s: %s left out: %s", card.name, policy, why)
