@@ -8,6 +8,7 @@ a fresh ``CollectorRegistry``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ from .door import DoorMiddleware
 from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
 from .metrics import CLIENT_GONE, Metrics
 from .predictor import EngineFactory, Predictor
-from .routes import router
+from .routes import router, serve_predict
 from .schemas import ErrorDetail, ErrorResponse
 from .settings import Settings
 
@@ -219,38 +220,38 @@ class RequestMetricsMiddleware:
             self.metrics.observe_request(template, code, time.perf_counter() - started)
 
 
-def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+def error_response(request: Request, error: Exception, metrics: Metrics) -> JSONResponse:
+    """The answer to a request that failed with ``error``: the service's error body, and the rejection counted
+    (``robustnorm_rejected_total``) where it is one. Used by FastAPI's exception handlers and by the door's
+    ``POST /predict``."""
+    if isinstance(error, ServiceError):
         if error.reason is not None:
             metrics.reject(error.reason)
         # Rejections are counted, not logged one by one; failures are logged where they happen.
         logger.debug("%s %s -> %d %s", request.method, request.url.path, error.status_code, error.message)
         return _error_response(error.status_code, error.code, error.message, error.headers())
-
-    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    if isinstance(error, RequestValidationError):
         metrics.reject("invalid")
         problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors())
         return _error_response(422, "invalid", f"invalid parameters: {problems}")
-
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if isinstance(error, StarletteHTTPException):
         code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         return _error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
-
-    async def client_disconnected(request: Request, error: ClientDisconnect) -> JSONResponse:
+    if isinstance(error, ClientDisconnect):
         # Not a failure of the service: nobody reads this answer; it is counted as 499 and logged at debug level.
         logger.debug("%s %s: the client hung up while sending its body", request.method, request.url.path)
         gone = ClientGone("the client hung up while sending its body")
         return _error_response(gone.status_code, gone.code, gone.message)
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return _error_response(500, "internal", "internal error; it is in the service log")
 
-    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return _error_response(500, "internal", "internal error; it is in the service log")
 
-    app.add_exception_handler(ServiceError, service_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(ClientDisconnect, client_disconnected)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, unexpected_error)
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def handler(request: Request, error: Exception) -> JSONResponse:
+        return error_response(request, error, metrics)
+
+    for kind in (ServiceError, RequestValidationError, StarletteHTTPException, ClientDisconnect, Exception):
+        app.add_exception_handler(kind, handler)
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None,
@@ -287,6 +288,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     # the guard.
     app.add_middleware(DoorMiddleware, settings=settings, metrics=metrics,
                        predictor=lambda: getattr(app.state, "predictor", None),
+                       serve=functools.partial(serve_predict, settings=settings,
+                                               on_error=functools.partial(error_response, metrics=metrics)),
                        respond=lambda error: _error_response(error.status_code, error.code, error.message,
                                                              error.headers()))
     app.add_middleware(RequestGuardMiddleware, body_timeout=settings.body_timeout,

@@ -180,6 +180,7 @@ def build_server(app: FastAPI, settings: Settings, **config: Any) -> Server:
                                  on_header_timeout=metrics.header_timeouts.inc if metrics is not None else lambda: None)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level, "http": protocol,
+        "access_log": settings.access_log,
         "timeout_keep_alive": settings.keep_alive_timeout, "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": max(1.0, settings.drain_timeout),
         # The service decides which proxy headers it trusts (trust_forwarded_for, trust_request_start); uvicorn's

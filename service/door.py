@@ -6,15 +6,17 @@ request's deadline, its tenant's share of the queue, the queue's expected wait) 
 for a request of one image with the longest deadline the service allows: a request refused here would be
 refused later too. Its body is read (so that the connection stays open for the client's next request) and it
 is answered 429 with ``Retry-After``, or 504 when its deadline has passed already (time queued in a trusted
-proxy in front included, see :mod:`service.deadlines`). Everything else goes on to the route, which checks again
-with the request's real image count and deadline.
+proxy in front included, see :mod:`service.deadlines`). What it admits it answers itself, with the route's own
+work and without FastAPI's routing (:func:`service.routes.serve_predict`), which checks again with the request's
+real image count and deadline. A request it cannot identify (a bad key) or that comes before the model is ready
+goes on to the FastAPI route, whose dependencies say why it cannot be answered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 from starlette.requests import Request
@@ -37,13 +39,14 @@ class DoorMiddleware:
     being answered (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
-                 predictor: Callable[[], Predictor | None],
-                 respond: Callable[[ServiceError], ASGIApp]) -> None:
+                 predictor: Callable[[], Predictor | None], respond: Callable[[ServiceError], ASGIApp],
+                 serve: Callable[..., Awaitable[None]]) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
         self.predictor = predictor
         self.respond = respond
+        self.serve = serve  # POST /predict without routing (service.routes.serve_predict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
@@ -83,7 +86,7 @@ class DoorMiddleware:
                     counted = True
                 return message
 
-            await self.app(scope, counting_receive, send)
+            await self.serve(scope, counting_receive, send, predictor=predictor, tenant=tenant)
 
     def _refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
         scope = request.scope

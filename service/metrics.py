@@ -69,6 +69,7 @@ class Metrics:
         self.batches = Counter("robustnorm_batches_total",
                                "Statistics groups run, by the statistics that ran and whether adaptive fell back.",
                                ["statistics", "fallback"], registry=registry)
+        self._layer_gauges: dict[tuple[str, str], Gauge] = {}  # children of layer_drift by label values
         self.layer_drift = Gauge("robustnorm_layer_drift", "Drift of the latest batch per norm layer and measure.",
                                  ["layer", "measure"], registry=registry)
         self.batch_drift_score = Histogram("robustnorm_batch_drift_score", "Calibrated drift score per batch.",
@@ -151,7 +152,10 @@ class Metrics:
         for layer, measures in report.layers.items():
             for measure, per_group in measures.items():
                 if per_group:  # the latest batch is the last group of this forward
-                    self.layer_drift.labels(layer, measure).set(per_group[-1])
+                    gauge = self._layer_gauges.get((layer, measure))
+                    if gauge is None:  # labels() costs a lookup under a lock: each child is kept once made
+                        gauge = self._layer_gauges[layer, measure] = self.layer_drift.labels(layer, measure)
+                    gauge.set(per_group[-1])
 
     def drift_not_scored(self, outcome: str) -> None:
         self.drift_batches.labels(outcome).inc()

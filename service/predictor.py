@@ -58,9 +58,11 @@ class GroupPlace:
 
 @dataclass(frozen=True)
 class ImageAnswer:
-    """One image's result: its class probabilities (on the CPU), drift score and group."""
+    """One image's result: its classes from the most to the least probable with their probabilities, its drift
+    score and group."""
 
-    probabilities: torch.Tensor
+    classes: list[int]
+    scores: list[float]
     drift_score: float | None
     group: GroupPlace
 
@@ -83,12 +85,14 @@ def split_answers(batch: Batch[ImageAnswer], probabilities: torch.Tensor, report
                   ) -> dict[str, list[ImageAnswer]]:
     """Each work item's answers, one per image in order, routed by the item's id."""
     places = _places(batch, report)
+    ranked, order = probabilities.sort(dim=1, descending=True, stable=True)  # one sort for the batch, not per image
+    scores, classes = ranked.tolist(), order.tolist()
     results: dict[str, list[ImageAnswer]] = {}
     row = 0
     for g, group_items in enumerate(batch.groups):
         for item in group_items:
             rows = range(row, row + item.size)
-            results[item.id] = [ImageAnswer(probabilities=probabilities[r], group=places[g],
+            results[item.id] = [ImageAnswer(classes=classes[r], scores=scores[r], group=places[g],
                                             drift_score=report.image_scores[r] if report.image_scores else None)
                                 for r in rows]
             row += item.size

@@ -6,12 +6,16 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from .cli import REQUEST_STARTED
 from .deadlines import REQUEST_START_HEADER, accepted_at
@@ -29,21 +33,22 @@ from .deps import (
 )
 from .errors import ClientGone, DeadlineExceeded, InvalidRequest
 from .inputs import read_images
-from .predictor import ImageAnswer, Totals
+from .predictor import ImageAnswer, Predictor, Totals
 from .schemas import (
     ErrorResponse,
     HealthResponse,
     LatestBatch,
     LayerDrift,
     ModelResponse,
+    PredictQuery,
     PredictResponse,
     ReadyResponse,
     StatsResponse,
     StreamReset,
     StreamResetResponse,
-    Timings,
-    image_prediction,
+    predict_body,
 )
+from .settings import Settings
 
 router = APIRouter()
 
@@ -95,35 +100,56 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-@router.post("/predict", status_code=status.HTTP_200_OK, openapi_extra=_PREDICT_BODY,
+PREDICT_ROUTE = SimpleNamespace(path="/predict")  # what the request metrics label requests served without routing
+ErrorResponder = Callable[[Request, Exception], Response]
+
+
+async def serve_predict(scope: Scope, receive: Receive, send: Send, *, predictor: Predictor, settings: Settings,
+                        tenant: str | None, on_error: ErrorResponder) -> None:
+    """``POST /predict`` as plain ASGI, for the requests the door (:mod:`service.door`) admitted: the route below
+    without FastAPI's routing, dependency solving and response validation, which cost the event loop more than
+    the answer itself. The door has identified the caller already; the query is validated by the same model,
+    and errors are answered by the same handlers (``on_error``)."""
+    scope["route"] = PREDICT_ROUTE
+    request = Request(scope, receive, send)
+    try:
+        await refuse_when_draining(request)
+        try:
+            query = PredictQuery.model_validate(dict(request.query_params))
+        except ValidationError as error:
+            raise RequestValidationError([{**problem, "loc": ("query", *problem["loc"])}
+                                          for problem in error.errors()]) from None
+        response = await answer_predict(request, predictor=predictor, settings=settings, tenant=tenant,
+                                        query=query)
+    except Exception as error:
+        response = on_error(request, error)
+    await response(scope, receive, send)
+
+
+@router.post("/predict", status_code=status.HTTP_200_OK, openapi_extra=_PREDICT_BODY, response_model=PredictResponse,
              dependencies=_NOT_WHILE_DRAINING, responses=_errors(400, 401, 403, 408, 413, 415, 422, 429, 503, 504))
-async def predict(
-    request: Request,
-    response: Response,
-    predictor: PredictorDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    top_k: Annotated[int | None, Query(ge=1, description="classes listed per image")] = None,
-    policy: Annotated[str | None, Query(description="statistics policy for this request, when the service "
-                                                    "allows overrides (e.g. 'frozen', 'adaptive:8')")] = None,
-    timeout: Annotated[float | None, Query(gt=0, description="seconds this request may take; capped by the "
-                                                             "service's request deadline")] = None,
-) -> PredictResponse:
+async def predict(request: Request, predictor: PredictorDep, settings: SettingsDep, tenant: TenantDep,
+                  query: Annotated[PredictQuery, Query()]) -> Response:
     """Classify images. Each image's answer says which batch it ran in and which statistics ran."""
+    return await answer_predict(request, predictor=predictor, settings=settings, tenant=tenant, query=query)
+
+
+async def answer_predict(request: Request, *, predictor: Predictor, settings: Settings, tenant: str | None,
+                         query: PredictQuery) -> Response:
+    """The answer to a prediction request whose caller is known (``tenant``) and whose query is valid."""
     first_byte = request.scope.get(REQUEST_STARTED) or time.monotonic()
     started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
                           trusted=settings.trust_request_start)
-    deadline = started + min(timeout or settings.request_deadline, settings.request_deadline)
+    deadline = started + min(query.timeout or settings.request_deadline, settings.request_deadline)
     supplied_id = request.headers.get("x-request-id", "")
     request_id = supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex
-    response.headers["X-Request-ID"] = request_id
 
     predictor.check_accepting(first_byte)
-    effective_policy = predictor.resolve_policy(policy)
+    effective_policy = predictor.resolve_policy(query.policy)
     classes = len(predictor.engine.labels)
-    k = settings.default_top_k if top_k is None else top_k
-    if top_k is not None and top_k > classes:
-        raise InvalidRequest(f"top_k={top_k} but the model knows {classes} classes")
+    k = settings.default_top_k if query.top_k is None else query.top_k
+    if query.top_k is not None and query.top_k > classes:
+        raise InvalidRequest(f"top_k={query.top_k} but the model knows {classes} classes")
     try:
         images = await asyncio.wait_for(read_images(request, settings), max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
@@ -146,12 +172,13 @@ async def predict(
         # Sending takes a moment too: an answer this close to its deadline would arrive after it.
         predictor.metrics.drop_late("answer", len(answers))
         raise DeadlineExceeded("the answer was ready only at the request's deadline; it was dropped", "answer")
-    return PredictResponse(
-        request_id=request_id, model=card.name, version=card.version,
-        predictions=[image_prediction(answer, card.labels, k) for answer in answers],
-        timings=Timings(decode_seconds=decoded - started, inference_seconds=sum(forwards.values()),
-                        total_seconds=time.monotonic() - started),
-    )
+    # Plain data serialised once: every value is the service's own, so building and validating models of it (what
+    # FastAPI does with a returned model) would only cost time. Its shape is PredictResponse's.
+    body = predict_body(request_id=request_id, model=card.name, version=card.version, answers=answers,
+                        labels=card.labels, top_k=k,
+                        timings={"decode_seconds": decoded - started, "inference_seconds": sum(forwards.values()),
+                                 "total_seconds": time.monotonic() - started})
+    return Response(body, media_type="application/json", headers={"X-Request-ID": request_id})
 
 
 @router.get("/healthz")

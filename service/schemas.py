@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
@@ -72,6 +73,16 @@ class PredictResponse(BaseModel):
     version: str = Field(description="first 12 hex digits of the SHA-256 of the weights")
     predictions: list[ImagePrediction] = Field(description="one per image, in request order")
     timings: Timings
+
+
+class PredictQuery(BaseModel):
+    """The query parameters of ``POST /predict``."""
+
+    top_k: int | None = Field(None, ge=1, description="classes listed per image")
+    policy: str | None = Field(None, description="statistics policy for this request, when the service allows "
+                                                 "overrides (e.g. 'frozen', 'adaptive:8')")
+    timeout: float | None = Field(None, gt=0, description="seconds this request may take; capped by the service's "
+                                                          "request deadline")
 
 
 class PredictJSON(BaseModel):
@@ -156,18 +167,36 @@ class StreamResetResponse(BaseModel):
     dropped: int = Field(description="streams forgotten")
 
 
-def batch_info(place: GroupPlace) -> BatchInfo:
-    """The response's view of the group an image ran in."""
+def batch_body(place: GroupPlace) -> dict[str, Any]:
+    """A response's ``batch`` object (:class:`BatchInfo`) for the group an image ran in."""
     outcome = place.outcome
-    return BatchInfo(id=place.batch_id, group=place.index, size=outcome.size, policy=place.policy,
-                     statistics=outcome.statistics, fallback=outcome.fallback,  # type: ignore[arg-type]
-                     stream_images=outcome.stream_images, drift_score=outcome.batch_score,
-                     inference_seconds=place.inference_seconds)
+    return {"id": place.batch_id, "group": place.index, "size": outcome.size, "policy": place.policy,
+            "statistics": outcome.statistics, "fallback": bool(outcome.fallback),
+            "stream_images": outcome.stream_images, "drift_score": outcome.batch_score,
+            "inference_seconds": place.inference_seconds}
 
 
-def image_prediction(answer: ImageAnswer, labels: Sequence[str], top_k: int) -> ImagePrediction:
-    """Label one image's probabilities: the best class and the ``top_k`` first."""
-    scores, indices = answer.probabilities.topk(min(top_k, len(labels)))
-    top = [TopClass(index=int(i), label=labels[int(i)], score=float(s)) for s, i in zip(scores, indices)]
-    return ImagePrediction(label=top[0].label, index=top[0].index, score=top[0].score, top_k=top,
-                           drift_score=answer.drift_score, batch=batch_info(answer.group))
+def prediction_body(answer: ImageAnswer, labels: Sequence[str], top_k: int, batch: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """One image's entry of ``predictions`` (:class:`ImagePrediction`): the best class and the ``top_k`` first.
+    The body is built as plain data, not validated models: every value is the service's own."""
+    top = [{"index": index, "label": labels[index], "score": score}
+           for index, score in zip(answer.classes[:top_k], answer.scores[:top_k])]
+    best = top[0]
+    return {"label": best["label"], "index": best["index"], "score": best["score"], "top_k": top,
+            "drift_score": answer.drift_score, "batch": batch, "mean_shift": None, "log_var_ratio": None, "kl": None}
+
+
+def predict_body(*, request_id: str, model: str, version: str, answers: Sequence[ImageAnswer],
+                 labels: Sequence[str], top_k: int, timings: dict[str, float]) -> bytes:
+    """The JSON of a :class:`PredictResponse` (non-finite numbers as null). Images of one group share its
+    ``batch`` object."""
+    batches: dict[int, dict[str, Any]] = {}
+    predictions = []
+    for answer in answers:
+        batch = batches.get(id(answer.group))
+        if batch is None:
+            batch = batches[id(answer.group)] = batch_body(answer.group)
+        predictions.append(prediction_body(answer, labels, top_k, batch))
+    return pydantic_core.to_json({"request_id": request_id, "model": model, "version": version,
+                                  "predictions": predictions, "timings": timings}, inf_nan_mode="null")

@@ -165,6 +165,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     log_level: LogLevel = Field("info", description="logging level")
+    access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log); requests are "
+                                                "counted in the metrics either way")
     drain_timeout: float = Field(
         10.0, ge=0, description="seconds from SIGTERM (or Ctrl+C) to exit at most: the grace period, then the "
                                 "requests already accepted are finished")
