@@ -27,6 +27,7 @@ matplotlib is installed.
     .venv/bin/python benchmarks/overload.py                 # 3 runs per front, about 22 minutes on 2 cores
     .venv/bin/python benchmarks/overload.py --runs 1        # one run per front, about 7 minutes
     .venv/bin/python benchmarks/overload.py --smoke         # a few seconds per phase, one run
+    .venv/bin/python benchmarks/overload.py --service-cpus 1  # the service on CPU 1, everything else on the rest
 """
 
 from __future__ import annotations
@@ -242,6 +243,9 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str
         time.sleep(0.2)
 
 
+SERVICE_CPUS: set[int] = set()  # --service-cpus: the CPUs the service runs on, the others run everything else
+
+
 @contextmanager
 def service(*options: str, log: Path) -> Iterator[str]:
     port = free_port()
@@ -249,8 +253,10 @@ def service(*options: str, log: Path) -> Iterator[str]:
     command = [str(serve), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options]
     # One intra-op thread: the event loop, the decoding threads and the load generator need the other core.
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    pin = (lambda: os.sched_setaffinity(0, SERVICE_CPUS)) if SERVICE_CPUS else None
     with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                   preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, 180, f"the service did not become ready; see {log}")
@@ -360,6 +366,8 @@ def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str
                                         "replaces it with its own receive time)",
                               "image": "examples/cat.jpg (raw image/jpeg body)", "machine": {
                                   "cpus": os.cpu_count(), "python": platform.python_version(),
+                                  "service_cpus": sorted(SERVICE_CPUS) or "shared with the client",
+                                  "client_cpus": sorted(os.sched_getaffinity(0)),
                                   "loadavg_before": os.getloadavg()}, "fronts": {}}
     for front in fronts:
         runs = [measure(plan, front, body, common, workdir) for _ in range(plan.runs)]
@@ -475,8 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3,
                         help="repeat the whole measurement per front (runs vary on a shared machine; the JSON keeps "
                              "every run and marks the median's)")
+    parser.add_argument("--service-cpus", type=lambda text: {int(cpu) for cpu in text.split(",")},
+                        help="CPUs for the service alone, e.g. '1': the load generator and HAProxy run on the others, "
+                             "so that the client's work does not come out of the server's (as with a client on "
+                             "another machine); by default all share every CPU")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
+    if args.service_cpus:
+        others = set(os.sched_getaffinity(0)) - args.service_cpus
+        if not others or not args.service_cpus <= set(os.sched_getaffinity(0)):
+            parser.error(f"--service-cpus must leave CPUs for the client; this process may use "
+                         f"{sorted(os.sched_getaffinity(0))}")
+        SERVICE_CPUS.update(args.service_cpus)
+        os.sched_setaffinity(0, others)  # the load generator, and HAProxy started from here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, runs=args.runs)
     if args.smoke:

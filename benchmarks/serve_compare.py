@@ -189,7 +189,7 @@ def _cpu_name() -> str:
 
 def _event_loop() -> dict[str, str]:
     """uvicorn's event loop ("auto": uvloop when installed, for both servers) and LitServe's HTTP parser
-    ("auto": httptools when installed; the service always runs its own h11 protocol)."""
+    ("auto": httptools when installed, as the service's own protocol is)."""
     return {"loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
             "litserve_http": "httptools" if importlib.util.find_spec("httptools") else "h11"}
 

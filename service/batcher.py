@@ -4,7 +4,8 @@ A request's images are queued as one work item (or, beyond ``max_batch_size`` im
 at most ``max_batch_size``), so a request's images stay in one batch where they fit. A batch leaves the
 queue when it is full or its oldest item has waited ``max_wait``, or at once when ``eager`` (the default): the
 engine runs one batch at a time, so while it is busy the queue fills and batches grow with the load, and an
-idle engine never keeps a request waiting for company. Which items a batch takes is decided by
+idle engine keeps a request waiting for company only while other admitted requests are on their way to the
+queue (being read or decoded), at most ``max_wait``. Which items a batch takes is decided by
 :func:`collect_batch`, a pure function of the queue and a monotonic time. Items whose deadline has passed, or
 is nearer than the time a batch takes, are answered 504 and never run; an answer ready only after its deadline
 is a 504 too, never a late 200. Which work is queued at all, and in which order between tenants, is decided by
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -65,6 +66,13 @@ class Queued(Protocol):
 
 
 Q = TypeVar("Q", bound=Queued)
+
+
+@dataclass
+class Arrival:
+    """An admitted request on its way to the queue (see :meth:`MicroBatcher.working`)."""
+
+    queued: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ class MicroBatcher(Generic[R]):
         self._queue: FairQueue[WorkItem[R]] = FairQueue(limit=queue_limit, tenant_share=tenant_share,
                                                         max_active=max_active, batch_size=max_batch_size,
                                                         clock=clock)
-        self.working = self._queue.working  # count a request as being answered, from admission to its answer
+        self._arriving = 0  # admitted requests whose images are not queued yet (see working)
         self._running: list[WorkItem[R]] = []
         self._running_since = 0.0
         self._wakeup = asyncio.Event()
@@ -233,6 +241,25 @@ class MicroBatcher(Generic[R]):
         if not self._running:
             return 0.0
         return max(0.0, self._rate.batch_seconds - (self._clock() - self._running_since))
+
+    @contextlib.contextmanager
+    def working(self, tenant: str | None) -> Iterator[Arrival]:
+        """Count an admitted request as being answered (``max_active``), from admission to its answer, and as
+        arriving until :meth:`submit` queues its images (pass it the :class:`Arrival` this yields).
+
+        An eager batch waits for arriving requests: they are on their way, being read and decoded, and a
+        batch that leaves without them makes them wait for the next one. It waits no longer than ``max_wait``
+        after its oldest image was queued, and leaves as soon as nothing else is arriving or it is full."""
+        arrival = Arrival()
+        self._arriving += 1
+        try:
+            with self._queue.working(tenant):
+                yield arrival
+        finally:
+            if not arrival.queued:
+                arrival.queued = True
+                self._arriving -= 1
+                self._wakeup.set()  # a batch that waited for it need not wait any more
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -294,7 +321,8 @@ class MicroBatcher(Generic[R]):
         self._queue.admit(count, key.tenant, deadline=deadline, rate=self._rate, running_left=self._running_left(),
                           arriving=arriving)
 
-    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float) -> list[R]:
+    async def submit(self, pixels: torch.Tensor, *, key: BatchKey, deadline: float, arrival: Arrival | None = None
+                     ) -> list[R]:
         """Queue a request's images and wait for their results (in image order) until ``deadline``.
 
         Results are routed back by an id the batcher makes, never by one a client sent.
@@ -311,6 +339,9 @@ class MicroBatcher(Generic[R]):
                           deadline=deadline, future=loop.create_future())
                  for index, chunk in enumerate(pixels.split(self.max_batch_size))]
         self._queue.push(items)
+        if arrival is not None and not arrival.queued:
+            arrival.queued = True
+            self._arriving -= 1
         self._set_queued()
         self._wakeup.set()
         futures = [item.future for item in items]
@@ -369,7 +400,8 @@ class MicroBatcher(Generic[R]):
             now = self._clock()
             # An item with less time left than a batch takes would be answered late: it is dropped instead.
             collected = self._collect(self._queue.items, now, max_batch_size=self.max_batch_size,
-                                      max_wait=self.max_wait, share_tenants=self.share_tenants, eager=self.eager,
+                                      max_wait=self.max_wait, share_tenants=self.share_tenants,
+                                      eager=self.eager and not self._arriving,
                                       margin=self._rate.batch_seconds)
             if collected.expired:
                 self._remove(collected.expired)

@@ -7,8 +7,9 @@ the environment, which wins over the file. API keys are read from the environmen
 so that they never show in a process list. ``--help`` answers without importing torch: the model, the engine
 and the app are imported only once the settings are valid.
 
-Two pieces of uvicorn are adapted here (:func:`build_server`): its h11 protocol, so that a client has
-``header_timeout`` seconds to send a request's headers (uvicorn bounds only idle kept-alive connections), and
+Two pieces of uvicorn are adapted here (:func:`build_server`): its httptools protocol, so that a client has
+``header_timeout`` seconds to send a request's headers (uvicorn bounds only idle kept-alive connections) and a
+head has a size limit while it arrives, and
 its server, so that SIGTERM drains the service with the listener still open (uvicorn closes it at once).
 """
 
@@ -29,10 +30,9 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-import h11
 import uvicorn
 from pydantic import ValidationError
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import ENV_PREFIX, Settings
 
@@ -49,29 +49,34 @@ REQUEST_STARTED = "robustnorm.request_started"
 EXIT_MARGIN = 1.0  # seconds of the drain timeout kept for the app's own shutdown and the process exit
 
 
-def _header_timeout_response(timeout: float) -> bytes:
-    body = json.dumps({"error": {"code": "header_timeout", "message": f"the request's headers did not arrive "
-                                                                      f"within {timeout:g} s"}}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+def _error_response(status: int, phrase: str, code: str, message: str) -> bytes:
+    """A complete HTTP response with the service's error body, for a connection that closes after it."""
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a time limit on each request's head (request line and headers).
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on each request's head (request line and headers).
 
     A new connection, and a kept-alive one once the next request's first byte arrives, has ``header_timeout``
     seconds to complete the head; then the connection is closed (with a 408 when part of a head arrived), so
-    that connections that never finish their headers are not held. The time of each request's first byte goes
-    into its scope (``REQUEST_STARTED``).
+    that connections that never finish their headers are not held. A head still arriving past
+    ``max_header_bytes`` is answered 431 and the connection closed (a complete one is refused by the app, see
+    ``service.app.RequestGuardMiddleware``). The time of each request's first byte goes into its scope
+    (``REQUEST_STARTED``).
     """
 
-    def __init__(self, *args: Any, header_timeout: float, on_header_timeout: Callable[[], None] = lambda: None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout: float, max_header_bytes: int,
+                 on_header_timeout: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.max_header_bytes = max_header_bytes
         self.on_header_timeout = on_header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._first_byte_at: float | None = None
+        self._head_bytes = 0  # bytes received since the head began (an upper bound of the head's size)
+        self._in_body = False  # a head is complete and its body is arriving: the bytes received are not a head
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,20 +87,32 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE:  # these bytes begin or continue a request's head
+        in_head = not self._in_body
+        if in_head:  # these bytes begin or continue a request's head
             if self._first_byte_at is None:
                 self._first_byte_at = time.monotonic()
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+            self._head_bytes += len(data)
         super().data_received(data)
+        if in_head and not self._in_body and self._first_byte_at is not None \
+                and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+            self.transport.write(_error_response(431, "Request Header Fields Too Large", "headers_too_large",
+                                                 f"the request line and headers exceed {self.max_header_bytes} bytes"))
+            self.transport.close()
 
-    def handle_events(self) -> None:
-        scope = self.scope
-        super().handle_events()
-        if self.scope is not scope:  # a head arrived; its request's task is created but has not started yet
-            self.scope[REQUEST_STARTED] = self._first_byte_at or time.monotonic()  # type: ignore[literal-required]
-            self._first_byte_at = None
-            self._stop_head_timer()
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        # The request's task is created but has not started yet.
+        self.scope[REQUEST_STARTED] = self._first_byte_at or time.monotonic()  # type: ignore[literal-required]
+        self._first_byte_at = None
+        self._head_bytes = 0
+        self._in_body = True
+        self._stop_head_timer()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_body = False
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -104,11 +121,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or self._in_body:
             return
         self.on_header_timeout()
         if self._first_byte_at is not None:  # part of a head arrived: a slow client learns why it is cut off
-            self.transport.write(_header_timeout_response(self.header_timeout))
+            self.transport.write(_error_response(408, "Request Timeout", "header_timeout", "the request's headers "
+                                                 f"did not arrive within {self.header_timeout:g} s"))
         self.transport.close()
 
 
@@ -176,12 +194,13 @@ def build_server(app: FastAPI, settings: Settings, **config: Any) -> Server:
     """A uvicorn server for ``app`` under ``settings``: header and keep-alive timeouts, the size of a request's
     head, and the drain; ``config`` overrides or adds ``uvicorn.Config`` options."""
     metrics = getattr(app.state, "metrics", None)
-    protocol = functools.partial(GuardedH11Protocol, header_timeout=settings.header_timeout,
+    protocol = functools.partial(GuardedProtocol, header_timeout=settings.header_timeout,
+                                 max_header_bytes=settings.max_header_bytes,
                                  on_header_timeout=metrics.header_timeouts.inc if metrics is not None else lambda: None)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level, "http": protocol,
         "access_log": settings.access_log,
-        "timeout_keep_alive": settings.keep_alive_timeout, "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": max(1.0, settings.drain_timeout),
         # The service decides which proxy headers it trusts (trust_forwarded_for, trust_request_start); uvicorn's
         # own rewriting of the client address from X-Forwarded-For (on for loopback peers) would bypass that.

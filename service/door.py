@@ -32,6 +32,7 @@ from .settings import Settings
 
 PREDICT = SimpleNamespace(path="/predict")  # the route template requests refused here are counted under
 SMALL_BODY = 64 * 1024  # bytes: a body this small arrives with its request's head
+ARRIVAL = "robustnorm.arrival"  # scope key: the request's Arrival, for the batcher (service.batcher.Arrival)
 
 
 class DoorMiddleware:
@@ -75,14 +76,14 @@ class DoorMiddleware:
             counted = False
             length = dict(scope["headers"]).get(b"content-length", b"").strip()
             if length.isdigit() and int(length) <= SMALL_BODY:
-                working.enter_context(predictor.working(tenant))
+                scope[ARRIVAL] = working.enter_context(predictor.working(tenant))
                 counted = True
 
             async def counting_receive() -> Message:
                 nonlocal counted
                 message = await receive()
                 if message["type"] == "http.request" and not message.get("more_body", False) and not counted:
-                    working.enter_context(predictor.working(tenant))
+                    scope[ARRIVAL] = working.enter_context(predictor.working(tenant))
                     counted = True
                 return message
 

@@ -21,7 +21,7 @@ import torch
 import robustnorm
 from robustnorm.policy import Policy
 
-from .batcher import Batch, BatchKey, MicroBatcher
+from .batcher import Arrival, Batch, BatchKey, MicroBatcher
 from .engines import BatchDrift, BatchReport, Engine, GroupOutcome, GroupSpec, load_engine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, NotReady, Unavailable
 from .imaging import Preprocessing, decode_images
@@ -297,14 +297,14 @@ class Predictor:
         assert self._batcher is not None
         self._batcher.admit(count, key=self._key(policy, tenant), deadline=deadline, arriving=arriving)
 
-    def working(self, tenant: str | None) -> contextlib.AbstractContextManager[None]:
+    def working(self, tenant: str | None) -> contextlib.AbstractContextManager[Arrival]:
         """Counts a request admitted with :meth:`admit` as being answered (``max_active_requests``), until it
-        leaves."""
+        leaves, and as arriving until :meth:`predict` is given the :class:`~service.batcher.Arrival` it yields."""
         assert self._batcher is not None
         return self._batcher.working(tenant if self.settings.batch_key != "none" else None)
 
     async def predict(self, pixels: torch.Tensor, *, policy: Policy, tenant: str | None, deadline: float,
-                      stream: str | None = None) -> list[ImageAnswer]:
+                      stream: str | None = None, arrival: Arrival | None = None) -> list[ImageAnswer]:
         """Queue decoded images and wait for their answers, in order, until ``deadline`` (monotonic); under a
         stream policy they join ``stream`` (``None``: the shared stream, see :func:`service.deps.stream_of`). A request
         accepted before a drain began still runs (its images are queued until the drain closes the batcher).
@@ -312,7 +312,8 @@ class Predictor:
         if self.state != "draining":
             self.check_ready()
         assert self._batcher is not None
-        answers = await self._batcher.submit(pixels, key=self._key(policy, tenant, stream), deadline=deadline)
+        answers = await self._batcher.submit(pixels, key=self._key(policy, tenant, stream), deadline=deadline,
+                                             arrival=arrival)
         if time.monotonic() > deadline:
             self.metrics.drop_late("answer", len(answers))
             raise DeadlineExceeded("the answer was ready only after the request's deadline; it was dropped", "answer")

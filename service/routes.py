@@ -31,6 +31,7 @@ from .deps import (
     refuse_when_draining,
     stream_of,
 )
+from .door import ARRIVAL
 from .errors import ClientGone, DeadlineExceeded, InvalidRequest
 from .inputs import read_images
 from .predictor import ImageAnswer, Predictor, Totals
@@ -163,7 +164,7 @@ async def answer_predict(request: Request, *, predictor: Predictor, settings: Se
         pixels = await predictor.decode(images, deadline)
         decoded = time.monotonic()
         return decoded, await predictor.predict(pixels, policy=effective_policy, tenant=tenant, stream=stream,
-                                                deadline=deadline)
+                                                deadline=deadline, arrival=request.scope.get(ARRIVAL))
 
     decoded, answers = await _unless_client_leaves(request, decode_and_run())
     forwards = {answer.group.batch_id: answer.group.inference_seconds for answer in answers}

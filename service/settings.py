@@ -78,7 +78,9 @@ class Settings(BaseSettings):
                                                            "(unless eager_batches)")
     eager_batches: bool = Field(
         True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
-                          "with the load while the engine is busy, and an idle engine answers at once")
+                          "with the load while the engine is busy, and an idle engine answers at once (unless "
+                          "admitted requests are still on their way to the queue: then it waits for them, at most "
+                          "max_wait)")
     queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
     request_deadline: float = Field(
         10.0, gt=0, description="seconds a request may take end to end, counted from its first byte (or from "
@@ -186,8 +188,7 @@ class Settings(BaseSettings):
                               "place); beyond it, 503 with Retry-After. Bounds the memory slow uploads can hold to "
                               "about max_uploads x max_request_bytes")
     max_header_bytes: int = Field(
-        16 * 1024, ge=1024, le=1024 * 1024, description="bytes of a request's line and headers at most (431 beyond; "
-                                                       "400 while they are still arriving)")
+        16 * 1024, ge=1024, le=1024 * 1024, description="bytes of a request's line and headers at most (431 beyond)")
     config_file: Path | None = Field(None, description="TOML or JSON file with any of these settings")
 
     @field_validator("policy")

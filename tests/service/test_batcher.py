@@ -175,6 +175,46 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_results() -> No
     asyncio.run(main())
 
 
+def test_an_eager_batch_waits_for_admitted_requests_on_their_way_and_no_longer() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, eager=True, max_wait=0.5)
+        batcher.start()
+        # Alone, a request runs at once.
+        with batcher.working(None) as arrival:
+            started = time.monotonic()
+            await batcher.submit(images(1.0), key=DEFAULT_KEY, deadline=started + 5, arrival=arrival)
+        assert time.monotonic() - started < 0.25 and len(engine.batches) == 1
+        # A second admitted request is still being read: the first waits for it, and both run in one batch.
+        with batcher.working(None) as first, batcher.working(None) as second:
+            waiting = asyncio.ensure_future(batcher.submit(images(2.0), key=DEFAULT_KEY,
+                                                           deadline=time.monotonic() + 5, arrival=first))
+            await asyncio.sleep(0.1)
+            assert len(engine.batches) == 1, "the batch left without the request on its way"
+            joining = asyncio.ensure_future(batcher.submit(images(3.0), key=DEFAULT_KEY,
+                                                           deadline=time.monotonic() + 5, arrival=second))
+            await asyncio.gather(waiting, joining)
+        assert [float(item.pixels[0]) for item in engine.batches[1].items] == [2.0, 3.0]
+        # One that is refused or gives up before it is queued stops the wait at once.
+        with batcher.working(None) as first:
+            with batcher.working(None):
+                waiting = asyncio.ensure_future(batcher.submit(images(4.0), key=DEFAULT_KEY,
+                                                               deadline=time.monotonic() + 5, arrival=first))
+                await asyncio.sleep(0.05)
+                assert len(engine.batches) == 2
+                left = time.monotonic()
+            await waiting
+        assert time.monotonic() - left < 0.25 and len(engine.batches[2].items) == 1
+        # And it waits no longer than max_wait for one that does not come.
+        with batcher.working(None) as first, batcher.working(None):
+            started = time.monotonic()
+            await batcher.submit(images(5.0), key=DEFAULT_KEY, deadline=started + 5, arrival=first)
+            assert 0.45 < time.monotonic() - started < 1.0
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
 def test_a_request_larger_than_a_batch_is_split_and_answered_in_order() -> None:
     async def main() -> None:
         engine = FakeEngine()

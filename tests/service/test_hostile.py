@@ -299,7 +299,7 @@ def test_headers_too_large_are_refused(service: ServiceProcess) -> None:
         time.sleep(0.1)
         sock.sendall(big)
         answer, _ = read_until_closed(sock, SLACK)
-    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.startswith(b"HTTP/1.1 431") and b'"code":"headers_too_large"' in answer
 
 
 # -- multipart, schema, HEAD ----------------------------------------------------------------------------------
