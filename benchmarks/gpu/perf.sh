@@ -58,7 +58,7 @@ if [ -d .gpu-wheels ]; then
         .gpu-wheels/*.whl
     export PYTHONPATH="$PYTHONPATH:$deps"
 fi
-"$py" -c "import fastapi, uvicorn, pydantic_settings, prometheus_client, python_multipart, safetensors, httpx" || {
+"$py" -c "import fastapi, uvicorn, httptools, pydantic_settings, prometheus_client, python_multipart, safetensors, httpx" || {
     echo "the service's packages are missing: make .gpu-wheels/ with benchmarks/gpu/fetch_wheels.sh" >&2
     exit 2
 }
