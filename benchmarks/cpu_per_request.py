@@ -14,7 +14,8 @@ the requests answered 200. Runs alternate between the checkouts, ``--repeats`` t
 reported, with the throughput and the service's mean batch size (which change the per-request cost of the
 engine). Threads are
 named with ``py-spy dump`` where py-spy is installed (the main thread, which runs the event loop, is always
-known: its id is the process id); the others are summed under ``other``.
+known: its id is the process id); threads py-spy does not name, such as ONNX Runtime's intra-op pool, are summed
+under ``native``.
 
     python benchmarks/cpu_per_request.py                                   # this checkout
     git worktree add /tmp/before <commit>
@@ -29,8 +30,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 from loadgen import make_jpegs, run_load
+from serve_compare import Server
 
 logger = logging.getLogger("cpu_per_request")
 
@@ -49,37 +48,15 @@ RESULTS = ROOT / "benchmarks" / "results" / "serving"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Service:
+class Service(Server):
     """``python -m service`` from ``checkout``, on a free loopback port."""
 
     def __init__(self, checkout: Path, threads: int, log: Path) -> None:
         self.checkout = checkout
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
         command = [sys.executable, "-m", "service", "--max-batch-size", "32", "--max-wait", "0.005",
-                   "--port", str(self.port), "--log-level", "warning"]
-        self.log = log.open("w")
-        self.process = subprocess.Popen(command, cwd=checkout, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        until = time.monotonic() + 300
-        while time.monotonic() < until:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service from {checkout} exited; see {log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"the service from {checkout} did not become ready; see {log}")
+                   "--port", "{port}", "--log-level", "warning"]
+        super().__init__(f"the service from {checkout}", command, "/readyz",
+                         {"PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}, log, cwd=checkout)
 
     def thread_names(self) -> dict[int, str]:
         """Thread id -> Python thread name, from py-spy (the main thread only without it)."""
@@ -104,16 +81,6 @@ class Service:
             seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         return seconds
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
-
 
 def measure(service: Service, images: list[bytes], concurrency: int, duration: float, warmup: float
             ) -> dict[str, Any]:
@@ -127,7 +94,7 @@ def measure(service: Service, images: list[bytes], concurrency: int, duration: f
     answered = load["answered"].get("200", 0)
     per_thread: dict[str, float] = {}
     for thread, seconds in after.items():
-        name = names.get(thread, "other")
+        name = names.get(thread, "native")
         per_thread[name] = per_thread.get(name, 0.0) + seconds - before.get(thread, 0.0)
     per_request = {name: round(1000 * seconds / answered, 3) for name, seconds in sorted(per_thread.items())
                    if seconds > 0} if answered else {}
@@ -185,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for service in services:
             service.stop()
-            Path(service.log.name).unlink(missing_ok=True)
+            service.log_path.unlink(missing_ok=True)
     report = {"date": f"{now:%Y-%m-%d %H:%M} UTC", "protocol": __doc__.split("\n\n")[2],
               "settings": vars(args) | {"checkouts": [str(c) for c in checkouts], "out": str(out)},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before,

@@ -72,7 +72,8 @@ def _free_port() -> int:
 class Server:
     """A server subprocess in a session of its own (LitServe starts worker processes: all stop together)."""
 
-    def __init__(self, name: str, command: list[str], ready_path: str, env: dict[str, str], log: Path) -> None:
+    def __init__(self, name: str, command: list[str], ready_path: str, env: dict[str, str], log: Path,
+                 cwd: Path = ROOT) -> None:
         self.name = name
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,7 +81,7 @@ class Server:
         self.log = log.open("w")
         command = [part.replace("{port}", str(self.port)) for part in command]
         logger.info("starting %s: %s", name, " ".join(command))
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
+        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
