@@ -160,7 +160,13 @@ def decode_images(blobs: Sequence[bytes], spec: Preprocessing, *, max_total_pixe
     is refused (413) before any is decoded; ``deadline`` (``time.monotonic()``) is checked before each image,
     so a request out of time stops decoding (504) and frees its decoding thread for other requests.
     """
-    batch = torch.empty((len(blobs), *spec.shape), dtype=torch.float32)
+    return decode_opened(open_images(blobs, spec, max_total_pixels=max_total_pixels), spec, deadline=deadline)
+
+
+def open_images(blobs: Sequence[bytes], spec: Preprocessing, *, max_total_pixels: int | None = None
+                ) -> list[Image.Image]:
+    """The images of ``blobs`` opened, their headers checked, no pixel decoded yet (the first half of
+    :func:`decode_images`)."""
     opened, total = [], 0
     for index, data in enumerate(blobs):
         with _naming(index, len(blobs)):
@@ -169,11 +175,19 @@ def decode_images(blobs: Sequence[bytes], spec: Preprocessing, *, max_total_pixe
     if max_total_pixels is not None and total > max_total_pixels:
         raise TooLarge(f"the request's {len(blobs)} images hold {total} pixels in all; the limit is "
                        f"{max_total_pixels} per request (send fewer or smaller images)")
+    return opened
+
+
+def decode_opened(opened: Sequence[Image.Image], spec: Preprocessing, *, deadline: float | None = None
+                  ) -> torch.Tensor:
+    """Images from :func:`open_images` decoded into one ``(k, C, H, W)`` tensor (the second half of
+    :func:`decode_images`)."""
+    batch = torch.empty((len(opened), *spec.shape), dtype=torch.float32)
     for index, image in enumerate(opened):
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"the request's deadline passed while decoding its images ({index} of "
-                                   f"{len(blobs)} decoded)")
-        with _naming(index, len(blobs)):
+                                   f"{len(opened)} decoded)")
+        with _naming(index, len(opened)):
             batch[index] = _decode_opened(image, spec)
     return batch
 
