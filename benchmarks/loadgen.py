@@ -2,6 +2,9 @@
 
 Each request is one JPEG in a ``multipart/form-data`` body (one part named ``file``), the form both the
 service and the LitServe app of ``benchmarks/litserve_app.py`` accept (LitServe reads only JSON or form bodies).
+``--client raw`` sends the same requests with a lean HTTP/1.1 client of its own (:class:`RawClient`), which
+takes a fraction of httpx's CPU per request: on a machine the client shares with the server, httpx can take a
+core and limit what is measured.
 
 - Closed loop (``--concurrency N``): N clients, each sending its next request as soon as the previous one is
   answered. Latency is from send to answer.
@@ -38,6 +41,7 @@ import random
 import re
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,18 +180,85 @@ def _report(samples: list[_Sample], window: tuple[float, float], deadline: float
     }
 
 
-async def _send(client: httpx.AsyncClient, url: str, image: bytes, due: float, samples: list[_Sample]) -> None:
-    files = {"file": ("image.jpg", image, "image/jpeg")}
+class RawClient:
+    """A lean HTTP/1.1 client for the same requests: each image's multipart request is built once, and sent on
+    kept-alive connections (at most ``limit``, reused once free); the answer's head is parsed for its status
+    and length, its body read and dropped. It spends a fraction of httpx's CPU per request, so that a client
+    on the same machine as the server takes less of the server's CPU."""
+
+    BOUNDARY = "loadgen-boundary"
+
+    def __init__(self, url: str, images: Sequence[bytes], limit: int, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname or "127.0.0.1", parts.port or 80, timeout
+        self.requests = {image: self._request(parts.path or "/", image) for image in images}
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.free = asyncio.Semaphore(limit)
+
+    def _request(self, path: str, image: bytes) -> bytes:
+        body = (f"--{self.BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"image.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{self.BOUNDARY}--\r\n".encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: multipart/form-data; boundary={self.BOUNDARY}\r\n\r\n").encode() + body
+
+    async def post(self, image: bytes) -> int:
+        """The status of one request with ``image``; OSError or asyncio.TimeoutError on a transport failure. A
+        kept-alive connection the server closed meanwhile is replaced once."""
+        async with self.free:
+            while True:
+                reused = bool(self.idle)
+                reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
+                try:
+                    return await self._exchange(reader, writer, image)
+                except (OSError, asyncio.IncompleteReadError):
+                    writer.close()
+                    if not reused:
+                        raise
+                except BaseException:
+                    writer.close()
+                    raise
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, image: bytes) -> int:
+        writer.write(self.requests[image])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+        status, length, keep = int(head[9:12]), 0, True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                keep = False
+        await asyncio.wait_for(reader.readexactly(length), self.timeout)
+        if keep:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+        return status
+
+    async def aclose(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def _send(client: httpx.AsyncClient | RawClient, url: str, image: bytes, due: float,
+                samples: list[_Sample]) -> None:
     try:
-        response = await client.post(url, files=files)
-        await response.aread()
-        samples.append(_Sample(due, time.perf_counter(), response.status_code))
-    except httpx.TransportError as error:
+        if isinstance(client, RawClient):
+            status = await client.post(image)
+        else:
+            response = await client.post(url, files={"file": ("image.jpg", image, "image/jpeg")})
+            await response.aread()
+            status = response.status_code
+        samples.append(_Sample(due, time.perf_counter(), status))
+    except (httpx.TransportError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError) as error:
         samples.append(_Sample(due, time.perf_counter(), None, type(error).__name__))
 
 
-async def _closed_loop(client: httpx.AsyncClient, url: str, images: list[bytes], concurrency: int, stop: float,
-                       samples: list[_Sample]) -> None:
+async def _closed_loop(client: httpx.AsyncClient | RawClient, url: str, images: list[bytes], concurrency: int,
+                       stop: float, samples: list[_Sample]) -> None:
     async def one_client(index: int) -> None:
         k = index
         while time.perf_counter() < stop:
@@ -197,7 +268,7 @@ async def _closed_loop(client: httpx.AsyncClient, url: str, images: list[bytes],
     await asyncio.gather(*(one_client(i) for i in range(concurrency)))
 
 
-async def _open_loop(client: httpx.AsyncClient, url: str, images: list[bytes], rate: float, stop: float,
+async def _open_loop(client: httpx.AsyncClient | RawClient, url: str, images: list[bytes], rate: float, stop: float,
                      samples: list[_Sample], seed: int) -> None:
     arrivals = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
@@ -220,8 +291,9 @@ async def _open_loop(client: httpx.AsyncClient, url: str, images: list[bytes], r
 async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int | None = None,
                          rate: float | None = None, duration: float = 10.0, warmup: float = 2.0,
                          deadline: float | None = None, timeout: float = 30.0, metrics: bool = True,
-                         seed: int = 0, max_connections: int = 1024) -> dict[str, Any]:
-    """The load report (see the module docstring); exactly one of ``concurrency`` and ``rate`` is given."""
+                         seed: int = 0, max_connections: int = 1024, client: str = "httpx") -> dict[str, Any]:
+    """The load report (see the module docstring); exactly one of ``concurrency`` and ``rate`` is given.
+    ``client``: ``httpx`` or ``raw`` (:class:`RawClient`)."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give either concurrency (closed loop) or rate (open loop)")
     if not images:
@@ -236,13 +308,16 @@ async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int 
     start, end = started + warmup, started + warmup + duration
     # The load runs without a pause from the warm-up into the window, so the window sees a steady state; the
     # metrics have a client of their own, so that a scrape never waits for a load connection.
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, pool=None)) as client, \
+    if client not in ("httpx", "raw"):
+        raise ValueError(f"client must be 'httpx' or 'raw', not {client!r}")
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, pool=None)) as pooled, \
             httpx.AsyncClient(timeout=timeout) as scraper:
+        sender = pooled if client == "httpx" else RawClient(predict, images, connections, timeout)
         if concurrency is not None:
-            load = _closed_loop(client, predict, images, concurrency, end, samples)
+            load = _closed_loop(sender, predict, images, concurrency, end, samples)
         else:
             assert rate is not None
-            load = _open_loop(client, predict, images, rate, end, samples, seed)
+            load = _open_loop(sender, predict, images, rate, end, samples, seed)
         running = asyncio.create_task(load)
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
         before = await scrape_histograms(scraper, f"{base}/metrics") if metrics else None
@@ -252,8 +327,10 @@ async def run_load_async(url: str, images: Sequence[bytes], *, concurrency: int 
         scraped.append(time.perf_counter() - end)
         await running
         finished = time.perf_counter()
+        if isinstance(sender, RawClient):
+            await sender.aclose()
     report: dict[str, Any] = {
-        "url": predict, "mode": "closed" if concurrency is not None else "open",
+        "url": predict, "client": client, "mode": "closed" if concurrency is not None else "open",
         "concurrency": concurrency, "rate_per_s": rate, "duration_s": duration, "warmup_s": warmup,
         "deadline_s": deadline, "timeout_s": timeout, "distinct_images": len(images),
         "image_bytes_mean": float(np.mean([len(image) for image in images])),
@@ -290,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32, help="side of the generated images (default 32)")
     parser.add_argument("--no-metrics", action="store_true", help="do not read the batch sizes from /metrics")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and generated images")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                        help="httpx (default), or a lean raw HTTP/1.1 client that takes less CPU per request")
     parser.add_argument("--out", type=Path, help="write the JSON report here (default: standard output only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -297,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     images = read_jpegs(args.images) if args.images else make_jpegs(size=args.image_size, seed=args.seed)
     report = run_load(args.url, images, concurrency=args.concurrency, rate=args.rate, duration=args.duration,
                       warmup=args.warmup, deadline=args.deadline, timeout=args.timeout,
-                      metrics=not args.no_metrics, seed=args.seed)
+                      metrics=not args.no_metrics, seed=args.seed, client=args.client)
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     text = json.dumps(report, indent=2)
     if args.out:

@@ -21,6 +21,7 @@ saturation), one server per value of its ``drift_metrics`` setting (passed as ``
 runs alternating between them. Skipped, with a message, when the service has no such setting.
 
     python benchmarks/serve_compare.py --threads 2       # -> benchmarks/results/serving/compare_cpu_2thread.json
+    python benchmarks/serve_compare.py --threads 1 --client raw   # -> .../compare_cpu_1thread_raw.json
     python benchmarks/serve_compare.py --threads 2 --drift-metrics after,off --concurrency 128
 
 Writes a PNG (throughput and p99 against concurrency) beside the JSON when matplotlib is installed.
@@ -170,7 +171,8 @@ def measure(servers: dict[str, Server], args: argparse.Namespace, images: list[b
         for repeat in range(args.repeats):
             for name, server in servers.items():
                 report = run_load(server.url, images, concurrency=concurrency, duration=args.duration,
-                                  warmup=args.warmup, timeout=args.timeout, metrics=True, seed=repeat)
+                                  warmup=args.warmup, timeout=args.timeout, metrics=True, seed=repeat,
+                                  client=args.client)
                 runs[name].append(report)
                 logger.info("c=%-4d %-12s run %d: %7.1f/s  p50 %6.1f ms  p99 %6.1f ms  batch %s", concurrency, name,
                             repeat + 1, report["throughput_ok_per_s"], report["latency_ms"]["p50"] or float("nan"),
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "runs, which alternate between the servers; throughput counts 200s only",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(["python", *sys.argv]),
         "device": args.device, "torch_threads": args.threads, "concurrency": args.concurrency,
-        "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats,
+        "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats, "client": args.client,
         "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT, "image_size": args.image_size,
         "machine": (f"{_cpu_name()}, {os.cpu_count()} cores" if args.device == "cpu" else
                     torch.cuda.get_device_name() if torch.cuda.is_available() else args.device),
@@ -290,13 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litserve-policy", default="frozen", help="LitServe's statistics policy (default frozen)")
     parser.add_argument("--drift-metrics", help="drift-metrics mode: comma-separated values of the service's "
                                                 "drift_metrics setting to compare, e.g. after,off")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                        help="the load generator's client: httpx (default), or loadgen's lean raw HTTP/1.1 client, "
+                             "which leaves more of a shared machine's CPU to the servers")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/serving/...)")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or ([128] if args.drift_metrics else [1, 8, 32, 128])
     if unknown := set(args.servers) - {"robustnorm", "litserve"}:
         parser.error(f"unknown server(s) {sorted(unknown)}: choose among robustnorm, litserve")
     kind = "drift_metrics" if args.drift_metrics else "compare"
-    args.out = args.out or RESULTS / f"{kind}_{args.device.split(':')[0]}_{args.threads}thread.json"
+    client = "" if args.client == "httpx" else f"_{args.client}"
+    args.out = args.out or RESULTS / f"{kind}_{args.device.split(':')[0]}_{args.threads}thread{client}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request

@@ -92,10 +92,13 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
+@pytest.mark.parametrize("client", ["httpx", "raw"])
 @pytest.mark.parametrize("load", [{"concurrency": 4}, {"rate": 100.0}])
-def test_run_load_counts_answers_and_reads_batches(server: str, load: dict) -> None:
+def test_run_load_counts_answers_and_reads_batches(server: str, load: dict, client: str) -> None:
     # loose bounds on counts: the machine running the tests may be busy with other work
-    report = loadgen.run_load(server, loadgen.make_jpegs(3), duration=1.0, warmup=0.2, deadline=30.0, **load)
+    report = loadgen.run_load(server, loadgen.make_jpegs(3), duration=1.0, warmup=0.2, deadline=30.0,
+                              client=client, **load)
+    assert report["client"] == client
     answered = report["answered"]
     assert report["sent"] == sum(answered.values()) + report["transport_errors_total"] >= 5
     assert "200" in answered and set(answered) <= {"200", "503"}
