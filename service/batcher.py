@@ -256,10 +256,16 @@ class MicroBatcher(Generic[R]):
             with self._queue.working(tenant):
                 yield arrival
         finally:
-            if not arrival.queued:
-                arrival.queued = True
-                self._arriving -= 1
-                self._wakeup.set()  # a batch that waited for it need not wait any more
+            if self._arrived(arrival):
+                self._wakeup.set()  # gone without being queued: a batch that waited for it need not wait any more
+
+    def _arrived(self, arrival: Arrival | None) -> bool:
+        """``arrival`` is no longer on its way (queued, or gone); whether it was until now."""
+        if arrival is None or arrival.queued:
+            return False
+        arrival.queued = True
+        self._arriving -= 1
+        return True
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,9 +345,7 @@ class MicroBatcher(Generic[R]):
                           deadline=deadline, future=loop.create_future())
                  for index, chunk in enumerate(pixels.split(self.max_batch_size))]
         self._queue.push(items)
-        if arrival is not None and not arrival.queued:
-            arrival.queued = True
-            self._arriving -= 1
+        self._arrived(arrival)
         self._set_queued()
         self._wakeup.set()
         futures = [item.future for item in items]

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -31,7 +30,7 @@ from .deps import (
     refuse_when_draining,
     stream_of,
 )
-from .door import ARRIVAL
+from .door import ARRIVAL, PREDICT
 from .errors import ClientGone, DeadlineExceeded, InvalidRequest
 from .inputs import read_images
 from .predictor import ImageAnswer, Predictor, Totals
@@ -101,7 +100,6 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-PREDICT_ROUTE = SimpleNamespace(path="/predict")  # what the request metrics label requests served without routing
 ErrorResponder = Callable[[Request, Exception], Response]
 
 
@@ -111,7 +109,7 @@ async def serve_predict(scope: Scope, receive: Receive, send: Send, *, predictor
     without FastAPI's routing, dependency solving and response validation, which cost the event loop more than
     the answer itself. The door has identified the caller already; the query is validated by the same model,
     and errors are answered by the same handlers (``on_error``)."""
-    scope["route"] = PREDICT_ROUTE
+    scope["route"] = PREDICT  # the template the request metrics label it with
     request = Request(scope, receive, send)
     try:
         await refuse_when_draining(request)

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     # -- batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per micro-batch at most")
     max_wait: float = Field(0.01, ge=0, le=10, description="seconds the oldest queued request waits for a batch "
-                                                           "(unless eager_batches)")
+                                                           "to fill (with eager_batches, only while admitted "
+                                                           "requests are on their way to the queue)")
     eager_batches: bool = Field(
         True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
                           "with the load while the engine is busy, and an idle engine answers at once (unless "
