@@ -28,6 +28,7 @@ import robustnorm
 from robustnorm.runtime import retain_freed_memory
 
 from .cli import REQUEST_STARTED
+from .deadlines import within
 from .door import DoorMiddleware
 from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
 from .metrics import CLIENT_GONE, Metrics
@@ -127,7 +128,7 @@ class RequestGuardMiddleware:
                 message = await receive()  # nothing but http.disconnect comes after the body
             else:
                 try:
-                    message = await asyncio.wait_for(receive(), max(0.0, body_until - time.monotonic()))
+                    message = await within(receive(), body_until - time.monotonic())
                 except asyncio.TimeoutError:
                     free_upload_place()
                     raise BodyTimeout(f"the request body did not arrive within {self.body_timeout:g} s of the "
@@ -164,7 +165,7 @@ class RequestGuardMiddleware:
             until_bytes = min(self.max_body_bytes, received + LINGER_BYTES)
             while not body_done and not shed and received <= until_bytes:
                 try:
-                    message = await asyncio.wait_for(receive(), min(LINGER_IDLE, body_until - time.monotonic()))
+                    message = await within(receive(), min(LINGER_IDLE, body_until - time.monotonic()))
                 except asyncio.TimeoutError:
                     return
                 if message["type"] != "http.request":

@@ -35,6 +35,7 @@ import torch
 from robustnorm.policy import Policy
 
 from .admission import FairQueue, Rate
+from .deadlines import within
 from .errors import DeadlineExceeded, Draining, InferenceFailed, Unavailable
 from .metrics import Metrics
 
@@ -419,7 +420,7 @@ class MicroBatcher(Generic[R]):
             self._wakeup.clear()
             timeout = None if collected.wake_at is None else max(0.0, collected.wake_at - now)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                await within(self._wakeup.wait(), timeout)
 
     async def _dispatch(self, batch: Batch[R]) -> None:
         self._running = batch.items

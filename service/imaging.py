@@ -10,6 +10,7 @@ decompression bomb costs only its header.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import time
@@ -55,6 +56,14 @@ class Preprocessing:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.channels, self.height, self.width
+
+    @functools.cached_property
+    def mean_array(self) -> np.ndarray:
+        return np.array(self.mean, dtype=np.float32)
+
+    @functools.cached_property
+    def std_array(self) -> np.ndarray:
+        return np.array(self.std, dtype=np.float32)
 
 
 def check_media_type(content_type: str | None) -> None:
@@ -139,17 +148,19 @@ def _decode_opened(image: Image.Image, spec: Preprocessing) -> torch.Tensor:
         image = ImageOps.exif_transpose(image)  # decodes the pixels (GIF: the first frame)
         image = _to_mode(image, "L" if spec.channels == 1 else "RGB")
         image = _resize_crop(image, spec.width, spec.height)
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels = np.array(image, dtype=np.float32)
     except ServiceError:
         raise
     except Exception as error:  # untrusted bytes: whatever Pillow raises on them is a bad image, not a bug
         raise BadImage(f"cannot decode the image: {error}") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
-    return (tensor / 255.0 - mean) / std
+    # (x / 255 - mean) / std in place, channels last: the same float32 operations as on a tensor, a fraction of
+    # the cost for the small images most requests carry.
+    pixels /= 255.0
+    pixels -= spec.mean_array
+    pixels /= spec.std_array
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def decode_images(blobs: Sequence[bytes], spec: Preprocessing, *, max_total_pixels: int | None = None,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from .cli import REQUEST_STARTED
-from .deadlines import REQUEST_START_HEADER, accepted_at
+from .deadlines import REQUEST_START_HEADER, accepted_at, within
 from .deps import (
     AdminDep,
     ClientDep,
@@ -150,7 +150,7 @@ async def answer_predict(request: Request, *, predictor: Predictor, settings: Se
     if query.top_k is not None and query.top_k > classes:
         raise InvalidRequest(f"top_k={query.top_k} but the model knows {classes} classes")
     try:
-        images = await asyncio.wait_for(read_images(request, settings), max(0.0, deadline - time.monotonic()))
+        images = await within(read_images(request, settings), deadline - time.monotonic())
     except asyncio.TimeoutError:
         raise DeadlineExceeded("the request's deadline passed while its body was arriving") from None
     # Refused (429) when it could not be answered in time: before decoding, so that refusing is cheap. The door

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
                            "since the epoch) a trusted proxy in front sets, so that time queued there counts; "
                            "only behind such a proxy: clients could otherwise set it")
     max_active_requests: int = Field(
-        64, ge=1, description="requests being answered at once at most (their bodies in, decoding, queued or "
+        256, ge=1, description="requests being answered at once at most (their bodies in, decoding, queued or "
                               "running); beyond it "
                               "/predict answers 429 at once. Every request takes turns on one event loop, so this "
                               "keeps admitted requests fast under overload")
