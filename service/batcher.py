@@ -209,6 +209,8 @@ class MicroBatcher(Generic[R]):
         self._arriving = 0  # admitted requests whose images are not queued yet (see working)
         self._running: list[WorkItem[R]] = []
         self._running_since = 0.0
+        # Images the last batch answered, and until when an idle engine waits for as many (see _held_for).
+        self._returning, self._returning_until = 0, 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None
@@ -412,15 +414,34 @@ class MicroBatcher(Generic[R]):
                 self._remove(collected.expired)
                 self._fail_late(collected.expired, "queue", "the request's deadline passed, or too little time was "
                                 "left to run its images, while they waited for a batch; they were dropped")
+            wake_at = collected.wake_at
             if collected.batch:
-                self._remove(collected.batch)
-                self._queue.started(collected.batch)
-                return Batch(id=f"{self._instance}-{secrets.token_hex(6)}", policy=collected.batch[0].key.policy,
-                             groups=statistics_groups(collected.batch, self.share_tenants))
+                wake_at = self._held_for(collected.batch, now)
+                if wake_at is None:
+                    self._remove(collected.batch)
+                    self._queue.started(collected.batch)
+                    return Batch(id=f"{self._instance}-{secrets.token_hex(6)}",
+                                 policy=collected.batch[0].key.policy,
+                                 groups=statistics_groups(collected.batch, self.share_tenants))
             self._wakeup.clear()
-            timeout = None if collected.wake_at is None else max(0.0, collected.wake_at - now)
+            timeout = None if wake_at is None else max(0.0, wake_at - now)
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(self._wakeup.wait(), timeout)
+
+    def _held_for(self, batch: Sequence[WorkItem[R]], now: float) -> float | None:
+        """Until when an eager batch waits for more images, or None when it leaves now.
+
+        Clients that got their answers often send their next request at once (a closed loop, a client working
+        through a list): after a batch of ``B`` images, the batch that the idle engine would start next with
+        fewer than ``B`` images waits for as many, at most ``max_wait`` after the last batch ended. Without it,
+        the one image that arrived while a large batch ran leaves alone the moment the engine is free, and the
+        answered clients' requests arrive just after it and wait for it, so that batches alternate between one
+        image and the rest. A lone client (``B`` = 1) never waits."""
+        if not self.eager or self._closing or now >= self._returning_until:
+            return None
+        if sum(item.size for item in batch) >= min(self.max_batch_size, self._returning):
+            return None
+        return self._returning_until
 
     async def _dispatch(self, batch: Batch[R]) -> None:
         self._running = batch.items
@@ -440,9 +461,12 @@ class MicroBatcher(Generic[R]):
             finished = self._clock()
             self._fail_late([item for item in self._running if item.deadline <= finished], "answer",
                             "the answer was ready only after the request's deadline; it was dropped")
+            answered = 0
             for item in self._running:
                 if not item.future.done():  # a request that timed out meanwhile is simply not answered
                     item.future.set_result(results[item.id])
+                    answered += item.size
+            self._returning, self._returning_until = answered, finished + self.max_wait
         finally:
             self._running = []
             self._rate.observe(sum(item.size for item in batch.items), self._clock() - started)

@@ -76,12 +76,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per micro-batch at most")
     max_wait: float = Field(0.01, ge=0, le=10, description="seconds the oldest queued request waits for a batch "
                                                            "to fill (with eager_batches, only while admitted "
-                                                           "requests are on their way to the queue)")
+                                                           "requests are on their way to the queue, or while the "
+                                                           "clients of the batch that just ended may send again)")
     eager_batches: bool = Field(
         True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
                           "with the load while the engine is busy, and an idle engine answers at once (unless "
-                          "admitted requests are still on their way to the queue: then it waits for them, at most "
-                          "max_wait)")
+                          "admitted requests are still on their way to the queue, or the batch that just ended "
+                          "answered more images than are queued: then it waits for them, at most max_wait)")
     queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
     request_deadline: float = Field(
         10.0, gt=0, description="seconds a request may take end to end, counted from its first byte (or from "
@@ -170,6 +171,12 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field("info", description="logging level")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log); requests are "
                                                 "counted in the metrics either way")
+    gc_threshold: int = Field(
+        10_000, ge=0, description="allocations between two collections of Python's youngest garbage generation "
+                                  "(Python's own default: 700), with everything alive at start-up (the model, the "
+                                  "libraries) frozen out of the collector's sight; 0 leaves the collector as Python "
+                                  "sets it. Collections that walk the whole heap stall the event loop and the "
+                                  "engine for milliseconds under load")
     drain_timeout: float = Field(
         10.0, ge=0, description="seconds from SIGTERM (or Ctrl+C) to exit at most: the grace period, then the "
                                 "requests already accepted are finished")

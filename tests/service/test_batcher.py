@@ -175,6 +175,33 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_results() -> No
     asyncio.run(main())
 
 
+def test_after_a_batch_an_idle_engine_waits_for_its_clients_to_send_again_and_no_longer() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, eager=True, max_wait=0.4)
+        batcher.start()
+        # Three clients are answered in one batch...
+        await asyncio.gather(*(submit(batcher, images(value), f"r{value}") for value in (1.0, 2.0, 3.0)))
+        assert [batch.sizes for batch in engine.batches] == [[3]]
+        # ... and send again, one after another: the first waits for the other two, and they run together.
+        first = submit(batcher, images(4.0), "r4")
+        await asyncio.sleep(0.05)
+        assert len(engine.batches) == 1, "the batch left without the clients of the last batch"
+        await asyncio.gather(first, *(submit(batcher, images(value), f"r{value}") for value in (5.0, 6.0)))
+        assert engine.batches[1].sizes == [3]
+        # A lone request after them waits no longer than max_wait after that batch ended.
+        started = time.monotonic()
+        await submit(batcher, images(7.0), "r7")
+        assert 0.3 < time.monotonic() - started < 0.8 and engine.batches[2].sizes == [1]
+        # A lone client, answered alone, never waits.
+        started = time.monotonic()
+        await submit(batcher, images(8.0), "r8")
+        assert time.monotonic() - started < 0.2 and engine.batches[3].sizes == [1]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
 def test_an_eager_batch_waits_for_admitted_requests_on_their_way_and_no_longer() -> None:
     async def main() -> None:
         engine = FakeEngine()
@@ -195,6 +222,7 @@ def test_an_eager_batch_waits_for_admitted_requests_on_their_way_and_no_longer()
                                                            deadline=time.monotonic() + 5, arrival=second))
             await asyncio.gather(waiting, joining)
         assert [float(item.pixels[0]) for item in engine.batches[1].items] == [2.0, 3.0]
+        await asyncio.sleep(0.55)  # past the wait for the clients of that batch of two (the test below)
         # One that is refused or gives up before it is queued stops the wait at once.
         with batcher.working(None) as first:
             with batcher.working(None):

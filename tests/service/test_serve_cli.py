@@ -107,3 +107,20 @@ def test_serves_a_module_factory_model_with_flag_over_environment_over_card(
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as process managers expect.
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output, output
+
+
+def test_settling_the_garbage_collector_freezes_the_heap_and_raises_the_threshold_unless_turned_off() -> None:
+    # In a process of its own: freezing the collector is process-wide.
+    probe = textwrap.dedent("""
+        import gc, json, sys
+        from service.cli import settle_garbage_collector
+        before = gc.get_threshold()
+        off = settle_garbage_collector(0)
+        unchanged = gc.get_threshold() == before and gc.get_freeze_count() == 0
+        on = settle_garbage_collector(5000)
+        print(json.dumps([off, unchanged, on, gc.get_threshold()[0], gc.get_freeze_count()]))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    off, unchanged, on, threshold, frozen = json.loads(result.stdout)
+    assert (off, unchanged, on, threshold) == (False, True, True, 5000)
+    assert frozen > 1000  # the modules imported so far
