@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # A request this small is decoded on the event loop, not on a decoding thread (Predictor.decode).
 INLINE_DECODE_BYTES = 16 * 1024
 INLINE_DECODE_PIXELS = 64 * 64 * 4
+# Seconds a batch's drift scoring waits for the next forward pass to start, at most (see Predictor._defer_drift).
+DRIFT_IDLE_DELAY = 0.02
 
 State = Literal["starting", "warming_up", "ready", "draining", "stopped", "failed"]
 EngineFactory = Callable[[Settings], Engine]
@@ -147,6 +149,8 @@ class Predictor:
         self._drift_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-drift")
         self._drift_pending = 0
         self._drift_credit = 0.0
+        self._drift_waiting: list[Callable[[], None]] = []  # scorings that start with the next forward pass
+        self._drift_timer: asyncio.TimerHandle | None = None
         self._batcher: MicroBatcher[ImageAnswer] | None = None
         self._preprocessing: Preprocessing | None = None
         self._decoder = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="robustnorm-decode")
@@ -209,6 +213,9 @@ class Predictor:
             await self._batcher.drain(self.settings.drain_timeout - (time.monotonic() - began))
             await self._batcher.stop()
         self._engine_thread.shutdown(wait=True, cancel_futures=True)
+        if self._drift_timer is not None:
+            self._drift_timer.cancel()
+        self._drift_waiting.clear()
         self._drift_thread.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.close)
@@ -351,8 +358,9 @@ class Predictor:
         loop = asyncio.get_running_loop()
         run = functools.partial(self.engine.run, score=plan == "inline")
         try:
-            probabilities, report = await loop.run_in_executor(self._engine_thread, run, pixels, groups,
-                                                               batch.policy)
+            forward = loop.run_in_executor(self._engine_thread, run, pixels, groups, batch.policy)
+            self._start_drift()
+            probabilities, report = await forward
         except (torch.OutOfMemoryError, RuntimeError) as error:
             halves = split_batch(batch)
             if not out_of_memory(error) or halves is None:
@@ -374,11 +382,34 @@ class Predictor:
             self.metrics.observe_drift(report)
         elif plan == "after" and report.pending is not None:
             self._drift_pending += 1
-            scoring = loop.run_in_executor(self._drift_thread, report.pending.compute)
-            scoring.add_done_callback(functools.partial(self._scored, batch, report, places))
+            self._defer_drift(functools.partial(self._score_drift, batch, report, places))
         else:
             self.metrics.drift_not_scored(plan if plan != "after" else "skipped")
         return results
+
+    def _defer_drift(self, scoring: Callable[[], None]) -> None:
+        """Start ``scoring`` with the next forward pass, or after ``DRIFT_IDLE_DELAY`` if none starts.
+
+        Scoring takes the interpreter for a fraction of a millisecond at a time. Started as the answers leave, it
+        would run while the clients' next requests are read and decoded, and delay them; started with the next
+        forward pass, it runs while the event loop waits for the engine, which holds no interpreter lock in the
+        graph."""
+        self._drift_waiting.append(scoring)
+        if self._drift_timer is None:
+            self._drift_timer = asyncio.get_running_loop().call_later(DRIFT_IDLE_DELAY, self._start_drift)
+
+    def _start_drift(self) -> None:
+        if self._drift_timer is not None:
+            self._drift_timer.cancel()
+            self._drift_timer = None
+        waiting, self._drift_waiting = self._drift_waiting, []
+        for scoring in waiting:
+            scoring()
+
+    def _score_drift(self, batch: Batch[ImageAnswer], report: BatchReport, places: list[GroupPlace]) -> None:
+        assert report.pending is not None
+        scoring = asyncio.get_running_loop().run_in_executor(self._drift_thread, report.pending.compute)
+        scoring.add_done_callback(functools.partial(self._scored, batch, report, places))
 
     def _remember(self, batch: Batch[ImageAnswer], places: list[GroupPlace]) -> None:
         """The latest group (the last of this forward) for /v1/stats, and per tenant its own."""
