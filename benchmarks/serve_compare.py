@@ -7,7 +7,9 @@ Protocol:
   model under its card's policy, drift metrics as the service's default) and ``benchmarks/litserve_app.py``
   (LitServe 0.2.19, the same model's weights in eval mode with frozen statistics, ``max_batch_size=32``,
   ``batch_timeout=0.005``, one worker, one API server); both start before the first run and stay up until the
-  last (an idle server takes next to no CPU);
+  last; while one server is measured the others are paused (SIGSTOP to their process groups; ``--no-pause-others``
+  leaves them running): an idle LitServe polls its queues and takes a share of a core (``idle_cpu_cores``, measured
+  before the runs);
 - load: ``benchmarks/loadgen.py``, closed loop at each ``--concurrency`` (default 1, 8, 32, 128), a warm-up
   then ``--duration`` seconds counted; each point runs ``--repeats`` times (default 3) alternating the servers
   (robustnorm, LitServe, robustnorm, ...) and reports the median of the runs: 200-only throughput, p50 and
@@ -97,9 +99,19 @@ class Server:
         self.stop()
         raise RuntimeError(f"{name} did not become ready in 300 s; see {log}")
 
+    def pause(self) -> None:
+        """SIGSTOP to the server's process group: it takes no CPU while the other server is measured."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM to the server's process group; SIGKILL after 20 s."""
         if self.process.poll() is None:
+            self.resume()
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
@@ -107,6 +119,37 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+
+
+def _group_cpu_seconds(group: int) -> float:
+    """CPU seconds (user + system) the processes of process group ``group`` have used so far."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def idle_cpu(servers: dict[str, Server], images: list[bytes], seconds: float = 5.0) -> dict[str, float]:
+    """Cores each server takes while idle, measured after it answered a few requests (Linux only)."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    for server in servers.values():
+        for image in images[:8]:
+            httpx.post(server.url + "/predict", files={"file": ("image.jpg", image, "image/jpeg")}, timeout=30)
+    time.sleep(1.0)
+    before = {name: _group_cpu_seconds(server.process.pid) for name, server in servers.items()}
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    return {name: round((_group_cpu_seconds(server.process.pid) - before[name]) / elapsed, 4)
+            for name, server in servers.items()}
 
 
 def robustnorm_server(args: argparse.Namespace, env: dict[str, str], log: Path) -> Server:
@@ -170,6 +213,10 @@ def measure(servers: dict[str, Server], args: argparse.Namespace, images: list[b
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for repeat in range(args.repeats):
             for name, server in servers.items():
+                for other in servers.values():
+                    if other is not server and args.pause_others:
+                        other.pause()
+                server.resume()
                 report = run_load(server.url, images, concurrency=concurrency, duration=args.duration,
                                   warmup=args.warmup, timeout=args.timeout, metrics=True, seed=repeat,
                                   client=args.client)
@@ -234,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(["python", *sys.argv]),
         "device": args.device, "torch_threads": args.threads, "concurrency": args.concurrency,
         "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats, "client": args.client,
+        "pause_others": args.pause_others,
         "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT, "image_size": args.image_size,
         "machine": (f"{_cpu_name()}, {os.cpu_count()} cores" if args.device == "cpu" else
                     torch.cuda.get_device_name() if torch.cuda.is_available() else args.device),
@@ -262,6 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         robustnorm_url = next((server.url for name, server in servers.items() if name != "litserve"), None)
         served = httpx.get(robustnorm_url + "/v1/model", timeout=10).json() if robustnorm_url else {}
         report.update(model=served.get("name", args.model or "default"), served_policy=served.get("policy"))
+        report["idle_cpu_cores"] = idle_cpu(servers, images)
+        logger.info("idle servers take %s cores", report["idle_cpu_cores"])
         report["results"] = measure(servers, args, images)
     finally:
         for server in servers.values():
@@ -295,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
                         help="the load generator's client: httpx (default), or loadgen's lean raw HTTP/1.1 client, "
                              "which leaves more of a shared machine's CPU to the servers")
+    parser.add_argument("--pause-others", action=argparse.BooleanOptionalAction, default=True,
+                        help="pause the servers not being measured (SIGSTOP to their process groups; default on)")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/serving/...)")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or ([128] if args.drift_metrics else [1, 8, 32, 128])
