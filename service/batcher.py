@@ -436,8 +436,11 @@ class MicroBatcher(Generic[R]):
         fewer than ``B`` images waits for as many, at most ``max_wait`` after the last batch ended. Without it,
         the one image that arrived while a large batch ran leaves alone the moment the engine is free, and the
         answered clients' requests arrive just after it and wait for it, so that batches alternate between one
-        image and the rest. A lone client (``B`` = 1) never waits."""
+        image and the rest. Only after a batch of at least a quarter of ``max_batch_size`` (and two images): at
+        light load, where batches are small and requests arrive on their own, an idle engine answers at once."""
         if not self.eager or self._closing or now >= self._returning_until:
+            return None
+        if self._returning < max(2, self.max_batch_size // 4):
             return None
         if sum(item.size for item in batch) >= min(self.max_batch_size, self._returning):
             return None

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
         True, description="a batch leaves as soon as the engine is free, with whatever is queued: batches grow "
                           "with the load while the engine is busy, and an idle engine answers at once (unless "
                           "admitted requests are still on their way to the queue, or the batch that just ended "
-                          "answered more images than are queued: then it waits for them, at most max_wait)")
+                          "held at least a quarter of max_batch_size and more images than are queued: then it "
+                          "waits for them, at most max_wait)")
     queue_limit: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 429")
     request_deadline: float = Field(
         10.0, gt=0, description="seconds a request may take end to end, counted from its first byte (or from "

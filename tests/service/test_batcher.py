@@ -198,6 +198,15 @@ def test_after_a_batch_an_idle_engine_waits_for_its_clients_to_send_again_and_no
         await submit(batcher, images(8.0), "r8")
         assert time.monotonic() - started < 0.2 and engine.batches[3].sizes == [1]
         await batcher.stop()
+        # Nor does anyone after a batch of less than a quarter of the largest (light load).
+        engine = FakeEngine()
+        batcher = make_batcher(engine, eager=True, max_wait=0.4, max_batch_size=16)
+        batcher.start()
+        await asyncio.gather(*(submit(batcher, images(value), f"r{value}") for value in (1.0, 2.0, 3.0)))
+        started = time.monotonic()
+        await submit(batcher, images(4.0), "r4")
+        assert time.monotonic() - started < 0.2 and [batch.sizes for batch in engine.batches] == [[3], [1]]
+        await batcher.stop()
 
     asyncio.run(main())
 
