@@ -85,9 +85,18 @@ class GateCalibration:
     def image_raw(self, pixels: Tensor, predicted: Tensor) -> Tensor:
         """Each image's raw score against the clean images of its predicted class, (n,)."""
         features = image_features(pixels, self.features)
-        mean = torch.tensor(self.class_mean, dtype=features.dtype, device=features.device)[predicted]
-        std = torch.tensor(self.class_std, dtype=features.dtype, device=features.device)[predicted]
-        return ((features - mean) / std).square().mean(dim=1)
+        class_mean, class_std = self._class_tensors(features.dtype, features.device)
+        return ((features - class_mean[predicted]) / class_std[predicted]).square().mean(dim=1)
+
+    def _class_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``class_mean`` and ``class_std`` as tensors, made once per dtype and device (every batch needs them)."""
+        cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = self.__dict__.setdefault(
+            "_tensors", {})
+        key = (dtype, device)
+        if key not in cache:
+            cache[key] = (torch.tensor(self.class_mean, dtype=dtype, device=device),
+                          torch.tensor(self.class_std, dtype=dtype, device=device))
+        return cache[key]
 
 
 def class_statistics(features: Tensor, predicted: Tensor, classes: int) -> tuple[Tensor, Tensor]:
