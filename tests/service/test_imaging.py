@@ -158,3 +158,18 @@ def test_declared_media_types() -> None:
     for media_type in ("text/plain", "image/tiff", "image/svg+xml", "application/pdf"):
         with pytest.raises(UnsupportedType):
             check_media_type(media_type)
+
+
+def test_normalisation_equals_the_tensor_arithmetic_bit_for_bit() -> None:
+    # The service normalises in place in NumPy; the reference is (x / 255 - mean) / std on a float32 tensor.
+    spec = Preprocessing(channels=3, height=32, width=32, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616),
+                         max_pixels=10_000)
+    generator = np.random.default_rng(0)
+    for index in range(8):
+        pixels = generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        data = encode(Image.fromarray(pixels), "PNG" if index % 2 else "JPEG", **({} if index % 2 else {"quality": 90}))
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+        tensor = torch.from_numpy(decoded).permute(2, 0, 1)
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+        assert torch.equal(decode_image(data, spec), (tensor / 255.0 - mean) / std)
