@@ -57,6 +57,60 @@ def _error_response(status: int, phrase: str, code: str, message: str) -> bytes:
             f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
+# A connection closed while its request's body is still arriving first shuts its sending side and reads (and
+# drops) what the client still sends, for at most this long and this many bytes (see _LingeringTransport).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 8 << 20
+
+
+class _LingeringTransport:
+    """A transport whose ``close()`` lets a client that is still sending a body read the answer first.
+
+    Closing a socket with unread bytes in it makes the kernel reset the connection, and a reset can destroy an
+    answer the client has not read yet: a client refused while uploading (``uploads_full``, a body too large)
+    would see its connection reset instead of the 503 or 413. So when the current request's body has not all
+    arrived, ``close()`` ends the sending side (the client reads the answer, then the end), keeps reading and
+    dropping what the client sends, and closes for good once the client closes, after ``LINGER_SECONDS``, or
+    past ``LINGER_BYTES``. Everything else goes to the wrapped transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+        self._dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        cycle = self._protocol.cycle
+        if cycle is None or not cycle.more_body or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()
+        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, self.end)
+
+    def drop(self, data: bytes) -> None:
+        """Bytes that arrived while lingering."""
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self.end()
+
+    def end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.close()
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with bounds on each request's head (request line and headers).
 
@@ -80,14 +134,19 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_body = False  # a head is complete and its body is arriving: the bytes received are not a head
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+            self.transport.end()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+            self.transport.drop(data)
+            return
         in_head = not self._in_body
         if in_head:  # these bytes begin or continue a request's head
             if self._first_byte_at is None:

@@ -267,6 +267,19 @@ def test_a_refusal_waits_for_the_rest_of_a_body_in_flight(service: ServiceProces
     assert answer.startswith(b"HTTP/1.1 415") and seconds < 1.0, (answer, seconds)
 
 
+def test_a_client_still_sending_a_refused_body_reads_the_answer(service: ServiceProcess) -> None:
+    """Refused from its head (413 here; 503 ``uploads_full`` is closed the same way) while it sends megabytes
+    before reading anything: the service ends its sending side and drops what still arrives (at most 1 s and 8
+    MiB), so that closing the connection does not reset it before the client has read the answer."""
+    for attempt in range(10):  # without the linger, most attempts see a reset (a race: each may be lucky)
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.sendall(head(length=100 * MiB))
+            for _ in range(64):  # 4 MiB; a reset while sending fails the test
+                sock.sendall(bytes(65536))
+            answer, _ = read_until_closed(sock, SLACK, reset_ends=False)
+        assert answer.startswith(b"HTTP/1.1 413"), (attempt, answer[:200])
+
+
 def test_uploads_beyond_the_limit_get_503_but_a_body_sent_in_one_piece_is_served(
         service: ServiceProcess, photo: bytes) -> None:
     stalled = []
