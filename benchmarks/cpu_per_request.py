@@ -39,13 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import make_jpegs, run_load
-from serve_compare import Server
+from serve_compare import Server, proc_stat
 
 logger = logging.getLogger("cpu_per_request")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Service(Server):
@@ -72,14 +71,8 @@ class Service(Server):
 
     def cpu_seconds(self) -> dict[int, float]:
         """Thread id -> CPU seconds (user + system) so far."""
-        seconds = {}
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # the thread ended
-            seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        return seconds
+        stats = {int(task.name): proc_stat(task / "stat") for task in Path(f"/proc/{self.process.pid}/task").iterdir()}
+        return {tid: stat[1] for tid, stat in stats.items() if stat is not None}  # None: the thread ended
 
 
 def measure(service: Service, images: list[bytes], concurrency: int, duration: float, warmup: float

@@ -121,18 +121,23 @@ class Server:
         self.log.close()
 
 
+def proc_stat(path: Path) -> tuple[int, float] | None:
+    """From a process's or thread's ``/proc/.../stat``: its process group and the CPU seconds (user + system)
+    it has used so far; None when it is gone."""
+    try:
+        fields = path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _group_cpu_seconds(group: int) -> float:
     """CPU seconds (user + system) the processes of process group ``group`` have used so far."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    total = 0.0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) == group:
-            total += (int(fields[11]) + int(fields[12])) / tick
+        stat = proc_stat(entry / "stat") if entry.name.isdigit() else None
+        if stat is not None and stat[0] == group:
+            total += stat[1]
     return total
 
 
@@ -213,9 +218,10 @@ def measure(servers: dict[str, Server], args: argparse.Namespace, images: list[b
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for repeat in range(args.repeats):
             for name, server in servers.items():
-                for other in servers.values():
-                    if other is not server and args.pause_others:
-                        other.pause()
+                if args.pause_others:
+                    for other in servers.values():
+                        if other is not server:
+                            other.pause()
                 server.resume()
                 report = run_load(server.url, images, concurrency=concurrency, duration=args.duration,
                                   warmup=args.warmup, timeout=args.timeout, metrics=True, seed=repeat,

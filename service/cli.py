@@ -59,8 +59,8 @@ def _error_response(status: int, phrase: str, code: str, message: str) -> bytes:
 
 # A connection closed while its request's body is still arriving first shuts its sending side and reads (and
 # drops) what the client still sends, for at most this long and this many bytes (see _LingeringTransport).
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 8 << 20
+CLOSE_LINGER_SECONDS = 1.0
+CLOSE_LINGER_BYTES = 8 << 20
 
 
 class _LingeringTransport:
@@ -70,8 +70,8 @@ class _LingeringTransport:
     answer the client has not read yet: a client refused while uploading (``uploads_full``, a body too large)
     would see its connection reset instead of the 503 or 413. So when the current request's body has not all
     arrived, ``close()`` ends the sending side (the client reads the answer, then the end), keeps reading and
-    dropping what the client sends, and closes for good once the client closes, after ``LINGER_SECONDS``, or
-    past ``LINGER_BYTES``. Everything else goes to the wrapped transport."""
+    dropping what the client sends, and closes for good once the client closes, after ``CLOSE_LINGER_SECONDS``,
+    or past ``CLOSE_LINGER_BYTES``. Everything else goes to the wrapped transport."""
 
     def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
         self._transport = transport
@@ -96,12 +96,12 @@ class _LingeringTransport:
         self.lingering = True
         self._transport.write_eof()
         self._transport.resume_reading()
-        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, self.end)
+        self._timer = self._protocol.loop.call_later(CLOSE_LINGER_SECONDS, self.end)
 
     def drop(self, data: bytes) -> None:
         """Bytes that arrived while lingering."""
         self._dropped += len(data)
-        if self._dropped > LINGER_BYTES:
+        if self._dropped > CLOSE_LINGER_BYTES:
             self.end()
 
     def end(self) -> None:
@@ -132,20 +132,22 @@ class GuardedProtocol(HttpToolsProtocol):
         self._first_byte_at: float | None = None
         self._head_bytes = 0  # bytes received since the head began (an upper bound of the head's size)
         self._in_body = False  # a head is complete and its body is arriving: the bytes received are not a head
+        self._closer: _LingeringTransport | None = None  # the transport, wrapped (connection_made)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._closer = _LingeringTransport(transport, self)
+        super().connection_made(self._closer)  # type: ignore[arg-type]
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
-        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
-            self.transport.end()
+        if self._closer is not None and self._closer.lingering:
+            self._closer.end()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
-            self.transport.drop(data)
+        if self._closer is not None and self._closer.lingering:
+            self._closer.drop(data)
             return
         in_head = not self._in_body
         if in_head:  # these bytes begin or continue a request's head

@@ -68,7 +68,8 @@ async def within(work: Awaitable[T], seconds: float | None) -> T:
     awaitable runs in the caller's task, where ``asyncio.wait_for`` would wrap a coroutine in a task of its own,
     which costs a turn of the event loop before it starts and another when it ends.
     """
+    limit = None if seconds is None else max(0.0, seconds)
     if sys.version_info >= (3, 11):
-        async with asyncio.timeout(None if seconds is None else max(0.0, seconds)):
+        async with asyncio.timeout(limit):
             return await work
-    return await asyncio.wait_for(work, None if seconds is None else max(0.0, seconds))  # pragma: no cover
+    return await asyncio.wait_for(work, limit)  # pragma: no cover

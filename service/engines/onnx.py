@@ -182,16 +182,17 @@ class OnnxEngine(EngineBase):
             run.ran, run.fallback, run.stream_images = ["frozen"] * len(sizes), [False] * len(sizes), [0] * len(sizes)
         counts = torch.tensor(sizes)
         robust = self.exported.robust
-        single = len(outputs) == 1  # the common case: the outputs are the statistics as they are, no copies
+        def joined(key: str, stack: bool) -> torch.Tensor:
+            """One output of every group, stacked (per-group values) or concatenated (per-image rows); one group's
+            as it is, without a copy (the common case)."""
+            arrays = [output[key] for output in outputs]
+            if len(arrays) == 1:
+                return torch.from_numpy(arrays[0][None] if stack else arrays[0])
+            return torch.from_numpy(np.stack(arrays) if stack else np.concatenate(arrays))
+
         for name in self.exported.layers:
-            if single:
-                mean = torch.from_numpy(outputs[0][name + MEAN_SUFFIX][None])
-                spread = torch.from_numpy(outputs[0][name + SPREAD_SUFFIX][None])
-                rows = torch.from_numpy(outputs[0][name + IMAGE_ROWS_SUFFIX])
-            else:
-                mean = torch.from_numpy(np.stack([output[name + MEAN_SUFFIX] for output in outputs]))
-                spread = torch.from_numpy(np.stack([output[name + SPREAD_SUFFIX] for output in outputs]))
-                rows = torch.from_numpy(np.concatenate([output[name + IMAGE_ROWS_SUFFIX] for output in outputs]))
+            mean, spread = joined(name + MEAN_SUFFIX, True), joined(name + SPREAD_SUFFIX, True)
+            rows = joined(name + IMAGE_ROWS_SUFFIX, False)
             run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=rows[:, 0],
                                               image_spread=image_spread_from_rows(rows, robust), image_rows=rows)
             run.robust_layers[name] = robust
