@@ -68,7 +68,7 @@ class GroupRun:
         name = self.layer_names[id(layer)]
         self.stats[name] = stats
         self.robust_layers[name] = layer.robust
-        self.population[name] = tuple(t.detach() for t in layer.population(stats.mean.dtype))
+        self.population[name] = layer.population(stats.mean.dtype)  # detached
 
     def stream_statistics(self, layer: _PolicyNorm) -> list[tuple[Tensor, Tensor] | None] | None:
         """Each group's stream (mean, spread) at ``layer``, or ``None`` without streams."""

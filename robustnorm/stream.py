@@ -58,6 +58,11 @@ def trimmed_count(held: int, trim: float) -> int:
     return min(int(trim * held), (held - 1) // 2)
 
 
+def _rows_of(rows: Tensor, start: int, n: int) -> Tensor:
+    """Rows ``start`` to ``start + n``: the tensor itself when that is all of it (no dispatch per layer)."""
+    return rows if start == 0 and n == rows.shape[0] else rows[start:start + n]
+
+
 def rows_statistics(rows: Tensor, robust: bool, trim: float = 0.0) -> tuple[Tensor, Tensor]:
     """Mean and spread (pooled variance, or range) of per-image rows (k, R, C).
 
@@ -151,7 +156,7 @@ class Stream:
         """Add one micro-batch's per-image rows, ``layer -> (n, R, C)`` (the same n for every layer)."""
         kinds: dict[bool, dict[str, Tensor]] = {}
         for name, new in rows.items():
-            kinds.setdefault(robust[name], {})[name] = new.detach()
+            kinds.setdefault(robust[name], {})[name] = new.detach() if new.requires_grad else new
         added = 0
         for kind, layers in kinds.items():
             packed = self.packed.get(kind)
@@ -256,10 +261,6 @@ class StreamStore:
             return slice(None)
         return torch.linspace(0, n - 1, self.max_batch_images).round().long()
 
-    def admit(self, rows: Tensor) -> Tensor:
-        """The admitted part of one group's rows (:meth:`admitted`)."""
-        return rows[self.admitted(rows.shape[0])]
-
     def reset(self, keys: Iterable[str] | None = None) -> int:
         """Forget the given streams (all when ``keys`` is None). Returns how many were dropped."""
         with self._lock:
@@ -291,12 +292,11 @@ class StreamSelection:
         start = 0
         for stream, n in zip(self.streams, sizes):
             if stream is not None:
-                rows = {name: stats.image_rows[start:start + n] for name, stats in run.stats.items()
+                rows = {name: _rows_of(stats.image_rows, start, n) for name, stats in run.stats.items()
                         if stats.image_rows is not None}
-                admitted = slice(None)
-                if self.store is not None:
-                    rows = {name: self.store.admit(value) for name, value in rows.items()}
-                    admitted = self.store.admitted(n)
+                admitted = self.store.admitted(n) if self.store is not None else slice(None)
+                if not isinstance(admitted, slice):
+                    rows = {name: value[admitted] for name, value in rows.items()}
                 stream.push(rows, run.robust_layers)
                 if raw is not None and gate is not None:
                     changed = stream.update_gate(raw[start:start + n][admitted], gate)
