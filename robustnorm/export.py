@@ -64,16 +64,24 @@ def card_path_for(onnx_path: str | Path) -> Path:
     return path.with_name(path.stem + CARD_SUFFIX)
 
 
-def plan_feeds(plan: GroupPlan, stream: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, np.ndarray]:
+def plan_feeds(plan: GroupPlan, stream: Mapping[str, tuple[Tensor | np.ndarray, Tensor | np.ndarray]] | None = None
+               ) -> dict[str, np.ndarray]:
     """The inputs that make an exported graph run ``plan``: the two weights and, for a stream plan, the
-    stream's ``layer -> (mean, spread)`` (layers left out keep their initializers, the population)."""
+    stream's ``layer -> (mean, spread)`` (tensors, or float32 arrays such as
+    :meth:`robustnorm.Stream.statistics_arrays`; layers left out keep their initializers, the population)."""
     feeds = {BATCH_WEIGHT: np.array(plan.batch_weight, dtype=np.float32),
              STREAM_WEIGHT: np.array(plan.stream_weight, dtype=np.float32)}
     if stream and plan.stream_weight:
         for name, (mean, spread) in stream.items():
-            feeds[name + STREAM_MEAN_SUFFIX] = mean.detach().cpu().float().numpy()
-            feeds[name + STREAM_SPREAD_SUFFIX] = spread.detach().cpu().float().numpy()
+            feeds[name + STREAM_MEAN_SUFFIX] = _float32_array(mean)
+            feeds[name + STREAM_SPREAD_SUFFIX] = _float32_array(spread)
     return feeds
+
+
+def _float32_array(values: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values if values.dtype == np.float32 else values.astype(np.float32)
+    return values.detach().cpu().float().numpy()
 
 
 def graph_input_names(layers: Sequence[str]) -> list[str]:

@@ -50,17 +50,17 @@ def image_features(pixels: Tensor, kind: str = GATE_FEATURES) -> Tensor:
         raise ValueError(f"unknown gate feature set {kind!r}; known: {', '.join(FEATURE_SETS)}")
     x = pixels.float()
     mean = x.mean(dim=(2, 3))
-    log_std = x.flatten(2).std(dim=2).clamp_min(1e-4).log()
     across, down = (x[:, :, :, 1:] - x[:, :, :, :-1]), (x[:, :, 1:] - x[:, :, :-1])
-    squared = _squared_differences(x, 1)
-    absolute = across.abs().mean(dim=(2, 3)) + down.abs().mean(dim=(2, 3))
-    edges = (across[:, :, :, _BLOCK - 1::_BLOCK].abs().mean(dim=(2, 3))
-             + down[:, :, _BLOCK - 1::_BLOCK].abs().mean(dim=(2, 3)))
-    features = [mean, log_std, (squared + 1e-6).log(), (absolute + 1e-4).log(),
-                ((edges + 1e-4) / (absolute + 1e-4)).log()]
+    squared = across.square().mean(dim=(2, 3)) + down.square().mean(dim=(2, 3))  # _squared_differences(x, 1)
+    across, down = across.abs(), down.abs()
+    absolute = across.mean(dim=(2, 3)) + down.mean(dim=(2, 3)) + 1e-4
+    edges = across[:, :, :, _BLOCK - 1::_BLOCK].mean(dim=(2, 3)) + down[:, :, _BLOCK - 1::_BLOCK].mean(dim=(2, 3))
+    squared = squared + 1e-6
+    positive = [x.flatten(2).std(dim=2).clamp_min(1e-4), squared, absolute, (edges + 1e-4) / absolute]
     if kind == "pixels+fine":
-        features.append(((squared + 1e-6) / (_squared_differences(x, 2) + 1e-6)).log())
-    return torch.cat(features, dim=1)
+        positive.append(squared / (_squared_differences(x, 2) + 1e-6))
+    # every log at once; (n, features, C) flattened is channel-major within each feature
+    return torch.cat([mean, torch.stack(positive, dim=1).log().flatten(1)], dim=1)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,6 +134,7 @@ class Stream:
     switches: int = 0
     gate_ring: _Ring | None = None  # each recent image's raw gate score, (window, 1, 1)
     _statistics: dict[bool, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)  # since the last push
+    _statistics_arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -151,6 +153,25 @@ class Stream:
             pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind, self.trim)
         start, stop = packed.spans[layer]
         return pooled[0][start:stop], pooled[1][start:stop]
+
+    def statistics_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`statistics` of every layer the stream holds, as float32 NumPy views on the CPU: one conversion per
+        layer kind and push, where a conversion per layer and batch cost a few dozen tensor operations (what an
+        ONNX Runtime graph is fed)."""
+        arrays = self._statistics_arrays
+        if arrays is None:
+            arrays = {}
+            for kind, packed in self.packed.items():
+                if packed.ring.count == 0:
+                    continue
+                pooled = self._statistics.get(kind)
+                if pooled is None:
+                    pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind, self.trim)
+                mean, spread = (t.detach().cpu().float().numpy() for t in pooled)
+                arrays.update({name: (mean[start:stop], spread[start:stop])
+                               for name, (start, stop) in packed.spans.items()})
+            self._statistics_arrays = arrays
+        return arrays
 
     def push(self, rows: dict[str, Tensor], robust: dict[str, bool]) -> None:
         """Add one micro-batch's per-image rows, ``layer -> (n, R, C)`` (the same n for every layer)."""
@@ -172,6 +193,7 @@ class Stream:
             packed.ring.push(torch.cat(list(layers.values()), dim=2))
             added = next(iter(layers.values())).shape[0]
         self._statistics.clear()
+        self._statistics_arrays = None
         self.images += added
 
     def update_gate(self, raw: Tensor, calibration: GateCalibration) -> bool | None:

@@ -159,8 +159,7 @@ class OnnxEngine(EngineBase):
         outputs, start = [], 0
         for g, (size, plan) in enumerate(zip(sizes, plans)):
             stream = streams[g] if streams is not None else None
-            held = {name: stats for name in self.exported.layers
-                    if stream is not None and (stats := stream.statistics(name)) is not None}
+            held = stream.statistics_arrays() if stream is not None and plan.stream_weight else None
             outputs.append(self._run_group(array[start:start + size], plan_feeds(plan, held)))
             start += size
         run = self._group_run(sizes, policy, plans, outputs, selection)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,16 @@ def test_a_stream_holds_the_statistics_of_its_last_window_images(norm: str) -> N
     mean, spread = stream.statistics(first_name)
     assert torch.allclose(mean, expected.mean[0], atol=1e-5)
     assert torch.allclose(spread, expected.spread[0], rtol=1e-4, atol=1e-5)
+    arrays = stream.statistics_arrays()  # what an ONNX graph is fed: the same values, every layer
+    assert list(arrays) == [name for name, _ in robustnorm.policy_layers(model)]
+    for name, (array_mean, array_spread) in arrays.items():
+        held_mean, held_spread = stream.statistics(name)
+        assert array_mean.dtype == array_spread.dtype == np.float32
+        assert np.array_equal(array_mean, held_mean.numpy()) and np.array_equal(array_spread, held_spread.numpy())
+    with torch.no_grad(), robustnorm.batch_groups(model, [3], policy="stream:6", streams=store.select(["s"])):
+        model(images[:3] * 4)  # a push renews them
+    assert not np.array_equal(stream.statistics_arrays()[first_name][1], arrays[first_name][1])
+    assert np.array_equal(stream.statistics_arrays()[first_name][1], stream.statistics(first_name)[1].numpy())
 
 
 def test_the_plan_mixes_population_stream_and_batch_by_image_counts() -> None:
