@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .io import DEFAULT_MODEL, ModelCard, load_external, load_model
@@ -150,7 +151,7 @@ class _Switch:
     """State shared by the traced norm layers of one forward: the weights and stream in, the statistics out."""
 
     def __init__(self) -> None:
-        self.weights: tuple[Tensor, Tensor] | None = None
+        self.weights: tuple[Tensor, Tensor, Tensor] | None = None  # batch, stream, population
         self.stream: dict[str, tuple[Tensor, Tensor]] = {}
         self.outputs: dict[str, Tensor] = {}
 
@@ -164,6 +165,8 @@ class _GraphNorm(nn.Module):
         self.layer = layer
         self.name = name
         self.switch = switch
+        self.register_buffer("zeros", torch.zeros(layer.num_features), persistent=False)
+        self.register_buffer("ones", torch.ones(layer.num_features), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         layer, weights = self.layer, self.switch.weights
@@ -176,14 +179,14 @@ class _GraphNorm(nn.Module):
         assert stats.image_rows is not None
         self.switch.outputs.update({self.name + MEAN_SUFFIX: mean, self.name + SPREAD_SUFFIX: spread,
                                     self.name + IMAGE_ROWS_SUFFIX: stats.image_rows})
-        batch_weight, stream_weight = weights
+        batch_weight, stream_weight, population_weight = weights
         stream_mean, stream_spread = self.switch.stream[self.name]
         population_mean, population_spread = layer.population(torch.float32)
-        population_weight = 1 - batch_weight - stream_weight
         used_mean = population_weight * population_mean + stream_weight * stream_mean + batch_weight * mean
         used_spread = population_weight * population_spread + stream_weight * stream_spread + batch_weight * spread
+        # one BatchNormalization node (mean 0, variance 1: constants of the graph): one pass over x
         scale, shift = layer.scale_shift(used_mean, used_spread)
-        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
+        return F.batch_norm(x, self.zeros, self.ones, scale, shift, False, 0.0, 0.0)
 
 
 class _ExportGraph(nn.Module):
@@ -204,7 +207,8 @@ class _ExportGraph(nn.Module):
 
     def forward(self, images: Tensor, batch_weight: Tensor, stream_weight: Tensor, *stream: Tensor
                 ) -> tuple[Tensor, ...]:
-        self.switch.weights, self.switch.outputs = (batch_weight, stream_weight), {}
+        # the population's weight once for every layer
+        self.switch.weights, self.switch.outputs = (batch_weight, stream_weight, 1 - batch_weight - stream_weight), {}
         self.switch.stream = {name: (stream[2 * i], stream[2 * i + 1]) for i, name in enumerate(self.layer_names)}
         logits = self.model(images)
         missing = [name for name in self.layer_names if name + MEAN_SUFFIX not in self.switch.outputs]
