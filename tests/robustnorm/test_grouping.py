@@ -110,3 +110,45 @@ def test_model_without_norm_layers_reports_frozen() -> None:
     with torch.no_grad(), batch_groups(model, [2, 1]) as run:
         model(torch.randn(3, 3, 16, 16))
     assert run.ran == ["frozen", "frozen"]
+
+
+@pytest.mark.parametrize("policy", ["stream:8", "stream:8:4", "auto:8"])
+def test_one_group_blends_as_the_padded_general_path(model: torch.nn.Module, policy: str) -> None:
+    """A batch that is one group takes a shortcut (the plan's weights as numbers, one product for every weighted
+    sum); with padding the general path runs. Both must give the same outputs and record the same statistics,
+    stream policies included (population, stream and batch weighed together)."""
+    shifted, x = torch.randn(5, 3, 16, 16) * 2 + 0.5, torch.randn(6, 3, 16, 16)
+    stores = [robustnorm.StreamStore(8, max_batch_share=1.0) for _ in range(2)]
+    with torch.no_grad():
+        for store in stores:  # two streams holding the same 5 shifted images
+            with batch_groups(model, [5], policy=policy, streams=store.select(["s"])):
+                model(shifted)
+        with batch_groups(model, [6], policy=policy, record=True, streams=stores[0].select(["s"])) as fast:
+            one = model(x)
+        with batch_groups(model, [6], policy=policy, record=True, streams=stores[1].select(["s"])) as general:
+            padded = model(torch.cat([x, torch.randn(3, 3, 16, 16) * 50]))
+    assert fast.ran == general.ran and fast.stream_images == general.stream_images == [5]
+    assert torch.allclose(padded[:6], one, atol=1e-5)
+    for name, stats in fast.stats.items():
+        assert torch.allclose(general.stats[name].mean, stats.mean, atol=1e-6)
+        assert torch.allclose(general.stats[name].spread, stats.spread, atol=1e-6)
+
+
+def test_frozen_statistics_follow_the_layers_parameters(model: torch.nn.Module) -> None:
+    """Frozen scale and shift are made once per parameter version: a changed weight or running statistic shows
+    in the next forward."""
+    set_policy(model, "frozen")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        before = model(x)
+    _, first = robustnorm.policy_layers(model)[0]
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        first.running_mean.add_(0.5)
+    with torch.inference_mode():
+        moved = model(x)
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        restored = model(x)
+    assert not torch.allclose(moved, before, atol=1e-3)
+    assert torch.equal(restored, before)
