@@ -190,7 +190,8 @@ class EngineBase:
                                  gate_score=stream.gate_score if stream is not None else None)
                     for g, (group, stream) in enumerate(zip(groups, streams))]
         image_scores: list[float | None] | None = (
-            list(robustnorm.image_scores(run, calibration)) if calibration is not None and run.stats else None)
+            list(robustnorm.image_scores(run, calibration)) if calibration is not None and run.stats and any(scored)
+            else None)
         if image_scores is not None and not all(scored):
             keep = [scored[g] for g, group in enumerate(groups) for _ in range(group.size)]
             image_scores = [score if kept else None for score, kept in zip(image_scores, keep)]
