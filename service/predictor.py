@@ -127,6 +127,28 @@ def split_batch(batch: Batch[ImageAnswer]) -> tuple[Batch[ImageAnswer], Batch[Im
     return first, second
 
 
+
+class RateBudget:
+    """At most ``rate`` events per second, in bursts of up to one second's worth (a token bucket); 0: no limit."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._tokens = max(1.0, rate)
+        self._refilled = clock()
+
+    def take(self) -> bool:
+        """Whether one more event fits now (and count it)."""
+        if self.rate <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(max(1.0, self.rate), self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
 class Predictor:
     """Everything between a decoded request and its answer."""
 
@@ -149,6 +171,7 @@ class Predictor:
         self._drift_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustnorm-drift")
         self._drift_pending = 0
         self._drift_credit = 0.0
+        self._drift_rate = RateBudget(settings.drift_max_rate)
         self._drift_waiting: list[Callable[[], None]] = []  # scorings that start with the next forward pass
         self._drift_timer: asyncio.TimerHandle | None = None
         self._batcher: MicroBatcher[ImageAnswer] | None = None
@@ -341,7 +364,8 @@ class Predictor:
         return answers
 
     def _drift_plan(self) -> str:
-        """What becomes of this batch's drift scoring: 'inline', 'after', 'sampled_out' or 'skipped'."""
+        """What becomes of this batch's drift scoring: 'inline', 'after', 'sampled_out' (by the share of
+        ``sampled:F``, or beyond ``drift_max_rate``) or 'skipped'."""
         mode = self.settings.drift_metrics
         if mode == "inline":
             return mode
@@ -349,6 +373,8 @@ class Predictor:
         if self._drift_credit < 1.0:
             return "sampled_out"
         self._drift_credit -= 1.0
+        if not self._drift_rate.take():
+            return "sampled_out"
         return "after" if self._drift_pending < 2 else "skipped"  # a bounded backlog: never fall behind
 
     async def _run_batch(self, batch: Batch[ImageAnswer]) -> dict[str, list[ImageAnswer]]:

@@ -152,6 +152,10 @@ class Settings(BaseSettings):
                              "is null), 'inline' before (the response carries it), 'sampled:F' after, for a "
                              "fraction F of batches, or 'off'. Image drift scores and the statistics the policy "
                              "and its gate need are computed in every forward whatever this says")
+    drift_max_rate: float = Field(
+        10.0, ge=0, description="batches scored for metrics per second at most, in the modes that score after the "
+                                "answers (0: no limit). Every batch is scored below that rate; above it, as many as "
+                                "the rate allows, so that monitoring takes a bounded share of a saturated CPU")
 
     # -- inputs ----------------------------------------------------------------------------------------
     max_image_bytes: int = Field(8 * MiB, ge=1, description="bytes per encoded image at most")

@@ -13,14 +13,15 @@ from prometheus_client import CollectorRegistry
 from service_support import LiveServer, Sample, serve
 
 from service.app import create_app
+from service.predictor import RateBudget
 from service.settings import Settings
 
 BATCHES = 6
 IMAGES = 4  # per request: one request is one batch, sent one after another
 
 
-def start(model_dir: Path, mode: str) -> Iterator[tuple[LiveServer, CollectorRegistry]]:
-    settings = Settings(model=str(model_dir), device="cpu", max_batch_size=8, drift_metrics=mode)
+def start(model_dir: Path, mode: str, **extra: float) -> Iterator[tuple[LiveServer, CollectorRegistry]]:
+    settings = Settings(model=str(model_dir), device="cpu", max_batch_size=8, drift_metrics=mode, **extra)
     registry = CollectorRegistry()
     for server in serve(create_app(settings, registry=registry)):
         yield server, registry
@@ -89,3 +90,25 @@ def test_predictions_do_not_depend_on_when_drift_is_scored(model_dir: Path, cifa
             probabilities[mode] = [[(c["label"], round(c["score"], 5)) for c in p["top_k"]]
                                    for answer in answers for p in answer["predictions"]]
     assert probabilities["inline"] == probabilities["off"]
+
+
+def test_a_rate_budget_allows_a_seconds_burst_then_its_rate() -> None:
+    now = [0.0]
+    budget = RateBudget(4.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [True] * 4 + [False], "a burst of one second's worth"
+    now[0] += 0.5
+    assert [budget.take() for _ in range(3)] == [True, True, False], "refilled at 4 per second"
+    now[0] += 100
+    assert sum(budget.take() for _ in range(10)) == 4, "never more than one second's worth saved up"
+    slow = RateBudget(0.5, clock=lambda: now[0])
+    assert [slow.take(), slow.take()] == [True, False] and RateBudget(0).take()
+
+
+def test_drift_scoring_above_its_rate_is_sampled_out(model_dir: Path, cifar_samples: list[Sample]) -> None:
+    """``drift_max_rate`` bounds the batches scored per second; the answers are the same for every batch."""
+    for server, registry in start(model_dir, "after", drift_max_rate=0.01):  # one token, refilled in 100 s
+        answers = send(server, cifar_samples[120:])
+        settle(registry, 1)
+        time.sleep(0.2)
+        assert scored_count(registry, "scored") == 1 and scored_count(registry, "sampled_out") == BATCHES - 1
+        assert all(isinstance(p["drift_score"], float) for answer in answers for p in answer["predictions"])
