@@ -108,6 +108,47 @@ class _Ring:
         return self.rows[: self.count]
 
 
+_BLOCK_ROWS = 16
+
+
+class _BlockSummary:
+    """Per block of 16 consecutive rows of a ring: the sum of its rows and, for RobustNorm rows, the maximum of the
+    maxima and the minimum of the minima. A push refreshes the blocks it wrote, and the window's statistics
+    reduce the blocks rather than every row: a sixteenth of the memory read per batch, which on a full window of
+    256 images was the largest cost of a stream policy's batch after the forward itself."""
+
+    def __init__(self, rows: Tensor, robust: bool) -> None:
+        window, fields, channels = rows.shape
+        blocks = -(-window // _BLOCK_ROWS)
+        self.robust = robust
+        self.sums = rows.new_zeros((blocks, fields, channels))
+        self.maxima = rows.new_zeros((blocks, channels)) if robust else None
+        self.minima = rows.new_zeros((blocks, channels)) if robust else None
+
+    def refresh(self, ring: _Ring, first: int, n: int) -> None:
+        """Recompute the blocks holding ring rows ``first`` to ``first + n`` (modulo the window)."""
+        window = ring.rows.shape[0]
+        touched = range(len(self.sums)) if n >= window else sorted({(first + i) % window // _BLOCK_ROWS
+                                                                      for i in range(n)})
+        for block in touched:
+            start = block * _BLOCK_ROWS
+            part = ring.rows[start:min(start + _BLOCK_ROWS, ring.count)]  # rows past the count are unwritten
+            if part.shape[0] == 0:
+                continue
+            self.sums[block] = part.sum(dim=0)
+            if self.maxima is not None and self.minima is not None:
+                self.maxima[block] = part[:, 1].amax(dim=0)
+                self.minima[block] = part[:, 2].amin(dim=0)
+
+    def statistics(self, count: int) -> tuple[Tensor, Tensor]:
+        """:func:`rows_statistics` without trimming of the ``count`` rows held (written from row 0 on)."""
+        used = -(-count // _BLOCK_ROWS)
+        means = self.sums[:used].sum(dim=0) / count  # (R, C)
+        if self.maxima is not None and self.minima is not None:
+            return means[0], self.maxima[:used].amax(dim=0) - self.minima[:used].amin(dim=0)
+        return means[0], (means[1] - means[0].square()).clamp_min(0)
+
+
 @dataclass
 class _Packed:
     """The rows of every layer of one kind (BatchNorm or RobustNorm) side by side along the channels, in one ring:
@@ -116,6 +157,19 @@ class _Packed:
 
     ring: _Ring  # (window, R, total channels)
     spans: dict[str, tuple[int, int]]  # layer -> its channels [start, stop)
+    summary: _BlockSummary | None = None  # for the untrimmed statistics
+
+    def statistics(self, robust: bool, trim: float) -> tuple[Tensor, Tensor]:
+        """The window's (mean, spread) over every channel of the kind (:func:`rows_statistics`)."""
+        if trim == 0 and self.summary is not None:
+            return self.summary.statistics(self.ring.count)
+        return rows_statistics(self.ring.held(), robust, trim)
+
+    def push(self, new: Tensor) -> None:
+        first = self.ring.position
+        self.ring.push(new)
+        if self.summary is not None:
+            self.summary.refresh(self.ring, first, min(new.shape[0], self.ring.rows.shape[0]))
 
 
 @dataclass
@@ -150,7 +204,7 @@ class Stream:
         assert kind is not None
         pooled = self._statistics.get(kind)
         if pooled is None:  # every layer of the kind at once, until the next push
-            pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind, self.trim)
+            pooled = self._statistics[kind] = packed.statistics(kind, self.trim)
         start, stop = packed.spans[layer]
         return pooled[0][start:stop], pooled[1][start:stop]
 
@@ -166,7 +220,7 @@ class Stream:
                     continue
                 pooled = self._statistics.get(kind)
                 if pooled is None:
-                    pooled = self._statistics[kind] = rows_statistics(packed.ring.held(), kind, self.trim)
+                    pooled = self._statistics[kind] = packed.statistics(kind, self.trim)
                 mean, spread = (t.detach().cpu().float().numpy() for t in pooled)
                 arrays.update({name: (mean[start:stop], spread[start:stop])
                                for name, (start, stop) in packed.spans.items()})
@@ -188,9 +242,10 @@ class Stream:
                     start += new.shape[2]
                     self.robust[name] = kind
                 first = next(iter(layers.values()))
-                packed = self.packed[kind] = _Packed(_Ring(first.new_zeros((self.window, first.shape[1], start))),
-                                                     spans)
-            packed.ring.push(torch.cat(list(layers.values()), dim=2))
+                ring = _Ring(first.new_zeros((self.window, first.shape[1], start)))
+                packed = self.packed[kind] = _Packed(ring, spans, _BlockSummary(ring.rows, kind) if self.trim == 0
+                                                     else None)
+            packed.push(torch.cat(list(layers.values()), dim=2))
             added = next(iter(layers.values())).shape[0]
         self._statistics.clear()
         self._statistics_arrays = None

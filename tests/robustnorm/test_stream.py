@@ -243,3 +243,27 @@ def test_a_trimmed_gate_score_ignores_a_minority_of_outliers() -> None:
 def test_trim_is_a_share_below_half() -> None:
     with pytest.raises(ValueError, match="trim"):
         StreamStore(8, trim=0.5)
+
+
+@pytest.mark.parametrize("robust", [True, False])
+def test_the_window_summary_equals_the_statistics_of_the_rows_held(robust: bool) -> None:
+    """Untrimmed windows are summarised per block of rows, refreshed by each push: after every push, whatever its
+    size and however the ring wraps, the result equals the statistics of the rows the window holds."""
+    from robustnorm.stream import Stream, rows_statistics
+
+    torch.manual_seed(0)
+    stream = Stream(key="s", window=40)
+    fields = 3 if robust else 2
+    for n in (17, 3, 16, 7, 33, 2, 40, 5, 64, 9, 1, 17):  # the first push ends on a block's first row
+        new = torch.randn(n, fields, 6) * 3 - 20  # all negative: unwritten rows (zeros) must not count
+        if robust:  # each image's row holds its mean, maximum and minimum
+            new[:, 1] = new[:, 0] + new.abs().amax(dim=1) / 10
+            new[:, 2] = new[:, 0] - new.abs().amax(dim=1) / 10
+        stream.push({"a": new[:, :, :2], "b": new[:, :, 2:]}, {"a": robust, "b": robust})
+        packed = stream.packed[robust]
+        assert packed.summary is not None
+        expected = rows_statistics(packed.ring.held(), robust)
+        for name, (start, stop) in packed.spans.items():
+            mean, spread = stream.statistics(name)
+            assert torch.allclose(mean, expected[0][start:stop], atol=1e-5)
+            assert torch.allclose(spread, expected[1][start:stop], atol=1e-5)
