@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .grouping import GroupRun, batch_groups
 from .layers import policy_layers
 from .policy import Policy, parse_policy
+from .stream import image_spread_from_rows
 
 MEASURES = ("mean_shift", "log_var_ratio", "kl")
 DEFAULT_CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -184,7 +185,11 @@ def image_features(run: GroupRun, layers: Iterable[str], kind: str = IMAGE_FEATU
         stats = run.stats[name]
         parts.append(stats.image_mean)
         if kind == "mean+log_spread":
-            parts.append(torch.log(stats.image_spread + _EPS))
+            spread = stats.image_spread
+            if spread is None:  # an engine that hands over rows only (ONNX Runtime): only the layers read
+                assert stats.image_rows is not None
+                spread = image_spread_from_rows(stats.image_rows, run.robust_layers[name])
+            parts.append(torch.log(spread + _EPS))
     return torch.cat(parts, dim=1)
 
 

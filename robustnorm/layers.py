@@ -44,7 +44,7 @@ class GroupStatistics:
     spread: Tensor  # (G, C)
     counts: Tensor  # (G,) number of images per group
     image_mean: Tensor  # (n_real, C)
-    image_spread: Tensor  # (n_real, C)
+    image_spread: Tensor | None  # (n_real, C); None: derived from image_rows where read (drift.image_features)
     image_rows: Tensor | None = None  # (n_real, R, C): what a stream keeps of each image (robustnorm.stream)
 
 

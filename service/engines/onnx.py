@@ -28,7 +28,6 @@ import robustnorm
 from robustnorm.export import IMAGE_ROWS_SUFFIX, IMAGES, LOGITS, MEAN_SUFFIX, SPREAD_SUFFIX, ExportedModel, plan_feeds
 from robustnorm.layers import GroupStatistics
 from robustnorm.policy import Policy
-from robustnorm.stream import image_spread_from_rows
 
 from .base import BatchReport, EngineBase, GroupSpec, StreamSettings
 
@@ -193,7 +192,7 @@ class OnnxEngine(EngineBase):
             mean, spread = joined(name + MEAN_SUFFIX, True), joined(name + SPREAD_SUFFIX, True)
             rows = joined(name + IMAGE_ROWS_SUFFIX, False)
             run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=rows[:, 0],
-                                              image_spread=image_spread_from_rows(rows, robust), image_rows=rows)
+                                              image_spread=None, image_rows=rows)
             run.robust_layers[name] = robust
             run.population[name] = self._population[name]
         return run
