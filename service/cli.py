@@ -333,12 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())  # 'module:factory' resolves from the working directory, as with uvicorn
     from .app import create_app
     from .engines import load_engine
+    from .engines.loader import settle_torch_threads
 
     try:
         engine = load_engine(settings)
     except (ValueError, OSError, ImportError) as error:
         logger.error("cannot serve model %r: %s", settings.model or "(the bundled default)", error)
         return 1
+    settle_torch_threads(engine)
     app = create_app(settings, engine_factory=lambda _: engine)
     server = build_server(app, settings)
     settle_garbage_collector(settings.gc_threshold)

@@ -106,6 +106,16 @@ def _load_torch(settings: Settings) -> Engine:
     return engine
 
 
+def settle_torch_threads(engine: Engine) -> None:
+    """One PyTorch thread where ONNX Runtime runs the graph on the CPU.
+
+    PyTorch then handles only the small tensors around the graph (streams, gate, drift); with its default pool
+    of a thread per core, its parallel regions would compete with ONNX Runtime's threads for the same cores
+    and spin between batches."""
+    if getattr(engine, "providers", None) is not None and engine.device.type == "cpu":
+        torch.set_num_threads(1)
+
+
 def choose_engine(settings: Settings) -> str:
     """The engine kind ``auto`` stands for: ONNX Runtime for a ``.onnx`` model, and on the CPU where
     onnxruntime and onnx are installed (it runs the whole graph, statistics included, outside Python); PyTorch

@@ -22,6 +22,7 @@ import robustnorm
 from robustnorm.export import export_onnx
 from service.app import create_app
 from service.engines import BatchReport, GroupSpec, TorchEngine, choose_engine, load_engine
+from service.engines.loader import settle_torch_threads
 from service.engines.onnx import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, OnnxEngine, choose_providers
 from service.settings import Settings
 
@@ -245,3 +246,16 @@ def test_the_service_answers_identically_with_either_engine(torch_server: LiveSe
     assert cards[0] == cards[1]
     stats = [httpx.get(f"{server.url}/v1/stats").json() for server in (torch_server, onnx_server)]
     assert_same(stats[0]["latest"]["layers"], stats[1]["latest"]["layers"], "latest drift")
+
+
+def test_the_server_gives_pytorch_one_thread_beside_onnx_runtime(engines: tuple[TorchEngine, OnnxEngine]) -> None:
+    torch_engine, onnx_engine = engines
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        settle_torch_threads(torch_engine)
+        assert torch.get_num_threads() == 2, "PyTorch's threads are the PyTorch engine's to use"
+        settle_torch_threads(onnx_engine)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
