@@ -19,8 +19,9 @@ Protocol:
   (``forward_check``); the service's mean forward time during the run, from its metrics, is reported too.
 
 Drift-metrics mode (``--drift-metrics after,off``): the service alone at ``--concurrency`` (default 128,
-saturation), one server per value of its ``drift_metrics`` setting (passed as ``ROBUSTNORM_DRIFT_METRICS``),
-runs alternating between them. Skipped, with a message, when the service has no such setting.
+saturation), one server per value of its ``drift_metrics`` setting (passed as ``ROBUSTNORM_DRIFT_METRICS``;
+``MODE+SETTING=V`` also sets another setting, e.g. ``after+drift_max_rate=0``), runs alternating between them.
+Skipped, with a message, when the service has no such setting.
 
     python benchmarks/serve_compare.py --threads 2       # -> benchmarks/results/serving/compare_cpu_2thread.json
     python benchmarks/serve_compare.py --threads 1 --client raw   # -> .../compare_cpu_1thread_raw.json
@@ -174,6 +175,17 @@ def litserve_server(args: argparse.Namespace, env: dict[str, str], log: Path) ->
     return Server("litserve", command, "/health", env, log)
 
 
+def drift_environment(value: str) -> dict[str, str]:
+    """The service's environment for one drift-metrics value: ``MODE`` or ``MODE+SETTING=V+...``, e.g.
+    ``after+drift_max_rate=0`` (every batch scored after the answers)."""
+    mode, *extra = value.split("+")
+    environment = {"ROBUSTNORM_DRIFT_METRICS": mode}
+    for item in extra:
+        name, _, setting = item.partition("=")
+        environment[f"ROBUSTNORM_{name.upper()}"] = setting
+    return environment
+
+
 def engine_forward_ms(args: argparse.Namespace, repeats: int = 200) -> dict[str, Any]:
     """Median seconds of the service engine's ``run`` on one image under the served policy, in milliseconds."""
     torch.set_num_threads(args.threads)
@@ -302,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.warning(message)
             return {**report, "skipped": message, "results": []}
         values = args.drift_metrics.split(",")
-        servers = {f"drift_metrics={value}": robustnorm_server(args, {**env, "ROBUSTNORM_DRIFT_METRICS": value},
+        servers = {f"drift_metrics={value}": robustnorm_server(args, {**env, **drift_environment(value)},
                                                                logs / f"{args.out.stem}-{value}.log")
                    for value in values}
         report.update(mode="drift_metrics", drift_metrics=values)
@@ -347,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated servers to run, in this order (default robustnorm,litserve)")
     parser.add_argument("--litserve-policy", default="frozen", help="LitServe's statistics policy (default frozen)")
     parser.add_argument("--drift-metrics", help="drift-metrics mode: comma-separated values of the service's "
-                                                "drift_metrics setting to compare, e.g. after,off")
+                                                "drift_metrics setting to compare, e.g. after,off or "
+                                                "after,after+drift_max_rate=0,off")
     parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
                         help="the load generator's client: httpx (default), or loadgen's lean raw HTTP/1.1 client, "
                              "which leaves more of a shared machine's CPU to the servers")
