@@ -188,23 +188,22 @@ class _PolicyNorm(nn.BatchNorm2d):
     def _frozen_cached(self, key: tuple, make: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """What depends only on the layer's parameters and buffers, made once while none of them changes.
 
-        Only without autograd (a graph must not be shared between forwards); the key holds the inference mode
-        (inference tensors stay inside it) and every parameter's and buffer's version, which in-place updates
-        such as ``load_state_dict`` or a training step bump.
+        Only without autograd (a graph must not be shared between forwards), and apart per inference mode
+        (inference tensors stay inside it). An entry is used while every parameter and buffer still has the
+        storage, version, dtype and device it was made from: in-place updates (``load_state_dict``, a training
+        step) bump the version, and moves or ``.data`` assignments (``.to``, ``.double()``) change the storage. The
+        entry keeps the storages it was made from alive, so that no new tensor can take their addresses.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return make()
-        versions = tuple(t._version for t in (self.weight, self.bias, self.running_mean, self.running_var)
-                         if t is not None)
-        key = (*key, torch.is_inference_mode_enabled(), versions)
+        sources = tuple(t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None)
+        signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         cache = self.__dict__.setdefault("_frozen_cache", {})
-        found = cache.get(key)
-        if found is None:
-            stale = [k for k in cache if k[:-2] == key[:-2]]
-            for k in stale:
-                del cache[k]
-            found = cache[key] = make()
-        return found
+        key = (*key, torch.is_inference_mode_enabled())
+        entry = cache.get(key)
+        if entry is None or entry[0] != signature:
+            entry = cache[key] = (signature, make(), tuple(t.detach() for t in sources))
+        return entry[1]
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
         scale, shift = self._frozen_cached(("affine", _compute_dtype(x)), lambda: self.scale_shift(

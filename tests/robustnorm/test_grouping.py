@@ -152,3 +152,25 @@ def test_frozen_statistics_follow_the_layers_parameters(model: torch.nn.Module) 
         restored = model(x)
     assert not torch.allclose(moved, before, atol=1e-3)
     assert torch.equal(restored, before)
+
+
+def test_frozen_statistics_follow_moves_and_replaced_tensors() -> None:
+    """Moving a layer to another dtype or replacing a tensor's data keeps no stale scale and shift."""
+    layer = trained_like("robustnorm")
+    set_policy(layer, "frozen")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        before = layer(x)
+    layer.double()
+    with torch.inference_mode():
+        doubled = layer(x.double())
+    assert doubled.dtype == torch.float64 and torch.allclose(doubled.float(), before, atol=1e-4)
+    layer.float()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), before, atol=1e-5)
+    _, first = robustnorm.policy_layers(layer)[0]
+    with torch.no_grad():
+        first.weight.data = first.weight.data * 2  # a new storage, the same version
+    with torch.inference_mode():
+        scaled = layer(x)
+    assert not torch.allclose(scaled, before, atol=1e-3)
