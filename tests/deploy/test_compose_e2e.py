@@ -488,11 +488,13 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
     outcomes: list[Outcome] = []
     stop = threading.Event()
 
-    client = httpx.Client(timeout=httpx.Timeout(60, connect=3), limits=httpx.Limits(max_keepalive_connections=0))
-
     def client_loop() -> None:
-        while not stop.is_set():
-            outcomes.append(_send(client, url, files))
+        # A client per thread: with one pool shared by the threads, a read once failed on the client's side with
+        # EBADF (a descriptor closed under it locally) while HAProxy logged the request as ended normally.
+        with httpx.Client(timeout=httpx.Timeout(60, connect=3),
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            while not stop.is_set():
+                outcomes.append(_send(client, url, files))
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(DRAIN_CLIENTS)]
     for thread in threads:
@@ -510,7 +512,6 @@ def test_compose_stop_drains_in_flight_requests(stack: Stack, scaled: list[str],
         stop.set()
         for thread in threads:
             thread.join(90)
-        client.close()
     assert not any(thread.is_alive() for thread in threads), "a client never returned"
     signalled = _sigterm_times(scaled, stop_started)
 
