@@ -335,6 +335,8 @@ def verify_export(model: nn.Module, exported: ExportedModel, policies: Sequence[
 
 def run(args: argparse.Namespace) -> int:
     """``robustnorm export``: write the ONNX graph and its card, print where they went (and the check)."""
+    import onnx
+
     if args.factory:
         if args.weights is None or args.card is None:
             raise SystemExit("--factory needs --weights (safetensors) and --card (JSON)")
@@ -346,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, object] = {
         "onnx": str(exported.onnx_path), "card": str(exported.card_path), "policy": exported.policy,
         "opset": exported.opset, "norm_layers": len(exported.layers), "outputs": len(exported.output_names),
+        "nodes": len(onnx.load(str(exported.onnx_path), load_external_data=False).graph.node),
     }
     status = 0
     if args.verify:

@@ -111,7 +111,7 @@ def batch_groups(model: nn.Module, sizes: Sequence[int] | None = None, *, policy
                    policy=parse_policy(policy) if policy is not None else None, streams=streams)
     previous = [layer.group_run for _, layer in layers]
     for _, layer in layers:
-        # a plain attribute: object.__setattr__ skips nn.Module's bookkeeping (half of this context's cost)
+        # a plain attribute: object.__setattr__ skips nn.Module's bookkeeping, on every forward
         object.__setattr__(layer, "group_run", run)
     seen: dict[str, Tensor] = {}
     # The auto policy's gate reads the images and the model's predictions: catch both at the model's edge.

@@ -114,13 +114,11 @@ _BLOCK_ROWS = 16
 class _BlockSummary:
     """Per block of 16 consecutive rows of a ring: the sum of its rows and, for RobustNorm rows, the maximum of the
     maxima and the minimum of the minima. A push refreshes the blocks it wrote, and the window's statistics
-    reduce the blocks rather than every row: a sixteenth of the memory read per batch, which on a full window of
-    256 images was the largest cost of a stream policy's batch after the forward itself."""
+    reduce the blocks rather than every row: a sixteenth of the rows read per batch."""
 
     def __init__(self, rows: Tensor, robust: bool) -> None:
         window, fields, channels = rows.shape
         blocks = -(-window // _BLOCK_ROWS)
-        self.robust = robust
         self.sums = rows.new_zeros((blocks, fields, channels))
         self.maxima = rows.new_zeros((blocks, channels)) if robust else None
         self.minima = rows.new_zeros((blocks, channels)) if robust else None
@@ -161,7 +159,7 @@ class _Packed:
 
     def statistics(self, robust: bool, trim: float) -> tuple[Tensor, Tensor]:
         """The window's (mean, spread) over every channel of the kind (:func:`rows_statistics`)."""
-        if trim == 0 and self.summary is not None:
+        if self.summary is not None:  # kept for untrimmed windows only
             return self.summary.statistics(self.ring.count)
         return rows_statistics(self.ring.held(), robust, trim)
 
@@ -169,7 +167,7 @@ class _Packed:
         first = self.ring.position
         self.ring.push(new)
         if self.summary is not None:
-            self.summary.refresh(self.ring, first, min(new.shape[0], self.ring.rows.shape[0]))
+            self.summary.refresh(self.ring, first, new.shape[0])
 
 
 @dataclass
@@ -202,11 +200,16 @@ class Stream:
         if packed is None or packed.ring.count == 0 or layer not in packed.spans:
             return None
         assert kind is not None
-        pooled = self._statistics.get(kind)
-        if pooled is None:  # every layer of the kind at once, until the next push
-            pooled = self._statistics[kind] = packed.statistics(kind, self.trim)
+        pooled = self._pooled(kind, packed)
         start, stop = packed.spans[layer]
         return pooled[0][start:stop], pooled[1][start:stop]
+
+    def _pooled(self, kind: bool, packed: _Packed) -> tuple[Tensor, Tensor]:
+        """The window's statistics of every layer of one kind, computed once per push."""
+        pooled = self._statistics.get(kind)
+        if pooled is None:
+            pooled = self._statistics[kind] = packed.statistics(kind, self.trim)
+        return pooled
 
     def statistics_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """:meth:`statistics` of every layer the stream holds, as float32 NumPy views on the CPU: one conversion per
@@ -218,10 +221,7 @@ class Stream:
             for kind, packed in self.packed.items():
                 if packed.ring.count == 0:
                     continue
-                pooled = self._statistics.get(kind)
-                if pooled is None:
-                    pooled = self._statistics[kind] = packed.statistics(kind, self.trim)
-                mean, spread = (t.detach().cpu().float().numpy() for t in pooled)
+                mean, spread = (t.detach().cpu().float().numpy() for t in self._pooled(kind, packed))
                 arrays.update({name: (mean[start:stop], spread[start:stop])
                                for name, (start, stop) in packed.spans.items()})
             self._statistics_arrays = arrays

@@ -127,7 +127,6 @@ def split_batch(batch: Batch[ImageAnswer]) -> tuple[Batch[ImageAnswer], Batch[Im
     return first, second
 
 
-
 class RateBudget:
     """At most ``rate`` events per second, in bursts of up to one second's worth (a token bucket); 0: no limit."""
 
@@ -148,6 +147,7 @@ class RateBudget:
             return False
         self._tokens -= 1.0
         return True
+
 
 class Predictor:
     """Everything between a decoded request and its answer."""
