@@ -13,16 +13,19 @@ On a CPU that other processes also use, run PyTorch with ``OMP_WAIT_POLICY=PASSI
 with OpenMP's default busy-waiting, its intra-op threads stall for about half a second per batch while another
 busy process holds the cores (``engines_cpu_omp_active.json``); ONNX Runtime's engine does not busy-wait.
 
-Per-policy mode (``--policies``): the PyTorch engine's ``run`` under each statistics policy (default frozen,
-batch, blend:16, adaptive:16, stream:256:256, auto:256:256; stream policies feed the global stream), and the
-grouped forward alone (``batch_groups`` under the policy, no recording, drift report or answers), against two
-references on the same threads, both plain forwards: the model with its frozen statistics folded into the
-convolutions, and a copy with PyTorch's own ``nn.BatchNorm2d`` in train mode under ``torch.no_grad``
-(``benchmarks/norm_references.py``). Every row's ``ratio_to_folded`` and ``ratio_to_bn_train`` are its
-throughput over the reference's (1.0: as fast; 0.5: half the images per second). The candidates alternate in
-``--rounds`` rounds per batch size and each row pools its rounds. ``--compile-sizes`` adds ``torch.compile``d
-folded-frozen and ``batch`` forwards at those sizes. On CUDA every forward runs as the engine does: bf16
-autocast and channels_last.
+Per-policy mode (``--policies``): the PyTorch engine's ``run`` under each statistics policy (default frozen, batch,
+blend:16, adaptive:16, stream:256:256, auto:256:256; stream policies feed the global stream), once with the
+per-layer drift scored in the run (``engine P``: every batch with ``drift_max_rate=0``) and once without it
+(``engine P unscored``, ``drift="none"``: a batch beyond ``drift_max_rate``, where ``frozen``, and ``auto`` while
+its gate holds the population, run the folded model of ``robustnorm.fold``; the random images here move the gate,
+so ``auto`` runs its stream statistics), and the grouped forward alone (``batch_groups`` under the policy, no
+recording, drift report or answers), against two references on the same threads, both plain forwards: the model
+with its frozen statistics folded into the convolutions, and a copy with PyTorch's own ``nn.BatchNorm2d`` in train
+mode under ``torch.no_grad`` (``benchmarks/norm_references.py``). Every row's ``ratio_to_folded`` and
+``ratio_to_bn_train`` are its throughput over the reference's (1.0: as fast; 0.5: half the images per second). The
+candidates alternate in ``--rounds`` rounds per batch size and each row pools its rounds. ``--compile-sizes`` adds
+``torch.compile``d folded-frozen and ``batch`` forwards at those sizes. On CUDA every forward runs as the engine
+does: bf16 autocast and channels_last.
 
     python benchmarks/bench_engines.py --policies --threads 1                   # -> engines_policies_cpu_1thread.json
     python benchmarks/bench_engines.py --policies --architecture resnet50 --device cuda --compile-sizes 128
@@ -217,6 +220,8 @@ def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> 
         "folded": plain(folded), "bn_train": plain(train_mode_batchnorm(model), grad=torch.no_grad)}
     for policy in policies:
         calls[f"engine {policy}"] = lambda policy=policy: engine.run(images, [GroupSpec(n)], policy)
+        calls[f"engine {policy} unscored"] = lambda policy=policy: engine.run(images, [GroupSpec(n)], policy,
+                                                                              drift="none")
         calls[f"forward {policy}"] = grouped(policy)
     if compiled:
         batch_model = robustnorm.set_policy(copy.deepcopy(model), "batch")  # the layers' own policy: no context
@@ -270,7 +275,9 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
     engine.close()
     return {
         "what": "seconds per call on one batch of n images: 'engine P' is the service engine's run under policy P "
-                "(grouped forward, recorded statistics, drift report, answers), 'forward P' the grouped forward "
+                "(grouped forward, recorded statistics, drift report, answers), 'engine P unscored' the same "
+                "without the per-layer drift (drift='none', a batch beyond drift_max_rate), 'forward P' the grouped "
+                "forward "
                 "alone; 'folded' (frozen statistics folded into the convolutions) and 'bn_train' (nn.BatchNorm2d "
                 "in train mode, torch.no_grad) are plain forwards; ratio_to_X = images/s over X's images/s; "
                 "median over runs pooled from alternating rounds",

@@ -52,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in (int(size) for size in args.sizes.split(",")):
         pixels = torch.randn(n, *engine.card.input_size, generator=generator)
-        _, report = engine.run(pixels, [GroupSpec(n)], policy, score=False)
+        _, report = engine.run(pixels, [GroupSpec(n)], policy, drift="later")
         assert report.pending is not None
-        answer_ms = _median_ms(functools.partial(engine.run, pixels, [GroupSpec(n)], policy, score=False), args.runs)
+        answer_ms = _median_ms(functools.partial(engine.run, pixels, [GroupSpec(n)], policy, drift="later"), args.runs)
         drift_ms = _median_ms(report.pending.compute, args.runs)
         rows.append({"n": n, "engine_run_without_batch_drift_ms": answer_ms, "batch_drift_ms": drift_ms,
                      "batch_drift_share": drift_ms / (answer_ms + drift_ms)})
         print(f"n={n:<4d} engine run {answer_ms:7.2f} ms   batch drift {drift_ms:6.2f} ms "
               f"({100 * drift_ms / (answer_ms + drift_ms):.0f}% of both)")
     report = {"what": "median ms per batch: the engine's run with recorded statistics and image scores but no "
-                      "batch drift (score=False), and PendingDrift.compute (per-layer drift and batch score)",
+                      "batch drift (drift='later'), and PendingDrift.compute (per-layer drift and batch score)",
               "model": engine.card.name, "policy": str(policy), "threads": args.threads,
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "torch": torch.__version__, "results": rows}

@@ -1,9 +1,9 @@
 """Reference models the policies' cost is measured against, built from a loaded robustnorm model.
 
-- :func:`fold_norms`: frozen statistics folded into the convolutions. Each norm layer's eval transform
-  ``y = x * scale + shift`` (BatchNorm and RobustNorm alike, from the layer's own ``scale_shift``) goes into
-  the weights and bias of the ``nn.Conv2d`` before it, and the layer becomes ``nn.Identity``: the fastest
-  a frozen model can run, as an inference compiler would deploy it.
+- :func:`fold_norms` (from :mod:`robustnorm.fold`): frozen statistics folded into the convolutions. Each norm
+  layer's eval transform ``y = x * scale + shift`` (BatchNorm and RobustNorm alike) goes into the weights and
+  bias of the ``nn.Conv2d`` before it, and the layer becomes ``nn.Identity``: the fastest a frozen model can
+  run, as an inference compiler would deploy it. Nothing is recorded.
 - :func:`train_mode_batchnorm`: the same architecture with PyTorch's own ``nn.BatchNorm2d`` in train mode
   (batch statistics, cuDNN/oneDNN kernels), to be run under ``torch.no_grad``: what batch statistics cost
   without the library.
@@ -20,61 +20,12 @@ import torch
 from torch import nn
 
 import robustnorm
+from robustnorm.fold import _replace, fold_norms
+
+__all__ = ["fold_norms", "random_model_dir", "train_mode_batchnorm"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-def _scale_shift(layer: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's frozen ``y = x * scale + shift``, per channel, in float64."""
-    if hasattr(layer, "scale_shift"):  # the library's layers: BatchNorm or RobustNorm statistics
-        return layer.scale_shift(*layer.population(torch.float64))
-    assert layer.running_mean is not None and layer.running_var is not None
-    scale = 1.0 / torch.sqrt(layer.running_var.double() + layer.eps)
-    shift = -layer.running_mean.double() * scale
-    if layer.affine:
-        scale = scale * layer.weight.double()
-        shift = shift * layer.weight.double() + layer.bias.double()
-    return scale, shift
-
-
-def _norms_after_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str]]:
-    """(conv name, conv, norm name) for every norm layer, paired with the convolution registered just before
-    it (how the ResNets and the VGG of ``robustnorm.models`` are written: conv, then its norm)."""
-    pairs, last_conv = [], None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = (name, module)
-        elif isinstance(module, nn.BatchNorm2d):
-            if last_conv is None or last_conv[1].out_channels != module.num_features:
-                raise ValueError(f"norm layer {name!r} does not follow a convolution with {module.num_features} "
-                                 "output channels; this model cannot be folded")
-            pairs.append((last_conv[0], last_conv[1], name))
-            last_conv = None
-    return pairs
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-@torch.no_grad()
-def fold_norms(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode whose norm layers are folded into the convolutions before them."""
-    folded = copy.deepcopy(model).eval()
-    for conv_name, conv, norm_name in _norms_after_convs(folded):
-        norm = folded.get_submodule(norm_name)
-        scale, shift = _scale_shift(norm)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                          padding_mode=conv.padding_mode).to(conv.weight.device)
-        fused.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-        bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-        fused.bias.copy_(bias.to(conv.weight.dtype))
-        _replace(folded, conv_name, fused)
-        _replace(folded, norm_name, nn.Identity())
-    return folded
 
 
 def train_mode_batchnorm(model: nn.Module) -> nn.Module:

@@ -382,7 +382,8 @@ class Predictor:
         pixels = torch.cat([item.pixels for item in batch.items])
         plan = self._drift_plan()
         loop = asyncio.get_running_loop()
-        run = functools.partial(self.engine.run, score=plan == "inline")
+        drift = "now" if plan == "inline" else "later" if plan == "after" else "none"
+        run = functools.partial(self.engine.run, drift=drift)
         try:
             forward = loop.run_in_executor(self._engine_thread, run, pixels, groups, batch.policy)
             self._start_drift()

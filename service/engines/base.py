@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -22,6 +22,11 @@ from robustnorm.policy import Policy
 from robustnorm.stream import StreamSelection, StreamStore
 
 logger = logging.getLogger(__name__)
+
+
+# When a batch's per-layer drift and batch scores are computed: in the engine's run ("now"), later by the caller
+# from ``report.pending`` ("later"), or not at all ("none": the engine may skip the statistics only they read).
+DriftWhen = Literal["now", "later", "none"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,12 @@ class Engine(Protocol):
     labels: list[str]
     pad_sizes: tuple[int, ...]
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, score: bool = True
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
             ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images (on the CPU) and the batch report. The statistics the policy and
         its gate need, and each image's drift score, are computed in the forward; the per-layer drift and the
-        batch scores too when ``score`` is true, else they are left in ``report.pending`` for the caller to
-        compute after the answers have left."""
+        batch scores too with ``drift="now"``; with "later" they are left in ``report.pending`` for the caller
+        to compute after the answers have left; with "none" they are not computed at all."""
     def warm_up(self) -> None: ...
     def close(self) -> None: ...
     def drift_calibration(self, policy: Policy) -> robustnorm.DriftCalibration | None: ...
@@ -180,8 +185,8 @@ class EngineBase:
         return sum(len(store) for store in list(self._stores.values()))
 
     def report(self, run: robustnorm.GroupRun, groups: Sequence[GroupSpec], policy: Policy, seconds: float,
-               padded_to: int, selection: StreamSelection | None, score: bool = True) -> BatchReport:
-        """The batch report of a recorded grouped forward, its drift scored now or left pending."""
+               padded_to: int, selection: StreamSelection | None, drift: DriftWhen = "now") -> BatchReport:
+        """The batch report of a recorded grouped forward, its drift scored now, left pending or not at all."""
         calibration = self.drift_calibration(policy)
         scored = [policy.kind != "auto" or ran == "frozen" for ran in run.ran]  # see drift_calibration
         streams = selection.streams if selection is not None else [None] * len(groups)
@@ -198,8 +203,8 @@ class EngineBase:
         for key, shifted in selection.switched if selection is not None else ():
             logger.info("drift gate of stream %r switched to %s statistics", key or "global",
                         "stream" if shifted else "population")
-        pending = PendingDrift(run, calibration, scored)
+        pending = PendingDrift(run, calibration, scored) if drift != "none" else None
         report = BatchReport(groups=outcomes, layers={}, image_scores=image_scores, seconds=seconds,
                              padded_to=padded_to, switches=list(selection.switched) if selection is not None else [],
                              pending=pending)
-        return report.with_drift(pending.compute()) if score else report
+        return report.with_drift(pending.compute()) if pending is not None and drift == "now" else report

@@ -29,7 +29,7 @@ from robustnorm.export import IMAGE_ROWS_SUFFIX, IMAGES, LOGITS, MEAN_SUFFIX, SP
 from robustnorm.layers import GroupStatistics
 from robustnorm.policy import Policy
 
-from .base import BatchReport, EngineBase, GroupSpec, StreamSettings
+from .base import BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class OnnxEngine(EngineBase):
         self.session.run_with_iobinding(binding)
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, score: bool = True
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
             ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images and the batch report: one graph run per group."""
         started = time.perf_counter()
@@ -165,7 +165,7 @@ class OnnxEngine(EngineBase):
         logits = torch.from_numpy(np.concatenate([output[LOGITS] for output in outputs]))
         if selection is not None:
             selection.update(run, pixels[: sum(sizes)], logits.argmax(dim=1))
-        report = self.report(run, groups, policy, time.perf_counter() - started, sum(sizes), selection, score)
+        report = self.report(run, groups, policy, time.perf_counter() - started, sum(sizes), selection, drift)
         return logits.float().softmax(dim=1), report
 
     def _group_run(self, sizes: tuple[int, ...], policy: Policy, plans: list[robustnorm.GroupPlan],

@@ -5,6 +5,12 @@ statistics group is normalised under the policy's plan for it, and the run recor
 the batch statistics the drift report is computed from. Batches may be padded to a few fixed sizes (powers
 of two), so the device sees few shapes; padding lies past ``sum(sizes)`` and never influences any statistic.
 On CUDA the forward runs under bf16 autocast with channels_last tensors.
+
+A batch whose per-layer drift nobody will score (``drift="none"``: beyond ``drift_max_rate``, or drift metrics off)
+and in which every group runs frozen statistics (``frozen``; ``adaptive`` where it falls back to ``frozen``;
+``auto`` while each group's gate holds the population) runs a copy of the model with the frozen statistics folded
+into the convolutions (:func:`robustnorm.fold.fold_frozen`), which still records the image-score layers and, under
+``auto``, every layer's rows for the streams. Its answers equal the unfolded model's up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import torch
 from torch import nn
 
 import robustnorm
+from robustnorm.fold import FoldedModel, fold_frozen
 from robustnorm.policy import Policy
 
-from .base import BatchReport, EngineBase, GroupSpec, StreamSettings
+from .base import BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,23 @@ class TorchEngine(EngineBase):
         if self._cuda:
             torch.backends.cudnn.benchmark = True  # few shapes thanks to padding: autotune each once
             self.model.to(memory_format=torch.channels_last)
+        self.folded = self._fold()
+        calibration = card.calibration
+        self._image_layers = tuple(calibration.image_layers) if calibration is not None else ()
+
+    def _fold(self) -> FoldedModel | None:
+        """The frozen model with its statistics folded into the convolutions, or None where it cannot be."""
+        if not self.norm_layers:
+            return None
+        try:
+            folded = fold_frozen(self.model)
+        except ValueError as error:
+            logger.info("frozen batches run the unfolded model: %s", error)
+            return None
+        if folded.unfolded:
+            logger.info("norm layers left unfolded (their input could not be recovered precisely): %s",
+                        ", ".join(folded.unfolded))
+        return folded.to(memory_format=torch.channels_last) if self._cuda else folded
 
     def padded_size(self, images: int) -> int:
         return next((size for size in self.pad_sizes if size >= images), images)
@@ -57,15 +81,18 @@ class TorchEngine(EngineBase):
         """Run every batch shape once (each pad size, or 1 and the max) so the first requests are not slow."""
         started = time.perf_counter()
         shape = tuple(int(v) for v in self.card.input_size)
+        frozen = robustnorm.parse_policy("frozen")
         for size in self.pad_sizes or sorted({1, self.max_batch_size}):
-            # frozen: warming up must not feed random images into the streams
-            self.run(torch.randn(size, *shape), [GroupSpec(size)], robustnorm.parse_policy("frozen"))
+            # frozen: warming up must not feed random images into the streams; both the unfolded and the
+            # folded model
+            for drift in ("now", "none"):
+                self.run(torch.randn(size, *shape), [GroupSpec(size)], frozen, drift=drift)
         logger.info("warm-up done in %.2f s", time.perf_counter() - started)
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, score: bool = True
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
             ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images (on the CPU) and the batch report, for one grouped forward."""
         started = time.perf_counter()
@@ -82,10 +109,17 @@ class TorchEngine(EngineBase):
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda and torch.cuda.is_bf16_supported()
                     else contextlib.nullcontext())
         selection = self.streams_for(policy, groups)
-        with torch.inference_mode(), robustnorm.batch_groups(self.model, sizes, policy=policy, record=True,
-                                                             streams=selection) as run:
-            with autocast:
-                logits = self.model(pixels)
-            probabilities = logits[:images].float().softmax(dim=1).cpu()
-        report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection, score)
+        folded = self.folded if drift == "none" and self.folded is not None else None
+        with torch.inference_mode():
+            if folded is not None and folded.runs_frozen(sizes, policy, selection):
+                net, grouped = folded, folded.groups(sizes, policy=policy, record=self._image_layers,
+                                                     streams=selection)
+            else:
+                net, grouped = self.model, robustnorm.batch_groups(self.model, sizes, policy=policy, record=True,
+                                                                   streams=selection)
+            with grouped as run:
+                with autocast:
+                    logits = net(pixels)
+                probabilities = logits[:images].float().softmax(dim=1).cpu()
+        report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection, drift)
         return probabilities, report

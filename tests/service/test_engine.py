@@ -186,3 +186,39 @@ def test_any_batchnorm_model_as_module_factory_with_weights_and_card(tmp_path: P
 def test_an_unknown_model_fails_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="save_model"):
         load_engine(Settings(model="no-such-model", device="cpu"))
+
+
+@pytest.mark.parametrize("policy", ["frozen", "adaptive:4"])
+def test_unscored_frozen_batches_run_the_folded_model_with_the_same_answers(
+        robust_model: tuple[nn.Module, robustnorm.ModelCard], policy: str) -> None:
+    """drift="none" (a batch whose per-layer drift nobody scores): the folded copy answers, with the same
+    probabilities and image scores as the unfolded model, and no per-layer drift."""
+    model, card = robust_model
+    torch.manual_seed(4)
+    robustnorm.set_policy(model, policy)  # drift is scored under the policy it was calibrated for
+    calibrated = dataclasses.replace(card, policy=policy, calibration=robustnorm.calibrate_drift(
+        model, torch.randn(64, 3, 32, 32), batch_sizes=(1, 4), batches_per_size=8))
+    robustnorm.set_policy(model, "frozen")
+    engine = make_engine(model, calibrated, policy=policy, max_batch_size=8, padding=True)
+    assert engine.folded is not None
+    calls = {"model": 0, "folded": 0}
+    hooks = [engine.model.register_forward_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1)),
+             engine.folded.register_forward_hook(lambda *_: calls.__setitem__("folded", calls["folded"] + 1))]
+    pixels = torch.randn(3, 3, 32, 32)  # padded to 4; adaptive:4 falls back to frozen for RobustNorm
+    scored_probabilities, scored = engine.run(pixels, [GroupSpec(1), GroupSpec(2)], P(policy))
+    assert calls == {"model": 1, "folded": 0}
+    probabilities, unscored = engine.run(pixels, [GroupSpec(1), GroupSpec(2)], P(policy), drift="none")
+    assert calls == {"model": 1, "folded": 1}
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(probabilities, scored_probabilities, atol=1e-5, rtol=1e-4)
+    assert scored.image_scores is not None and unscored.image_scores is not None
+    torch.testing.assert_close(torch.tensor(unscored.image_scores), torch.tensor(scored.image_scores),
+                               atol=1e-4, rtol=1e-3)
+    assert [(g.statistics, g.fallback) for g in unscored.groups] == [(g.statistics, g.fallback)
+                                                                     for g in scored.groups]
+    assert scored.layers and unscored.layers == {} and unscored.pending is None
+    assert all(group.batch_score is None for group in unscored.groups)
+    # a policy that reads the batch never takes the folded model
+    _, batch = engine.run(pixels, [GroupSpec(3)], P("batch"), drift="none")
+    assert batch.groups[0].statistics == "batch"

@@ -1,0 +1,276 @@
+"""Frozen statistics folded into the convolutions, with what the norm layers saw still recorded.
+
+Under frozen statistics a norm layer is the per-channel map ``y = x * scale + shift``, which an inference
+compiler folds into the weights and bias of the convolution before it: the fastest a frozen model can run.
+Folding drops what the service still needs of every batch: each image's statistics at the first layers (its
+drift score), and under ``auto`` while the gate holds the population, every layer's rows for the streams.
+
+:func:`fold_frozen` keeps both. Each folded convolution can record the statistics of the norm layer's input
+``x``, recovered from its own output ``z = conv(x) * scale + shift`` per image and channel: the mean as
+``(mean(z) - shift) / scale``, the variance as ``var(z) / scale**2``, the maximum and minimum from those of
+``z`` (swapped where ``scale`` is negative). That costs the reductions over ``z`` the unfolded layer would
+run over ``x``, and no separate pass for the affine map. Where the recovery would lose precision (a channel
+whose ``scale`` is 0, or whose ``bias / scale`` dwarfs its statistics), the layer is left unfolded and records
+its input as it is.
+
+A :class:`FoldedModel` is a snapshot: fold again after the model's parameters or buffers change. It serves forwards
+in which every group runs frozen statistics (``frozen``; ``adaptive`` where it falls back to it; ``auto`` while
+each group's gate holds the population: :meth:`FoldedModel.runs_frozen`), inside :meth:`FoldedModel.groups`, which
+hands back a :class:`robustnorm.GroupRun` as :func:`robustnorm.batch_groups` does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .grouping import GroupRun, _validate_sizes
+from .layers import GroupStatistics, _as, _compute_dtype, _constant, _group_reduce, _PolicyNorm, _segments, set_policy
+from .policy import FROZEN, Policy, parse_policy
+from .stream import StreamSelection
+
+# The recovery of a layer's input from the folded output adds about float32's epsilon times |bias / scale|
+# to each value; a layer is folded only while that stays this many times below its population statistics.
+MAX_SHIFT_RATIO = 1e3
+
+
+def scale_shift(layer: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """A norm layer's frozen ``y = x * scale + shift`` per channel, in float64: the library's layers from their
+    own ``scale_shift`` (BatchNorm or RobustNorm statistics), a plain ``nn.BatchNorm2d`` from its buffers."""
+    if isinstance(layer, _PolicyNorm):
+        return layer.scale_shift(*layer.population(torch.float64))
+    assert layer.running_mean is not None and layer.running_var is not None
+    scale = 1.0 / torch.sqrt(layer.running_var.double() + layer.eps)
+    shift = -layer.running_mean.double() * scale
+    if layer.affine:
+        scale = scale * layer.weight.double()
+        shift = shift * layer.weight.double() + layer.bias.double()
+    return scale, shift
+
+
+def norms_after_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str]]:
+    """(conv name, conv, norm name) for every norm layer, paired with the convolution registered just before
+    it (how the ResNets and the VGG of ``robustnorm.models`` are written: conv, then its norm). Raises
+    ``ValueError`` for a norm layer that does not follow a convolution of its width."""
+    pairs, last_conv = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last_conv = (name, module)
+        elif isinstance(module, nn.BatchNorm2d):
+            if last_conv is None or last_conv[1].out_channels != module.num_features:
+                raise ValueError(f"norm layer {name!r} does not follow a convolution with {module.num_features} "
+                                 "output channels; this model cannot be folded")
+            pairs.append((last_conv[0], last_conv[1], name))
+            last_conv = None
+    return pairs
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _fused(conv: nn.Conv2d, scale: Tensor, shift: Tensor, cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    """``conv`` followed by ``x * scale + shift``, as one convolution (computed in float64)."""
+    fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(shift if conv.bias is None else conv.bias.double() * scale + shift)
+    return fused
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` in eval mode whose norm layers are folded into the convolutions before them
+    (``nn.Identity`` in their place): nothing recorded, the reference a frozen model's speed is measured by."""
+    folded = copy.deepcopy(model).eval()
+    for conv_name, conv, norm_name in norms_after_convs(folded):
+        scale, shift = scale_shift(folded.get_submodule(norm_name))
+        _replace(folded, conv_name, _fused(conv, scale, shift))
+        _replace(folded, norm_name, nn.Identity())
+    return folded
+
+
+class _RecordingConv(nn.Conv2d):
+    """A convolution that, inside :meth:`FoldedModel.groups`, records the statistics of one norm layer's
+    input from its output ``z``: ``x = (z - shift) / scale`` per channel (``scale`` 1 and ``shift`` 0 where the
+    norm layer was left unfolded after it)."""
+
+    norm_name: str
+    robust: bool
+    all_positive: bool  # every channel's scale > 0
+    recorder: FoldedModel | None
+    inverse: Tensor  # 1 / scale per channel
+    shift: Tensor
+    population_mean: Tensor
+    population_spread: Tensor
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = super().forward(x)
+        recorder = self.recorder
+        if recorder is not None and recorder._recording is not None and self.norm_name in recorder._recording:
+            recorder._record(self, z)
+        return z
+
+
+class FoldedModel(nn.Module):
+    """A copy of a model with frozen statistics folded into its convolutions, recording chosen norm layers.
+
+    ``folded(x)`` is the model's frozen forward (equal up to float rounding). Inside :meth:`groups` a forward
+    also records, per group of images, what the norm layers named there saw, as ``batch_groups(...,
+    record=True)`` would, and feeds the groups' streams.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        net = copy.deepcopy(model).eval()
+        self.layer_names: list[str] = []
+        self.unfolded: list[str] = []  # recovery would lose precision: normalised by the layer itself
+        robust = set()
+        for conv_name, conv, norm_name in norms_after_convs(net):
+            norm = net.get_submodule(norm_name)
+            if not isinstance(norm, _PolicyNorm):
+                raise ValueError(f"norm layer {norm_name!r} is a plain {type(norm).__name__}: convert it first "
+                                 "(robustnorm.convert_norms)")
+            scale, shift = scale_shift(norm)
+            mean, spread = norm.population(torch.float64)
+            typical = mean.abs() + (spread if norm.robust else spread.sqrt())
+            foldable = bool(torch.isfinite(scale).all() and torch.isfinite(shift).all() and (scale != 0).all()
+                            and ((shift / scale).abs() <= MAX_SHIFT_RATIO * typical.clamp_min(1e-12)).all())
+            if not foldable:
+                scale, shift = torch.ones_like(scale), torch.zeros_like(shift)
+                set_policy(norm, FROZEN)
+                self.unfolded.append(norm_name)
+            recording = _fused(conv, scale, shift, _RecordingConv)
+            if foldable:
+                _replace(net, norm_name, nn.Identity())
+            _replace(net, conv_name, recording)
+            # buffers, so that moves of the model (.to, .cuda) move them with the weights
+            dtype = conv.weight.dtype
+            recording.register_buffer("inverse", scale.reciprocal().to(dtype), persistent=False)
+            recording.register_buffer("shift", shift.to(dtype), persistent=False)
+            recording.register_buffer("population_mean", mean.to(dtype), persistent=False)
+            recording.register_buffer("population_spread", spread.to(dtype), persistent=False)
+            # plain attributes: the recorder must not become a submodule of its own convolution
+            object.__setattr__(recording, "norm_name", norm_name)
+            object.__setattr__(recording, "robust", norm.robust)
+            object.__setattr__(recording, "all_positive", bool((scale > 0).all()))
+            object.__setattr__(recording, "recorder", self)
+            self.layer_names.append(norm_name)
+            robust.add(norm.robust)
+        if len(robust) > 1:
+            raise ValueError("a model mixing BatchNorm and RobustNorm layers cannot be folded")
+        self.robust = robust.pop() if robust else False
+        self.net = net
+        self._recording: frozenset[str] | None = None
+        self._rows = False
+        self._run: GroupRun | None = None
+        self._real = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def runs_frozen(self, sizes: Sequence[int], policy: str | Policy,
+                    streams: StreamSelection | None = None) -> bool:
+        """Whether every group of ``sizes`` runs frozen statistics under ``policy`` (with ``streams``' state):
+        ``frozen``, ``adaptive`` where it falls back to ``frozen``, ``auto`` while each group's gate holds."""
+        parsed = parse_policy(policy)
+        if parsed.kind == "frozen":
+            return True
+        views = streams.streams if streams is not None else None
+        return all(plan.statistics == "frozen" and not plan.batch_weight and not plan.stream_weight
+                   for plan in parsed.plan(list(sizes), self.robust, views))
+
+    @contextmanager
+    def groups(self, sizes: Sequence[int], *, policy: str | Policy = FROZEN, record: Collection[str] | None = (),
+               streams: StreamSelection | None = None) -> Iterator[GroupRun]:
+        """Record the next forward of ``self`` as ``batch_groups(model, sizes, policy=..., record=True,
+        streams=...)`` would, for a forward in which every group runs frozen statistics.
+
+        ``record`` names the norm layers whose statistics to record (``None``: all, as streams need). Under a
+        stream policy, every layer is recorded with its rows and each group's images are added to its stream
+        when the block ends without error (with the gate's scores under ``auto``).
+        """
+        checked = _validate_sizes(sizes)
+        assert checked is not None
+        parsed = parse_policy(policy)
+        if not self.runs_frozen(checked, parsed, streams):
+            raise ValueError(f"policy {parsed} does not run frozen statistics for every group here; "
+                             "use robustnorm.batch_groups on the unfolded model")
+        streaming = streams is not None and parsed.uses_streams
+        names = self.layer_names if record is None or streaming else [n for n in self.layer_names if n in record]
+        unknown = set(record or ()) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"no norm layers named {sorted(unknown)} in this model")
+        run = GroupRun(sizes=checked, record=True, layer_names={}, policy=parsed, streams=streams)
+        plans = parsed.plan(list(checked), self.robust, streams.streams if streams is not None else None)
+        run.ran = [plan.statistics for plan in plans]
+        run.fallback = [plan.fallback for plan in plans]
+        run.stream_images = [plan.stream_images for plan in plans]
+        if self._run is not None:
+            raise RuntimeError("FoldedModel.groups is not re-entrant: run one recorded forward at a time")
+        self._run, self._recording, self._rows, self._real = run, frozenset(names), streaming, sum(checked)
+        seen: dict[str, Tensor] = {}
+        hook = (self.register_forward_hook(lambda _, inputs, output: seen.update(pixels=inputs[0], logits=output))
+                if streaming and parsed.kind == "auto" else None)
+        try:
+            yield run
+            if streaming and run.stats:
+                assert streams is not None
+                pixels, logits = seen.get("pixels"), seen.get("logits")
+                streams.update(run, pixels[: self._real] if pixels is not None else None,
+                               logits[: self._real].argmax(dim=1) if logits is not None else None)
+        finally:
+            if hook is not None:
+                hook.remove()
+            self._run, self._recording = None, None
+
+    def _record(self, conv: _RecordingConv, z: Tensor) -> None:
+        """The norm layer's statistics over the real images, recovered from its folded output ``z``."""
+        run = self._run
+        assert run is not None and run.sizes is not None
+        name, sizes = conv.norm_name, run.sizes
+        real = z if self._real == z.shape[0] else z[: self._real]
+        dtype = _compute_dtype(real)
+        real = real if real.dtype == dtype else real.to(dtype)
+        inverse, shift = _as(conv.inverse, dtype), _as(conv.shift, dtype)
+        if conv.robust:
+            high, low = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))  # faster than aminmax on the CPU
+            if not conv.all_positive:  # a negative scale turns the folded output's maximum into the input's minimum
+                negative = inverse < 0
+                low, high = torch.where(negative, high, low), torch.where(negative, low, high)
+            # (n, 3, C): each image's mean, maximum and minimum, recovered at once; also the stream's rows
+            recovered = (torch.stack([real.mean(dim=(2, 3)), high, low], dim=1) - shift) * inverse
+            image_mean, image_max, image_min = recovered.unbind(dim=1)
+            mean = _group_reduce(image_mean, sizes, "mean")
+            spread = _group_reduce(image_max, sizes, "amax") - _group_reduce(image_min, sizes, "amin")
+            image_spread = image_max - image_min
+            rows = recovered if self._rows else None
+        else:
+            folded_mean = real.mean(dim=(2, 3))
+            # two passes, as the unfolded layer computes it (var_mean is many times slower on the CPU)
+            variance = (real - folded_mean[:, :, None, None]).square_().mean(dim=(2, 3))
+            image_mean = (folded_mean - shift) * inverse
+            image_spread = variance * inverse.square()
+            mean = _group_reduce(image_mean, sizes, "mean")
+            own = mean if len(sizes) == 1 else mean[_segments(sizes, real.device)]
+            # each group's variance: its images' variances plus their means' spread about the group's mean
+            spread = _group_reduce(image_spread + (image_mean - own).square(), sizes, "mean")
+            rows = torch.stack([image_mean, image_spread + image_mean.square()], dim=1) if self._rows else None
+        run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=_constant(tuple(sizes), z.device),
+                                          image_mean=image_mean, image_spread=image_spread, image_rows=rows)
+        run.robust_layers[name] = conv.robust
+        run.population[name] = (conv.population_mean.to(dtype), conv.population_spread.to(dtype))
+
+
+def fold_frozen(model: nn.Module) -> FoldedModel:
+    """``model`` (its norm layers the library's, each after a convolution) with its frozen statistics folded
+    into the convolutions, able to record what its norm layers see; see the module's docstring."""
+    return FoldedModel(model).eval()
