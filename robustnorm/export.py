@@ -57,12 +57,23 @@ MEAN_SUFFIX, SPREAD_SUFFIX, IMAGE_ROWS_SUFFIX = ".mean", ".spread", ".image_rows
 STREAM_MEAN_SUFFIX, STREAM_SPREAD_SUFFIX = ".stream_mean", ".stream_spread"
 CARD_SUFFIX = ".card.json"
 METADATA_PREFIX = "robustnorm."
+# The folded graphs beside an export: frozen statistics folded into the convolutions, recording the image-score
+# layers ("frozen") or every layer's rows for the streams ("frozen-rows"); see export_folded_onnx.
+FOLDED_KINDS = ("frozen", "frozen-rows")
 
 
 def card_path_for(onnx_path: str | Path) -> Path:
     """Where the card of an exported model lives: ``model.onnx`` -> ``model.card.json``."""
     path = Path(onnx_path)
     return path.with_name(path.stem + CARD_SUFFIX)
+
+
+def folded_path_for(onnx_path: str | Path, kind: str) -> Path:
+    """Where a folded graph of an export lives: ``model.onnx`` -> ``model.frozen.onnx``, ``model.frozen-rows.onnx``."""
+    if kind not in FOLDED_KINDS:
+        raise ValueError(f"unknown folded graph {kind!r}: use one of {', '.join(FOLDED_KINDS)}")
+    path = Path(onnx_path)
+    return path.with_name(f"{path.stem}.{kind}.onnx")
 
 
 def plan_feeds(plan: GroupPlan, stream: Mapping[str, tuple[Tensor | np.ndarray, Tensor | np.ndarray]] | None = None
@@ -226,12 +237,13 @@ def _model_robust(model: nn.Module) -> bool:
 
 
 def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, policy: str | Policy | None = None, *,
-                opset: int = DEFAULT_OPSET, check: bool = True) -> ExportedModel:
+                opset: int = DEFAULT_OPSET, check: bool = True, folded: bool = True) -> ExportedModel:
     """Export ``model`` to ONNX at ``path`` with its statistics in the graph; write the card beside it.
 
     ``policy`` is the default recorded in the card and metadata (the card's policy when omitted); a caller runs
     any policy by feeding :func:`plan_feeds` for each group's plan. With ``check`` the file is validated with
-    ``onnx.checker`` (full check, with shape inference). Returns what was written.
+    ``onnx.checker`` (full check, with shape inference). With ``folded`` (and a model that can be folded), the two
+    folded graphs of :func:`export_folded_onnx` are written beside it too. Returns what was written.
     """
     import onnx
     from onnx import numpy_helper
@@ -283,7 +295,54 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path, policy: str
     card_path.write_text(json.dumps(card_dict, indent=2) + "\n")
     logger.info("exported %s (%d norm layers, default policy %s, opset %d) to %s", card.name, len(names), default,
                 opset, path)
+    if folded and names:
+        try:
+            export_folded_onnx(model, card, path, opset=opset, check=check)
+        except ValueError as error:  # e.g. a norm layer after something other than a convolution
+            logger.info("no folded graphs written for %s: %s", card.name, error)
     return exported
+
+
+def export_folded_onnx(model: nn.Module, card: ModelCard, onnx_path: str | Path, *, opset: int = DEFAULT_OPSET,
+                       check: bool = True) -> dict[str, Path]:
+    """Write the folded graphs beside the export at ``onnx_path`` (:func:`folded_path_for`); kind -> path.
+
+    Each takes ``images`` alone and runs the frozen statistics folded into the convolutions
+    (:mod:`robustnorm.fold`); its outputs are the logits and, per recorded layer, the outputs the full graph
+    has for it (``<layer>.mean``, ``<layer>.spread``, ``<layer>.image_rows``), recovered from the folded
+    outputs. ``frozen`` records the card's image-score layers (none without a drift calibration), for frozen
+    batches whose per-layer drift is not scored; ``frozen-rows`` records every layer, for ``auto`` while its
+    gate holds the population (its streams keep every layer's rows). Raises ``ValueError`` for a model that
+    cannot be folded. The metadata (``robustnorm.layers``) names the recorded layers.
+    """
+    import onnx
+
+    from .fold import FoldedGraph, fold_frozen
+
+    folded_model = fold_frozen(copy.deepcopy(model).cpu().float().eval())
+    image_layers = list(card.calibration.image_layers) if card.calibration is not None else []
+    written = {}
+    for kind, layers in (("frozen", image_layers), ("frozen-rows", folded_model.layer_names)):
+        graph = FoldedGraph(folded_model, layers)
+        output_names = graph_output_names(graph.layers)
+        dynamic_axes = {IMAGES: {0: "batch"}, LOGITS: {0: "batch"}}
+        dynamic_axes.update({name: {0: "batch"} for name in output_names if name.endswith(IMAGE_ROWS_SUFFIX)})
+        path = folded_path_for(onnx_path, kind)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(graph, (torch.zeros(2, *card.input_size),), str(path), dynamo=False,
+                              opset_version=opset, input_names=[IMAGES], output_names=output_names,
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+        proto = onnx.load(str(path))
+        for key, value in {"layers": json.dumps(graph.layers), "folded": kind, "model": card.name,
+                           "version": card.version}.items():
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_PREFIX + key, value=value))
+        proto.producer_name = "robustnorm"
+        if check:
+            onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(path))
+        written[kind] = path
+    return written
 
 
 # -- command line ---------------------------------------------------------------------------------------------
@@ -349,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
         "onnx": str(exported.onnx_path), "card": str(exported.card_path), "policy": exported.policy,
         "opset": exported.opset, "norm_layers": len(exported.layers), "outputs": len(exported.output_names),
         "nodes": len(onnx.load(str(exported.onnx_path), load_external_data=False).graph.node),
+        "folded": {kind: str(folded_path_for(exported.onnx_path, kind)) for kind in FOLDED_KINDS
+                   if folded_path_for(exported.onnx_path, kind).is_file()},
     }
     status = 0
     if args.verify:

@@ -240,34 +240,73 @@ class FoldedModel(nn.Module):
         real = z if self._real == z.shape[0] else z[: self._real]
         dtype = _compute_dtype(real)
         real = real if real.dtype == dtype else real.to(dtype)
-        inverse, shift = _as(conv.inverse, dtype), _as(conv.shift, dtype)
+        image_mean, image_spread, recovered = _image_statistics(conv, real, dtype)
+        mean = _group_reduce(image_mean, sizes, "mean")
         if conv.robust:
-            high, low = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))  # faster than aminmax on the CPU
-            if not conv.all_positive:  # a negative scale turns the folded output's maximum into the input's minimum
-                negative = inverse < 0
-                low, high = torch.where(negative, high, low), torch.where(negative, low, high)
-            # (n, 3, C): each image's mean, maximum and minimum, recovered at once; also the stream's rows
-            recovered = (torch.stack([real.mean(dim=(2, 3)), high, low], dim=1) - shift) * inverse
-            image_mean, image_max, image_min = recovered.unbind(dim=1)
-            mean = _group_reduce(image_mean, sizes, "mean")
-            spread = _group_reduce(image_max, sizes, "amax") - _group_reduce(image_min, sizes, "amin")
-            image_spread = image_max - image_min
-            rows = recovered if self._rows else None
+            spread = _group_reduce(recovered[:, 1], sizes, "amax") - _group_reduce(recovered[:, 2], sizes, "amin")
         else:
-            folded_mean = real.mean(dim=(2, 3))
-            # two passes, as the unfolded layer computes it (var_mean is many times slower on the CPU)
-            variance = (real - folded_mean[:, :, None, None]).square_().mean(dim=(2, 3))
-            image_mean = (folded_mean - shift) * inverse
-            image_spread = variance * inverse.square()
-            mean = _group_reduce(image_mean, sizes, "mean")
             own = mean if len(sizes) == 1 else mean[_segments(sizes, real.device)]
             # each group's variance: its images' variances plus their means' spread about the group's mean
             spread = _group_reduce(image_spread + (image_mean - own).square(), sizes, "mean")
-            rows = torch.stack([image_mean, image_spread + image_mean.square()], dim=1) if self._rows else None
+        rows = recovered if self._rows else None
         run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=_constant(tuple(sizes), z.device),
                                           image_mean=image_mean, image_spread=image_spread, image_rows=rows)
         run.robust_layers[name] = conv.robust
         run.population[name] = (conv.population_mean.to(dtype), conv.population_spread.to(dtype))
+
+
+def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's mean and spread (n, C) of the norm layer's input, and its stream row (n, R, C), recovered
+    from the folded output ``real`` (in ``dtype``): traceable tensor operations only."""
+    inverse, shift = _as(conv.inverse, dtype), _as(conv.shift, dtype)
+    if conv.robust:
+        high, low = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))  # faster than aminmax on the CPU
+        if not conv.all_positive:  # a negative scale turns the folded output's maximum into the input's minimum
+            negative = inverse < 0
+            low, high = torch.where(negative, high, low), torch.where(negative, low, high)
+        # (n, 3, C): each image's mean, maximum and minimum, recovered at once; also the stream's rows
+        recovered = (torch.stack([real.mean(dim=(2, 3)), high, low], dim=1) - shift) * inverse
+        return recovered[:, 0], recovered[:, 1] - recovered[:, 2], recovered
+    folded_mean = real.mean(dim=(2, 3))
+    # two passes, as the unfolded layer computes it (var_mean is many times slower on the CPU)
+    variance = (real - folded_mean[:, :, None, None]).square().mean(dim=(2, 3))
+    image_mean = (folded_mean - shift) * inverse
+    image_variance = variance * inverse.square()
+    return image_mean, image_variance, torch.stack([image_mean, image_variance + image_mean.square()], dim=1)
+
+
+class FoldedGraph(nn.Module):
+    """A folded model for ONNX export: ``images`` in; the logits and, per norm layer of ``layers``, what an
+    exported graph of :mod:`robustnorm.export` outputs (the batch's mean and spread as one group, and each
+    image's rows) out, recovered from the folded outputs."""
+
+    def __init__(self, folded: FoldedModel, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.folded = copy.deepcopy(folded).cpu().float().eval()
+        wanted = set(layers)
+        unknown = wanted - set(self.folded.layer_names)
+        if unknown:
+            raise ValueError(f"no norm layers named {sorted(unknown)} in this model")
+        self.layers = [name for name in self.folded.layer_names if name in wanted]
+        self._outputs: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        for module in self.folded.modules():
+            if isinstance(module, _RecordingConv) and module.norm_name in wanted:
+                module.register_forward_hook(self._statistics)
+
+    def _statistics(self, conv: nn.Module, _: tuple[Tensor, ...], z: Tensor) -> None:
+        assert isinstance(conv, _RecordingConv)
+        image_mean, image_spread, rows = _image_statistics(conv, z, torch.float32)
+        mean = image_mean.mean(dim=0)
+        if conv.robust:
+            spread = rows[:, 1].amax(dim=0) - rows[:, 2].amin(dim=0)
+        else:  # the images' variances plus their means' spread about the batch's mean
+            spread = (image_spread + (image_mean - mean).square()).mean(dim=0)
+        self._outputs[conv.norm_name] = (mean, spread, rows)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        self._outputs = {}
+        logits = self.folded(images)
+        return (logits, *(value for name in self.layers for value in self._outputs[name]))
 
 
 def fold_frozen(model: nn.Module) -> FoldedModel:

@@ -7,12 +7,18 @@ its whole input as one group, so each statistics group of a micro-batch is one r
 :class:`robustnorm.GroupRun` a PyTorch forward records, so the drift report and the stream updates are the
 library's, shared by both engines.
 
+Where the folded graphs of the export lie beside it (:func:`robustnorm.export.export_folded_onnx`), a batch
+whose per-layer drift nobody scores (``drift="none"``) and whose every group runs frozen statistics runs one of
+them instead: frozen statistics folded into the convolutions, recording the image-score layers (``frozen``,
+``adaptive`` falling back to it) or every layer's rows (``auto`` while its gate holds the population).
+
 Providers: on a GPU (``device`` ``cuda[:N]``, or ``auto`` where onnxruntime-gpu sees one) TensorRT where
-present, then CUDA, with IO binding; the CPU provider everywhere else, through IO binding too.
+present, then CUDA, with IO binding; the CPU provider everywhere else, through a plain run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -25,7 +31,18 @@ import numpy as np
 import torch
 
 import robustnorm
-from robustnorm.export import IMAGE_ROWS_SUFFIX, IMAGES, LOGITS, MEAN_SUFFIX, SPREAD_SUFFIX, ExportedModel, plan_feeds
+from robustnorm.export import (
+    FOLDED_KINDS,
+    IMAGE_ROWS_SUFFIX,
+    IMAGES,
+    LOGITS,
+    MEAN_SUFFIX,
+    METADATA_PREFIX,
+    SPREAD_SUFFIX,
+    ExportedModel,
+    folded_path_for,
+    plan_feeds,
+)
 from robustnorm.layers import GroupStatistics
 from robustnorm.policy import Policy
 
@@ -80,6 +97,29 @@ def choose_providers(device: str, available: Sequence[str], *, input_size: Seque
     return torch.device("cuda", index), providers
 
 
+class _Graph:
+    """One ONNX Runtime session and how to run it: a plain run on the CPU (one call for every input and output,
+    where binding them one by one costs the graph's few dozen small inputs and outputs a Python call each), IO
+    binding on a GPU, with the images copied to the device once."""
+
+    def __init__(self, ort: Any, session: Any, device: torch.device) -> None:
+        self._ort, self.session, self.device = ort, session, device
+        self.outputs = [output.name for output in session.get_outputs()]
+
+    def run(self, images: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.device.type != "cuda":
+            return dict(zip(self.outputs, self.session.run(self.outputs, {IMAGES: images, **feeds})))
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(IMAGES, self._ort.OrtValue.ortvalue_from_numpy(images, "cuda",
+                                                                                   self.device.index or 0))
+        for name, value in feeds.items():  # initializers too: they bind as OrtValues
+            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value))
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
+
+
 class OnnxEngine(EngineBase):
     """An exported graph in an ONNX Runtime session. Not thread-safe: call :meth:`run` from one thread."""
 
@@ -112,39 +152,31 @@ class OnnxEngine(EngineBase):
         if self.exported.robust != (card.norm == "robustnorm") and self.norm_layers:
             raise ValueError(f"{self.onnx_path} holds {'RobustNorm' if self.exported.robust else 'BatchNorm'} "
                              f"layers but its card says norm={card.norm!r}; use the card written beside it")
-        outputs = [output.name for output in self.session.get_outputs()]
-        missing = sorted(set(self.exported.output_names) - set(outputs))
+        self._graph = _Graph(ort, self.session, self.device)
+        missing = sorted(set(self.exported.output_names) - set(self._graph.outputs))
         if missing:
             raise ValueError(f"{self.onnx_path} lacks the outputs {missing[:5]}; re-export it with robustnorm export")
-        self._outputs = outputs
         self._population = {name: (torch.tensor(mean, dtype=torch.float32), torch.tensor(spread, dtype=torch.float32))
                             for name, (mean, spread) in self.exported.population.items()}
-        self._ort = ort
+        # kind -> (graph, the layers it records), for the folded graphs found beside the export
+        self.folded: dict[str, tuple[_Graph, list[str]]] = {}
+        for kind in FOLDED_KINDS:
+            path = folded_path_for(self.onnx_path, kind)
+            if self.norm_layers and path.is_file():
+                session = ort.InferenceSession(str(path), options, providers=providers)
+                layers = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_PREFIX + "layers", "[]"))
+                self.folded[kind] = (_Graph(ort, session, self.device), layers)
 
     def warm_up(self) -> None:
         shape = tuple(int(v) for v in self.card.input_size)
+        frozen = robustnorm.parse_policy("frozen")
         for size in sorted({1, self.max_batch_size}):
-            self.run(torch.randn(size, *shape), [GroupSpec(size)], robustnorm.parse_policy("frozen"))
+            for drift in ("now", "none"):  # the full graph and the folded one
+                self.run(torch.randn(size, *shape), [GroupSpec(size)], frozen, drift=drift)
 
     def close(self) -> None:
         if self._temporary is not None:
             self._temporary.cleanup()
-
-    def _run_group(self, images: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One run of the graph on one statistics group: on the CPU a plain run (one call for every input and
-        output, where binding them one by one costs the graph's few dozen small inputs and outputs a Python call
-        each), on a GPU through IO binding, with the images copied to the device once."""
-        if self.device.type != "cuda":
-            return dict(zip(self._outputs, self.session.run(self._outputs, {IMAGES: images, **feeds})))
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input(IMAGES, self._ort.OrtValue.ortvalue_from_numpy(images, "cuda",
-                                                                                   self.device.index or 0))
-        for name, value in feeds.items():  # initializers too: they bind as OrtValues
-            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value))
-        for name in self._outputs:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
 
     def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
             ) -> tuple[torch.Tensor, BatchReport]:
@@ -155,13 +187,18 @@ class OnnxEngine(EngineBase):
         selection = self.streams_for(policy, groups)
         streams = selection.streams if selection is not None else None
         plans = policy.plan(sizes, self.exported.robust, streams)
+        graph, layers = self._graph, self.exported.layers
+        frozen = all(plan.statistics == "frozen" and not plan.batch_weight and not plan.stream_weight for plan in plans)
+        folded = self.folded.get("frozen-rows" if selection is not None else "frozen") if frozen else None
+        if drift == "none" and folded is not None:
+            graph, layers = folded
         outputs, start = [], 0
         for g, (size, plan) in enumerate(zip(sizes, plans)):
             stream = streams[g] if streams is not None else None
             held = stream.statistics_arrays() if stream is not None and plan.stream_weight else None
-            outputs.append(self._run_group(array[start:start + size], plan_feeds(plan, held)))
+            outputs.append(graph.run(array[start:start + size], plan_feeds(plan, held) if graph is self._graph else {}))
             start += size
-        run = self._group_run(sizes, policy, plans, outputs, selection)
+        run = self._group_run(sizes, policy, plans, outputs, selection, layers)
         logits = torch.from_numpy(np.concatenate([output[LOGITS] for output in outputs]))
         if selection is not None:
             selection.update(run, pixels[: sum(sizes)], logits.argmax(dim=1))
@@ -169,8 +206,9 @@ class OnnxEngine(EngineBase):
         return logits.float().softmax(dim=1), report
 
     def _group_run(self, sizes: tuple[int, ...], policy: Policy, plans: list[robustnorm.GroupPlan],
-                   outputs: list[dict[str, np.ndarray]], selection: Any) -> robustnorm.GroupRun:
-        """What ``robustnorm.batch_groups(..., record=True)`` records, gathered from the graph's outputs."""
+                   outputs: list[dict[str, np.ndarray]], selection: Any, layers: Sequence[str]) -> robustnorm.GroupRun:
+        """What ``robustnorm.batch_groups(..., record=True)`` records of ``layers``, gathered from the graph's
+        outputs."""
         run = robustnorm.GroupRun(sizes=sizes, record=True, layer_names={}, policy=policy, streams=selection)
         if self.norm_layers:
             run.ran = [plan.statistics for plan in plans]
@@ -188,7 +226,7 @@ class OnnxEngine(EngineBase):
                 return torch.from_numpy(arrays[0][None] if stack else arrays[0])
             return torch.from_numpy(np.stack(arrays) if stack else np.concatenate(arrays))
 
-        for name in self.exported.layers:
+        for name in layers:
             mean, spread = joined(name + MEAN_SUFFIX, True), joined(name + SPREAD_SUFFIX, True)
             rows = joined(name + IMAGE_ROWS_SUFFIX, False)
             run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=counts, image_mean=rows[:, 0],

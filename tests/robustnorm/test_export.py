@@ -35,6 +35,7 @@ from robustnorm.export import (
     ExportedModel,
     card_path_for,
     export_onnx,
+    folded_path_for,
     graph_input_names,
     plan_feeds,
 )
@@ -291,3 +292,22 @@ def test_cli_exports_a_saved_model_and_verifies(tmp_path: Path, capsys: pytest.C
     assert summary["policy"] == "adaptive:8:blend:2"
     assert robustnorm.read_card(output.with_name("rn.card.json")).policy == "adaptive:8:blend:2"
     assert summary["verify"]["worst"] < LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("n", [1, 2, 64])
+def test_the_folded_graphs_output_what_the_full_graph_does_under_frozen(exported: Exported, n: int) -> None:
+    """Beside each export: 'frozen' records the card's image-score layers, 'frozen-rows' every layer; each
+    output equals the full graph's under the frozen plan (and PyTorch's)."""
+    calibration = exported.card.calibration
+    for kind, layers in (("frozen", list(calibration.image_layers) if calibration is not None else []),
+                         ("frozen-rows", exported.exported.layers)):
+        path = folded_path_for(exported.exported.onnx_path, kind)
+        session = _session(path)
+        assert json.loads(session.get_modelmeta().custom_metadata_map["robustnorm.layers"]) == layers
+        outputs = _run(session, {IMAGES: exported.images(n).numpy()})
+        assert set(outputs) == {LOGITS} | {name + suffix for name in layers
+                                           for suffix in (MEAN_SUFFIX, SPREAD_SUFFIX, IMAGE_ROWS_SUFFIX)}
+        full = _run(exported.session, _feeds(exported, "frozen", n))
+        for name, value in outputs.items():
+            tolerance = {"rtol": 1e-4, "atol": 1e-5} if name != LOGITS else {"rtol": 0, "atol": LOGIT_TOLERANCE}
+            np.testing.assert_allclose(value, full[name], err_msg=f"{kind} {name}", **tolerance)

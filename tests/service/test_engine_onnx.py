@@ -121,6 +121,48 @@ def test_engines_answer_alike_for_groups_and_policy_switches(engines: tuple[Torc
     assert torch_engine.stream_count() == onnx_engine.stream_count() == 2
 
 
+def test_unscored_frozen_batches_run_the_folded_graphs(engines: tuple[TorchEngine, OnnxEngine],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """drift="none" with every group frozen: the folded graph answers as the full one (and as PyTorch), with the
+    same image scores and, under auto while its gate holds, the same rows pushed into the streams."""
+    torch_engine, onnx_engine = engines
+    assert set(onnx_engine.folded) == {"frozen", "frozen-rows"}
+    used: list[str] = []
+    for kind, (graph, _) in onnx_engine.folded.items():
+        monkeypatch.setattr(graph, "run", lambda *args, kind=kind, run=graph.run: used.append(kind) or run(*args))
+    torch.manual_seed(6)
+    robust = onnx_engine.exported.robust
+    # the calibrated policy: below MIN_BATCH RobustNorm falls back to frozen (folded), BatchNorm to a blend
+    groups = [[torch.randn(1, 3, 32, 32)], [torch.randn(2, 3, 32, 32)]]
+    pixels = torch.cat([request for group in groups for request in group])
+    specs = [GroupSpec(1, "tenant0"), GroupSpec(2, "tenant1")]
+    expected = run(torch_engine, groups, ENGINE_POLICY)
+    answered = onnx_engine.run(pixels, specs, robustnorm.parse_policy(ENGINE_POLICY), drift="none")
+    assert used == (["frozen", "frozen"] if robust else [])
+    assert answered[1].pending is None and answered[1].layers == {}
+    unscored = {**comparable(expected), "layers": {}}  # no per-layer drift, and no batch scores
+    unscored["groups"] = [{**group, "batch_score": None} for group in unscored["groups"]]
+    assert_same(unscored, comparable(answered))
+    # auto without a gate calibration holds the population: frozen, and every layer's rows feed the streams
+    used.clear()
+    auto = robustnorm.parse_policy("auto:8:8")
+    for _ in range(3):
+        batch = [[torch.randn(2, 3, 32, 32)], [torch.randn(1, 3, 32, 32)]]
+        expected, answered = run(torch_engine, batch, str(auto)), onnx_engine.run(
+            torch.cat([request for group in batch for request in group]), [GroupSpec(2, "tenant0"),
+                                                                             GroupSpec(1, "tenant1")], auto,
+            drift="none")
+        assert [group.statistics for group in answered[1].groups] == ["frozen", "frozen"]
+        torch.testing.assert_close(answered[0], expected[0], rtol=1e-4, atol=1e-5)
+    assert used == ["frozen-rows"] * 6
+    for key in ("tenant0", "tenant1"):
+        held = [engine._stores[str(auto)].select([key]).streams[0] for engine in (torch_engine, onnx_engine)]
+        assert held[0].count == held[1].count == (6 if key == "tenant0" else 3)
+        for name in onnx_engine.exported.layers:
+            for a, b in zip(held[0].statistics(name), held[1].statistics(name)):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_an_exported_onnx_file_serves_with_its_card(saved_model: Path, engines: tuple[TorchEngine, OnnxEngine],
                                                     tmp_path: Path) -> None:
     model, card = robustnorm.load_model(saved_model)
