@@ -14,9 +14,14 @@ Protocol:
   then ``--duration`` seconds counted; each point runs ``--repeats`` times (default 3) alternating the servers
   (robustnorm, LitServe, robustnorm, ...) and reports the median of the runs: 200-only throughput, p50 and
   p99 latency, and the service's mean batch size (from its /metrics);
-- at concurrency 1, the engine's own time for one image (``engine.run`` on n = 1 under the served policy, in
-  this process with the same threads, median), so that "p50 <= forward + 2 ms" can be checked
-  (``forward_check``); the service's mean forward time during the run, from its metrics, is reported too.
+- images: 64 synthetic JPEGs (smooth gradients with noise; the default), or with ``--images cifar10`` 64 of
+  CIFAR-10's test JPEGs (quality 75) spread over the classes, from ``$ROBUSTNORM_CIFAR10/test.tar.gz``: clean
+  traffic, on which the cards' ``auto`` gate holds the population statistics (the synthetic images move it);
+- at concurrency 1, the engine's own time for one image (``engine.run`` on n = 1 under the served policy, on
+  the same images decoded as the service does, in this process with the same threads, median), so that
+  "p50 <= forward + 2 ms" can be checked (``forward_check``); the forward is the run most batches take, whose
+  per-layer drift is not scored (beyond ``drift_max_rate``), and the run with it scored is reported beside it;
+  the service's mean forward time during the run, from its metrics, is reported too.
 
 Drift-metrics mode (``--drift-metrics after,off``): the service alone at ``--concurrency`` (default 128,
 saturation), one server per value of its ``drift_metrics`` setting (passed as ``ROBUSTNORM_DRIFT_METRICS``;
@@ -43,6 +48,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +60,9 @@ from loadgen import make_jpegs, run_load
 from plotting import pyplot
 
 import robustnorm
+import robustnorm.data
 from service.engines import GroupSpec, load_engine
+from service.imaging import Preprocessing, decode_image
 from service.settings import Settings
 
 logger = logging.getLogger("serve_compare")
@@ -186,23 +194,44 @@ def drift_environment(value: str) -> dict[str, str]:
     return environment
 
 
-def engine_forward_ms(args: argparse.Namespace, repeats: int = 200) -> dict[str, Any]:
-    """Median seconds of the service engine's ``run`` on one image under the served policy, in milliseconds."""
+def engine_forward_ms(args: argparse.Namespace, images: list[bytes], repeats: int = 200) -> dict[str, Any]:
+    """Median milliseconds of the service engine's ``run`` on one image under the served policy, the images
+    taken in turn: without the per-layer drift (``median_ms``, what batches beyond ``drift_max_rate`` run) and
+    with it scored in the run (``scored_median_ms``), alternating."""
     torch.set_num_threads(args.threads)
     settings = Settings(model=args.model, device=args.device, max_batch_size=MAX_BATCH_SIZE)
     engine = load_engine(settings)
-    image = torch.randn(1, *engine.card.input_size)
+    card = engine.card
+    channels, height, width = (int(v) for v in card.input_size)
+    spec = Preprocessing(channels=channels, height=height, width=width, mean=tuple(card.mean), std=tuple(card.std),
+                         max_pixels=settings.max_image_pixels)
+    pixels = [decode_image(image, spec)[None] for image in images]
     groups = [GroupSpec(1)]
-    for _ in range(10):
-        engine.run(image, groups, engine.policy)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        engine.run(image, groups, engine.policy)
-        times.append(time.perf_counter() - started)
+    times: dict[str, list[float]] = {"none": [], "now": []}
+    for i in range(10 + repeats):
+        for drift, measured in times.items():
+            started = time.perf_counter()
+            engine.run(pixels[i % len(pixels)], groups, engine.policy, drift=drift)
+            if i >= 10:
+                measured.append(time.perf_counter() - started)
+    ran = engine.run(pixels[0], groups, engine.policy, drift="none")[1].groups[0].statistics
     engine.close()
-    return {"policy": str(engine.policy), "model": engine.card.name, "median_ms": 1e3 * statistics.median(times),
-            "runs": repeats}
+    return {"policy": str(engine.policy), "model": card.name, "engine": type(engine).__name__,
+            "median_ms": 1e3 * statistics.median(times["none"]),
+            "scored_median_ms": 1e3 * statistics.median(times["now"]), "statistics": ran, "runs": repeats}
+
+
+def cifar10_jpegs(count: int = 64) -> list[bytes]:
+    """``count`` JPEGs of CIFAR-10's test archive as they are stored, spread evenly over it (and its classes)."""
+    root = robustnorm.data.find_cifar10()
+    if root is None or not (root / "test.tar.gz").is_file():
+        raise SystemExit(f"--images cifar10 needs {robustnorm.data.CIFAR10_ENV} set to the folder holding "
+                         "test.tar.gz")
+    with tarfile.open(root / "test.tar.gz", mode="r|*") as archive:
+        blobs = [handle.read() for member in archive if member.isfile() and member.name.lower().endswith(".jpg")
+                 and (handle := archive.extractfile(member)) is not None]
+    step = max(1, len(blobs) // count)
+    return blobs[::step][:count]
 
 
 def _median(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float | None]) -> float | None:
@@ -292,7 +321,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     logs = args.out.parent
-    images = make_jpegs(64, size=args.image_size, seed=0)
+    images = cifar10_jpegs(64) if args.images == "cifar10" else make_jpegs(64, size=args.image_size, seed=0)
     report: dict[str, Any] = {
         "what": "closed-loop single-JPEG requests (multipart) to POST /predict; per point the median of the "
                 "runs, which alternate between the servers; throughput counts 200s only",
@@ -300,7 +329,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device, "torch_threads": args.threads, "concurrency": args.concurrency,
         "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats, "client": args.client,
         "pause_others": args.pause_others,
-        "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT, "image_size": args.image_size,
+        "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT, "images": args.images,
+        "image_size": args.image_size if args.images == "synthetic" else None,
         "machine": (f"{_cpu_name()}, {os.cpu_count()} cores" if args.device == "cpu" else
                     torch.cuda.get_device_name() if torch.cuda.is_available() else args.device),
         "event_loop": _event_loop(),
@@ -319,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    for value in values}
         report.update(mode="drift_metrics", drift_metrics=values)
     else:
-        report["engine_forward_n1"] = engine_forward_ms(args) if 1 in args.concurrency else None
+        report["engine_forward_n1"] = engine_forward_ms(args, images) if 1 in args.concurrency else None
         start = {"robustnorm": robustnorm_server, "litserve": litserve_server}
         servers = {name: start[name](args, env, logs / f"{args.out.stem}-{name}.log") for name in args.servers}
         report.update(mode="compare", litserve={"version": LITSERVE_VERSION, "policy": args.litserve_policy,
@@ -354,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each run (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per server and point (default 3)")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (default 30 s)")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the JPEGs sent (default 32)")
+    parser.add_argument("--images", choices=("synthetic", "cifar10"), default="synthetic",
+                        help="what the clients send: synthetic JPEGs (default) or CIFAR-10 test JPEGs (clean "
+                             "traffic; needs ROBUSTNORM_CIFAR10)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the synthetic JPEGs (default 32)")
     parser.add_argument("--servers", type=lambda text: text.split(","), default=["robustnorm", "litserve"],
                         help="comma-separated servers to run, in this order (default robustnorm,litserve)")
     parser.add_argument("--litserve-policy", default="frozen", help="LitServe's statistics policy (default frozen)")
@@ -373,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown server(s) {sorted(unknown)}: choose among robustnorm, litserve")
     kind = "drift_metrics" if args.drift_metrics else "compare"
     client = "" if args.client == "httpx" else f"_{args.client}"
+    client += "_cifar10" if args.images == "cifar10" else ""
     args.out = args.out or RESULTS / f"{kind}_{args.device.split(':')[0]}_{args.threads}thread{client}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
