@@ -130,20 +130,16 @@ class Metrics:
         self.late_requests.labels(stage).inc(requests)
 
     def observe_batch(self, report: BatchReport) -> None:
-        """One forward pass as answered: its size and time, per statistics group what ran, the image scores."""
+        """One forward pass: its size and time, per statistics group what ran, the gate, the image scores."""
         self.batch_size.observe(report.images)
         self.inference_duration.observe(report.seconds)
         for group in report.groups:
             self.batches.labels(group.statistics, "true" if group.fallback else "false").inc()
+            if group.gate_score is not None:
+                self.gate_score.observe(group.gate_score)
         for score in report.image_scores or ():
             if score is not None:
                 self.image_drift_score.observe(score)
-
-    def observe_gate(self, report: BatchReport) -> None:
-        """A forward pass once its images are in their streams: each group's gate score and the gate's switches."""
-        for group in report.groups:
-            if group.gate_score is not None:
-                self.gate_score.observe(group.gate_score)
         for _, shifted in report.switches:
             self.gate_switches.labels("stream" if shifted else "population").inc()
 

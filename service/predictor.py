@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -125,12 +125,6 @@ def split_batch(batch: Batch[ImageAnswer]) -> tuple[Batch[ImageAnswer], Batch[Im
         return None
     first, second = (replace(batch, id=f"{batch.id}.{i}", groups=groups) for i, groups in enumerate(parts, 1))
     return first, second
-
-
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    """Set ``future``'s result unless it is done (cancelled) already."""
-    if not future.done():
-        future.set_result(value)
 
 
 class RateBudget:
@@ -381,9 +375,7 @@ class Predictor:
         self._drift_credit -= 1.0
         if not self._drift_rate.take():
             return "sampled_out"
-        # A bounded backlog, never falling behind: the batch waiting for the next forward pass to start its
-        # scoring, one being scored, and one more, as the answers now leave before the streams are updated.
-        return "after" if self._drift_pending < 3 else "skipped"
+        return "after" if self._drift_pending < 2 else "skipped"  # a bounded backlog: never fall behind
 
     async def _run_batch(self, batch: Batch[ImageAnswer]) -> dict[str, list[ImageAnswer]]:
         groups = [GroupSpec(size, stream) for size, stream in zip(batch.sizes, batch.streams)]
@@ -391,19 +383,11 @@ class Predictor:
         plan = self._drift_plan()
         loop = asyncio.get_running_loop()
         drift = "now" if plan == "inline" else "later" if plan == "after" else "none"
-        # The answers leave as soon as the engine has them; it then adds the batch's images to their streams on
-        # its own thread (before any later batch), and _settled counts what that update did.
-        answered: asyncio.Future[tuple[torch.Tensor, BatchReport]] = loop.create_future()
-
-        def answer(probabilities: torch.Tensor, report: BatchReport) -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(_resolve, answered, (probabilities, report))
-
-        run = functools.partial(self.engine.run, drift=drift, answer=answer)
+        run = functools.partial(self.engine.run, drift=drift)
         try:
             forward = loop.run_in_executor(self._engine_thread, run, pixels, groups, batch.policy)
             self._start_drift()
-            await asyncio.wait((answered, forward), return_when=asyncio.FIRST_COMPLETED)
-            probabilities, report = answered.result() if answered.done() else forward.result()
+            probabilities, report = await forward
         except (torch.OutOfMemoryError, RuntimeError) as error:
             halves = split_batch(batch)
             if not out_of_memory(error) or halves is None:
@@ -414,9 +398,9 @@ class Predictor:
             logger.warning("batch %s of %d images ran out of memory: running it as two batches of %d and %d",
                            batch.id, sum(batch.sizes), sum(halves[0].sizes), sum(halves[1].sizes))
             return {**await self._run_batch(halves[0]), **await self._run_batch(halves[1])}
-        forward.add_done_callback(self._settled)
         results = split_answers(batch, probabilities, report)
         self.metrics.observe_batch(report)
+        self.metrics.set_streams(self.engine.stream_count())
         self.totals = Totals(batches=self.totals.batches + 1, images=self.totals.images + report.images,
                              fallback_groups=self.totals.fallback_groups + sum(g.fallback for g in report.groups))
         places = [results[group[0].id][0].group for group in batch.groups]
@@ -429,16 +413,6 @@ class Predictor:
         else:
             self.metrics.drift_not_scored(plan if plan != "after" else "skipped")
         return results
-
-    def _settled(self, forward: asyncio.Future[tuple[torch.Tensor, BatchReport]]) -> None:
-        """On the event loop, once the engine has also updated a batch's streams: the gate's metrics."""
-        if forward.cancelled():
-            return
-        if forward.exception() is not None:
-            logger.error("updating the streams after a batch failed: %r", forward.exception())
-            return
-        self.metrics.observe_gate(forward.result()[1])
-        self.metrics.set_streams(self.engine.stream_count())
 
     def _defer_drift(self, scoring: Callable[[], None]) -> None:
         """Start ``scoring`` with the next forward pass, or after ``DRIFT_IDLE_DELAY`` if none starts.

@@ -4,7 +4,6 @@ and one loader (:func:`load_engine`, in :mod:`.loader`)."""
 from __future__ import annotations
 
 from .base import (
-    Answer,
     BatchDrift,
     BatchReport,
     DriftWhen,
@@ -18,6 +17,6 @@ from .base import (
 from .loader import choose_engine, default_model, load_engine, resolve_device
 from .torch import TorchEngine, pad_sizes
 
-__all__ = ["Answer", "BatchDrift", "BatchReport", "DriftWhen", "Engine", "EngineBase", "GroupOutcome", "GroupSpec",
+__all__ = ["BatchDrift", "BatchReport", "DriftWhen", "Engine", "EngineBase", "GroupOutcome", "GroupSpec",
            "PendingDrift", "StreamSettings", "TorchEngine", "choose_engine", "default_model", "load_engine",
            "pad_sizes", "resolve_device"]

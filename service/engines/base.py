@@ -10,7 +10,7 @@ the policy, the per-stream statistics (:class:`robustnorm.StreamStore`, one per 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -107,25 +107,17 @@ class Engine(Protocol):
     labels: list[str]
     pad_sizes: tuple[int, ...]
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now",
-            answer: Answer | None = None) -> tuple[torch.Tensor, BatchReport]:
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
+            ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images (on the CPU) and the batch report. The statistics the policy and
         its gate need, and each image's drift score, are computed in the forward; the per-layer drift and the
         batch scores too with ``drift="now"``; with "later" they are left in ``report.pending`` for the caller
-        to compute after the answers have left; with "none" they are not computed at all.
-
-        ``answer``, when given, is called (on the engine's thread) with the probabilities and the report as soon
-        as they exist, before the batch's images are added to their streams; the report returned at the end
-        also has the gate's switches and scores after that update (:meth:`EngineBase.settled`)."""
+        to compute after the answers have left; with "none" they are not computed at all."""
     def warm_up(self) -> None: ...
     def close(self) -> None: ...
     def drift_calibration(self, policy: Policy) -> robustnorm.DriftCalibration | None: ...
     def reset_streams(self, keys: Sequence[str] | None = None) -> int: ...
     def stream_count(self) -> int: ...
-
-
-# Called with a batch's probabilities and report as soon as they exist (see Engine.run).
-Answer = Callable[[torch.Tensor, BatchReport], None]
 
 
 @dataclass(frozen=True)
@@ -208,20 +200,11 @@ class EngineBase:
         if image_scores is not None and not all(scored):
             keep = [scored[g] for g, group in enumerate(groups) for _ in range(group.size)]
             image_scores = [score if kept else None for score, kept in zip(image_scores, keep)]
+        for key, shifted in selection.switched if selection is not None else ():
+            logger.info("drift gate of stream %r switched to %s statistics", key or "global",
+                        "stream" if shifted else "population")
         pending = PendingDrift(run, calibration, scored) if drift != "none" else None
         report = BatchReport(groups=outcomes, layers={}, image_scores=image_scores, seconds=seconds,
                              padded_to=padded_to, switches=list(selection.switched) if selection is not None else [],
                              pending=pending)
         return report.with_drift(pending.compute()) if pending is not None and drift == "now" else report
-
-    def settled(self, report: BatchReport, selection: StreamSelection | None, seconds: float) -> BatchReport:
-        """``report`` once the batch's images are in their streams: the whole run's time, and the gate's
-        switches and each group's gate score after the update (for the metrics; the answers do not read them)."""
-        if selection is None:
-            return replace(report, seconds=seconds)
-        for key, shifted in selection.switched:
-            logger.info("drift gate of stream %r switched to %s statistics", key or "global",
-                        "stream" if shifted else "population")
-        groups = [replace(group, gate_score=stream.gate_score if stream is not None else None)
-                  for group, stream in zip(report.groups, selection.streams)]
-        return replace(report, groups=groups, switches=list(selection.switched), seconds=seconds)

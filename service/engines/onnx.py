@@ -46,7 +46,7 @@ from robustnorm.export import (
 from robustnorm.layers import GroupStatistics
 from robustnorm.policy import Policy
 
-from .base import Answer, BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
+from .base import BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ class OnnxEngine(EngineBase):
         if self._temporary is not None:
             self._temporary.cleanup()
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now",
-            answer: Answer | None = None) -> tuple[torch.Tensor, BatchReport]:
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
+            ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images and the batch report: one graph run per group."""
         started = time.perf_counter()
         sizes = tuple(group.size for group in groups)
@@ -200,13 +200,10 @@ class OnnxEngine(EngineBase):
             start += size
         run = self._group_run(sizes, policy, plans, outputs, selection, layers)
         logits = torch.from_numpy(np.concatenate([output[LOGITS] for output in outputs]))
-        probabilities = logits.float().softmax(dim=1)
-        report = self.report(run, groups, policy, time.perf_counter() - started, sum(sizes), selection, drift)
-        if answer is not None:
-            answer(probabilities, report)
         if selection is not None:
             selection.update(run, pixels[: sum(sizes)], logits.argmax(dim=1))
-        return probabilities, self.settled(report, selection, time.perf_counter() - started)
+        report = self.report(run, groups, policy, time.perf_counter() - started, sum(sizes), selection, drift)
+        return logits.float().softmax(dim=1), report
 
     def _group_run(self, sizes: tuple[int, ...], policy: Policy, plans: list[robustnorm.GroupPlan],
                    outputs: list[dict[str, np.ndarray]], selection: Any, layers: Sequence[str]) -> robustnorm.GroupRun:

@@ -27,7 +27,7 @@ import robustnorm
 from robustnorm.fold import FoldedModel, fold_frozen
 from robustnorm.policy import Policy
 
-from .base import Answer, BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
+from .base import BatchReport, DriftWhen, EngineBase, GroupSpec, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class TorchEngine(EngineBase):
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now",
-            answer: Answer | None = None) -> tuple[torch.Tensor, BatchReport]:
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
+            ) -> tuple[torch.Tensor, BatchReport]:
         """Probabilities of the real images (on the CPU) and the batch report, for one grouped forward."""
         started = time.perf_counter()
         sizes = [group.size for group in groups]
@@ -117,11 +117,9 @@ class TorchEngine(EngineBase):
             else:
                 net, grouped = self.model, robustnorm.batch_groups(self.model, sizes, policy=policy, record=True,
                                                                    streams=selection)
-            with grouped as run:  # the streams take the batch's images as the block ends
+            with grouped as run:
                 with autocast:
                     logits = net(pixels)
                 probabilities = logits[:images].float().softmax(dim=1).cpu()
-                report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection, drift)
-                if answer is not None:
-                    answer(probabilities, report)
-        return probabilities, self.settled(report, selection, time.perf_counter() - started)
+        report = self.report(run, groups, policy, time.perf_counter() - started, padded, selection, drift)
+        return probabilities, report

@@ -28,7 +28,6 @@ def test_a_batch_is_recorded_per_statistics_group() -> None:
         layers={"bn1": {"mean_shift": [0.1, 0.3], "log_var_ratio": [0.0, 0.2], "kl": [0.01, 0.05]}},
         image_scores=[0.1] * 20, seconds=0.01, padded_to=20, switches=[("", True), ("tenant", True)])
     metrics.observe_batch(report)
-    metrics.observe_gate(report)
     value = registry.get_sample_value
     assert value("robustnorm_batch_drift_score_count") == 0, "batch scores are observed once scored"
     assert value("robustnorm_drift_batches_total", {"outcome": "scored"}) == 0

@@ -15,7 +15,7 @@ from service_support import LiveServer, Sample
 import robustnorm
 from robustnorm.policy import Policy
 from service.app import create_app
-from service.engines import Answer, BatchReport, DriftWhen, GroupSpec, TorchEngine
+from service.engines import BatchReport, DriftWhen, GroupSpec, TorchEngine
 from service.settings import Settings
 
 LIMIT = 2  # images the test engine runs at once before it "runs out of memory"
@@ -26,13 +26,13 @@ class SmallMemoryEngine(TorchEngine):
 
     attempts: ClassVar[list[int]] = []
 
-    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now",
-            answer: Answer | None = None) -> tuple[torch.Tensor, BatchReport]:
+    def run(self, pixels: torch.Tensor, groups: Sequence[GroupSpec], policy: Policy, *, drift: DriftWhen = "now"
+            ) -> tuple[torch.Tensor, BatchReport]:
         images = sum(group.size for group in groups)
         type(self).attempts.append(images)
         if images > LIMIT and self.warmed_up:
             raise torch.OutOfMemoryError(f"test: {images} images do not fit")
-        return super().run(pixels, groups, policy, drift=drift, answer=answer)
+        return super().run(pixels, groups, policy, drift=drift)
 
     warmed_up = False
 
