@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import make_jpegs, run_load
-from serve_compare import Server, proc_stat
+from serve_compare import Server, cifar10_jpegs, proc_stat
 
 logger = logging.getLogger("cpu_per_request")
 
@@ -75,12 +75,12 @@ class Service(Server):
         return {tid: stat[1] for tid, stat in stats.items() if stat is not None}  # None: the thread ended
 
 
-def measure(service: Service, images: list[bytes], concurrency: int, duration: float, warmup: float
-            ) -> dict[str, Any]:
-    run_load(service.url, images, concurrency=concurrency, duration=warmup, warmup=0.0, metrics=False)
+def measure(service: Service, images: list[bytes], concurrency: int, duration: float, warmup: float,
+            client: str = "httpx") -> dict[str, Any]:
+    run_load(service.url, images, concurrency=concurrency, duration=warmup, warmup=0.0, metrics=False, client=client)
     names = service.thread_names()
     before, started = service.cpu_seconds(), time.monotonic()
-    load = run_load(service.url, images, concurrency=concurrency, duration=duration, warmup=0.0)
+    load = run_load(service.url, images, concurrency=concurrency, duration=duration, warmup=0.0, client=client)
     after = service.cpu_seconds()
     # The load starts with the window (no warm-up of its own) and the load generator waits for every request sent
     # in it: the CPU read covers exactly the requests sent, and those answered 200 are counted.
@@ -100,6 +100,7 @@ def measure(service: Service, images: list[bytes], concurrency: int, duration: f
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     threads = sorted({name for run in runs for name in run["cpu_ms_per_request"]})
     return {"answers_per_s": statistics.median(run["answers_per_s"] for run in runs),
+            "p50_ms": statistics.median(run["latency_ms"]["p50"] or 0.0 for run in runs),
             "mean_batch_size": statistics.median(run["mean_batch_size"] or 0.0 for run in runs),
             "cpu_ms_per_request_total": statistics.median(run["cpu_ms_per_request_total"] for run in runs),
             "cpu_ms_per_request": {name: statistics.median(run["cpu_ms_per_request"].get(name, 0.0) for run in runs)
@@ -120,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each run (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per checkout and point, alternating")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the service (default 1)")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                        help="the load generator's client (loadgen.py; default httpx)")
+    parser.add_argument("--images", choices=("synthetic", "cifar10"), default="synthetic",
+                        help="synthetic JPEGs (default) or CIFAR-10 test JPEGs (needs ROBUSTNORM_CIFAR10), as in "
+                             "serve_compare.py")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/serving/...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     now = datetime.now(timezone.utc)
     out = args.out or RESULTS / f"cpu_per_request-{now:%Y-%m-%d}.json"
-    images = make_jpegs()
+    images = cifar10_jpegs() if args.images == "cifar10" else make_jpegs()
     checkouts = [checkout.resolve() for checkout in args.checkouts]
     load_before = os.getloadavg()
     services = [Service(checkout, args.threads, out.with_name(f"{out.stem}-{i}.log"))
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {str(checkout): [] for checkout in checkouts}
             for _ in range(args.repeats):
                 for service in services:
-                    run = measure(service, images, concurrency, args.duration, args.warmup)
+                    run = measure(service, images, concurrency, args.duration, args.warmup, args.client)
                     runs[str(service.checkout)].append(run)
                     logger.info("%s, %d clients: %s", service.checkout, concurrency, json.dumps(run))
             for checkout, measured in runs.items():
