@@ -69,6 +69,9 @@ class TorchEngine(EngineBase):
         except ValueError as error:
             logger.info("frozen batches run the unfolded model: %s", error)
             return None
+        except Exception as error:  # folding only speeds frozen batches up: serve without it
+            logger.warning("frozen batches run the unfolded model, folding it failed: %r", error)
+            return None
         if folded.unfolded:
             logger.info("norm layers left unfolded (their input could not be recovered precisely): %s",
                         ", ".join(folded.unfolded))

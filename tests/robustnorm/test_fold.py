@@ -142,3 +142,9 @@ def test_moves_and_dtypes_carry_the_recovery(model: torch.nn.Module) -> None:
     for name, stats in run64.stats.items():
         assert stats.mean.dtype == torch.float64
         torch.testing.assert_close(stats.image_mean.float(), run32.stats[name].image_mean, atol=2e-5, rtol=1e-4)
+
+
+def test_a_norm_layer_not_after_a_convolution_cannot_be_folded() -> None:
+    model = robustnorm.convert_norms(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3))).eval()
+    with pytest.raises(ValueError, match="does not follow a convolution"):
+        fold_frozen(model)

@@ -222,3 +222,18 @@ def test_unscored_frozen_batches_run_the_folded_model_with_the_same_answers(
     # a policy that reads the batch never takes the folded model
     _, batch = engine.run(pixels, [GroupSpec(3)], P("batch"), drift="none")
     assert batch.groups[0].statistics == "batch"
+
+
+def test_a_model_that_cannot_be_folded_serves_unscored_batches_unfolded() -> None:
+    torch.manual_seed(8)
+    model = robustnorm.convert_norms(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1),
+                                                   nn.Flatten(), nn.Linear(4, 3))).eval()
+    card = robustnorm.ModelCard(name="unfoldable", architecture="custom", norm="bn", labels=["a", "b", "c"],
+                                policy="frozen", input_size=[3, 16, 16])
+    engine = make_engine(model, card, policy="frozen")
+    assert engine.folded is None
+    pixels = torch.randn(2, 3, 16, 16)
+    scored, _ = engine.run(pixels, [GroupSpec(2)], P("frozen"))
+    unscored, report = engine.run(pixels, [GroupSpec(2)], P("frozen"), drift="none")
+    torch.testing.assert_close(unscored, scored)
+    assert report.groups[0].statistics == "frozen" and report.pending is None
