@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .grouping import GroupRun, _validate_sizes
 from .layers import GroupStatistics, _as, _compute_dtype, _constant, _group_reduce, _PolicyNorm, _segments, set_policy
-from .policy import FROZEN, Policy, parse_policy
+from .policy import FROZEN, GroupPlan, Policy, parse_policy
 from .stream import StreamSelection
 
 # The recovery of a layer's input from the folded output adds about float32's epsilon times |bias / scale|
@@ -182,11 +182,10 @@ class FoldedModel(nn.Module):
         """Whether every group of ``sizes`` runs frozen statistics under ``policy`` (with ``streams``' state):
         ``frozen``, ``adaptive`` where it falls back to ``frozen``, ``auto`` while each group's gate holds."""
         parsed = parse_policy(policy)
-        if parsed.kind == "frozen":
-            return True
-        views = streams.streams if streams is not None else None
-        return all(plan.statistics == "frozen" and not plan.batch_weight and not plan.stream_weight
-                   for plan in parsed.plan(list(sizes), self.robust, views))
+        return parsed.kind == "frozen" or all(plan.population_only for plan in self._plans(sizes, parsed, streams))
+
+    def _plans(self, sizes: Sequence[int], policy: Policy, streams: StreamSelection | None) -> list[GroupPlan]:
+        return policy.plan(list(sizes), self.robust, streams.streams if streams is not None else None)
 
     @contextmanager
     def groups(self, sizes: Sequence[int], *, policy: str | Policy = FROZEN, record: Collection[str] | None = (),
@@ -201,7 +200,8 @@ class FoldedModel(nn.Module):
         checked = _validate_sizes(sizes)
         assert checked is not None
         parsed = parse_policy(policy)
-        if not self.runs_frozen(checked, parsed, streams):
+        plans = self._plans(checked, parsed, streams)
+        if not all(plan.population_only for plan in plans):
             raise ValueError(f"policy {parsed} does not run frozen statistics for every group here; "
                              "use robustnorm.batch_groups on the unfolded model")
         streaming = streams is not None and parsed.uses_streams
@@ -210,7 +210,6 @@ class FoldedModel(nn.Module):
         if unknown:
             raise ValueError(f"no norm layers named {sorted(unknown)} in this model")
         run = GroupRun(sizes=checked, record=True, layer_names={}, policy=parsed, streams=streams)
-        plans = parsed.plan(list(checked), self.robust, streams.streams if streams is not None else None)
         run.ran = [plan.statistics for plan in plans]
         run.fallback = [plan.fallback for plan in plans]
         run.stream_images = [plan.stream_images for plan in plans]
@@ -241,18 +240,23 @@ class FoldedModel(nn.Module):
         dtype = _compute_dtype(real)
         real = real if real.dtype == dtype else real.to(dtype)
         image_mean, image_spread, recovered = _image_statistics(conv, real, dtype)
-        mean = _group_reduce(image_mean, sizes, "mean")
-        if conv.robust:
-            spread = _group_reduce(recovered[:, 1], sizes, "amax") - _group_reduce(recovered[:, 2], sizes, "amin")
-        else:
-            own = mean if len(sizes) == 1 else mean[_segments(sizes, real.device)]
-            # each group's variance: its images' variances plus their means' spread about the group's mean
-            spread = _group_reduce(image_spread + (image_mean - own).square(), sizes, "mean")
+        mean, spread = _group_statistics(conv.robust, image_mean, image_spread, recovered, sizes)
         rows = recovered if self._rows else None
         run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=_constant(tuple(sizes), z.device),
                                           image_mean=image_mean, image_spread=image_spread, image_rows=rows)
         run.robust_layers[name] = conv.robust
         run.population[name] = (conv.population_mean.to(dtype), conv.population_spread.to(dtype))
+
+
+def _group_statistics(robust: bool, image_mean: Tensor, image_spread: Tensor, rows: Tensor,
+                      sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    """Each group's (G, C) mean and spread from its images' statistics (``sizes`` None: one group, traceable)."""
+    mean = _group_reduce(image_mean, sizes, "mean")
+    if robust:
+        return mean, _group_reduce(rows[:, 1], sizes, "amax") - _group_reduce(rows[:, 2], sizes, "amin")
+    own = mean if sizes is None or len(sizes) == 1 else mean[_segments(sizes, image_mean.device)]
+    # each group's variance: its images' variances plus their means' spread about the group's mean
+    return mean, _group_reduce(image_spread + (image_mean - own).square(), sizes, "mean")
 
 
 def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -296,12 +300,8 @@ class FoldedGraph(nn.Module):
     def _statistics(self, conv: nn.Module, _: tuple[Tensor, ...], z: Tensor) -> None:
         assert isinstance(conv, _RecordingConv)
         image_mean, image_spread, rows = _image_statistics(conv, z, torch.float32)
-        mean = image_mean.mean(dim=0)
-        if conv.robust:
-            spread = rows[:, 1].amax(dim=0) - rows[:, 2].amin(dim=0)
-        else:  # the images' variances plus their means' spread about the batch's mean
-            spread = (image_spread + (image_mean - mean).square()).mean(dim=0)
-        self._outputs[conv.norm_name] = (mean, spread, rows)
+        mean, spread = _group_statistics(conv.robust, image_mean, image_spread, rows, None)
+        self._outputs[conv.norm_name] = (mean[0], spread[0], rows)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         self._outputs = {}

@@ -68,6 +68,11 @@ class GroupPlan:
     def uses_batch(self) -> bool:
         return self.batch_weight > 0.0
 
+    @property
+    def population_only(self) -> bool:
+        """The population statistics alone: what a model folded for frozen statistics runs."""
+        return self.statistics == "frozen" and not self.batch_weight and not self.stream_weight
+
 
 FROZEN_PLAN = GroupPlan("frozen", 0.0)
 

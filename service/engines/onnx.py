@@ -189,7 +189,7 @@ class OnnxEngine(EngineBase):
         streams = selection.streams if selection is not None else None
         plans = policy.plan(sizes, self.exported.robust, streams)
         graph, layers = self._graph, self.exported.layers
-        frozen = all(plan.statistics == "frozen" and not plan.batch_weight and not plan.stream_weight for plan in plans)
+        frozen = all(plan.population_only for plan in plans)
         folded = self.folded.get("frozen-rows" if selection is not None else "frozen") if frozen else None
         if drift == "none" and folded is not None:
             graph, layers = folded
