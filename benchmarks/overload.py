@@ -11,9 +11,9 @@ queues counts against the deadline as it would behind HAProxy). Then:
    was answered (200, 429 with or without Retry-After, 503, 504, other, transport error, no answer), 200s later
    than the deadline (latency from the due time) are ``late``; goodput = 200s within the deadline per second;
 3. fairness (a second server with ``--batch-key header``): light tenants alone at 10% of capacity each, then the
-   same light tenants while a heavy tenant offers 10 times its fair share of the capacity (capacity / tenants);
-   each tenant's answers and latency. Behind HAProxy, ROBUSTNORM_TENANT_RATE (the proxy's per-tenant quota) is
-   that fair share.
+   same light tenants beside a heavy tenant offering its fair share of the capacity (capacity / tenants), then 10
+   times that share; each tenant's answers and latency. The per-tenant quota is that fair share: the service's
+   own ``--tenant-rate`` when it is alone, ROBUSTNORM_TENANT_RATE (the proxy's) behind HAProxy.
 
 Each of these runs against the service itself and against the shipped HAProxy in front of it (``--fronts``:
 deploy/haproxy/haproxy.cfg with loopback binds, ``haproxy`` on the PATH), ``--runs`` times each (every run
@@ -341,8 +341,10 @@ FRONTS = ("service", "haproxy")  # the load generator talks to the service itsel
 
 @contextmanager
 def entry(front: str, *options: str, tenant_rate: float | None, workdir: Path, name: str) -> Iterator[str]:
-    """The URL the load generator talks to: a fresh service, alone or behind the shipped HAProxy."""
-    with service(*options, log=workdir / f"{name}.log") as url:
+    """The URL the load generator talks to: a fresh service, alone or behind the shipped HAProxy; ``tenant_rate``
+    is the per-tenant quota, the service's own (``--tenant-rate``) when alone, else the proxy's."""
+    quota = ("--tenant-rate", str(max(1, round(tenant_rate)))) if tenant_rate and front == "service" else ()
+    with service(*options, *quota, log=workdir / f"{name}.log") as url:
         if front == "service":
             yield url
         else:
@@ -415,12 +417,14 @@ def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Pat
 
 def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[str], workdir: Path
              ) -> dict[str, Any]:
-    """Light tenants alone, then beside a heavy tenant sending ``heavy_factor`` times its share (behind HAProxy,
-    with its per-tenant quota set to that share)."""
+    """Light tenants alone, then beside a heavy tenant sending its share, then ``heavy_factor`` times its share
+    (the per-tenant quota set to that share: the service's own when alone, the proxy's behind HAProxy). What
+    the flood costs the light tenants is the third phase against the second: the same tenants admitted at the
+    same rates, the excess refused."""
     light = {f"light{i}": plan.light_share * capacity for i in range(plan.light_tenants)}
     share = capacity / (plan.light_tenants + 1)
     heavy = {"heavy": plan.heavy_factor * share}
-    quota = share if front == "haproxy" else None
+    quota = share
     result: dict[str, Any] = {"light_per_s": round(plan.light_share * capacity, 1),
                               "heavy_per_s": round(heavy["heavy"], 1),
                               "tenant_rate_quota": quota and max(1, round(quota))}
@@ -428,7 +432,8 @@ def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[
                name=f"{front}-fair") as url:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
-        for name, rates in (("light_alone", light), ("with_heavy", {**light, **heavy})):
+        for name, rates in (("light_alone", light), ("with_heavy_at_share", {**light, "heavy": share}),
+                            ("with_heavy", {**light, **heavy})):
             outcomes = asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
                                              seed=1))
             result[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
@@ -457,11 +462,12 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         left.legend()
         fair = result["fairness"]
         tenants = list(fair["with_heavy"])
-        for offset, (name, colour) in enumerate((("light_alone", "tab:blue"), ("with_heavy", "tab:purple"))):
+        phases = (("light_alone", "tab:blue"), ("with_heavy_at_share", "tab:cyan"), ("with_heavy", "tab:purple"))
+        for offset, (name, colour) in enumerate(phases):
             p99 = [fair.get(name, {}).get(t, {}).get("latency_200_ms", {}).get("p99") or 0 for t in tenants]
-            right.bar([i + 0.4 * offset for i in range(len(tenants))], p99, width=0.4, color=colour,
-                      label=name.replace("_", " "))
-        right.set_xticks([i + 0.2 for i in range(len(tenants))], tenants)
+            right.bar([i + 0.27 * offset for i in range(len(tenants))], p99, width=0.27, color=colour,
+                      label=name.replace("_", " ").replace("with heavy", "beside heavy"))
+        right.set_xticks([i + 0.27 for i in range(len(tenants))], tenants)
         right.set_ylabel("p99 latency of 200s (ms)")
         right.set_title(f"{front}: light tenants beside a heavy one")
         right.legend()
@@ -512,14 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     for front, measured in report["fronts"].items():
         for index, result in enumerate(measured["runs"]):
             overload, fair = result["overload"], result["fairness"]
-            light = {tenant: (fair["light_alone"][tenant]["latency_200_ms"]["p99"],
-                              fair["with_heavy"][tenant]["latency_200_ms"]["p99"])
+            light = {tenant: tuple(fair[phase][tenant]["latency_200_ms"]["p99"]
+                                   for phase in ("light_alone", "with_heavy_at_share", "with_heavy"))
                      for tenant in fair["light_alone"]}
             print(f"{front}, run {index + 1}: capacity {result['capacity']['answers_per_s']:.1f}/s; "
                   f"at {plan.factor:g}x: goodput {overload['goodput_per_s']:.1f}/s "
                   f"({100 * overload['goodput_of_capacity']:.0f}% of capacity), answered {overload['answered']}, "
                   f"late 200s {overload['late_200']}, p50/p90/p99 "
-                  f"{overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one: {light}")
+                  f"{overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one at its share, "
+                  f"beside it at {plan.heavy_factor:g}x: {light}")
     return 0
 
 

@@ -4,6 +4,7 @@ Work that cannot be answered in time is refused at the door (429 with ``Retry-Af
 to be dropped later: under overload the service keeps answering what it can answer in time, and tells the rest
 when to come back. A request is refused when
 
+- its tenant was admitted ``tenant_rate`` requests a second already (a token bucket per tenant; off unless set);
 - ``max_active`` requests are being answered already (decoding, queued or running): every request in the
   service takes turns on one event loop, so more of them make each slower; or its tenant already has its share
   of those (``tenant_share``, while another tenant is active; below it, a tenant may exceed ``max_active``
@@ -31,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from .errors import Overloaded, QueueFull, TenantQueueFull
+from .errors import Overloaded, QueueFull, TenantQueueFull, TenantRateExceeded
 
 ACTIVE_SECONDS = 10.0  # a tenant admitted this recently still counts as active for the shares
 
@@ -60,6 +61,39 @@ class Rate:
         self._images = keep * self._images + max(1, images)
 
 
+class TenantQuota:
+    """Requests a second each tenant is admitted at most: a token bucket per tenant, ``rate`` tokens a second,
+    holding a tenth of a second's worth (at least one), so that a tenant over its quota still gets its quota's
+    worth of answers, spread as they come. :meth:`check` refuses when a tenant's bucket is empty; a request
+    admitted takes its token when it is counted as being answered (:meth:`take`)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float], burst_seconds: float = 0.1) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * burst_seconds)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, when counted)
+        self._prune_above = 4096
+
+    def _tokens(self, tenant: str, now: float) -> float:
+        tokens, at = self._buckets.get(tenant, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def check(self, tenant: str) -> None:
+        tokens = self._tokens(tenant, self._clock())
+        if tokens < 1.0 - 1e-9:  # (a token refilled in float arithmetic may fall short by a rounding error)
+            raise TenantRateExceeded(f"this tenant is over its quota of {self.rate:g} requests a second; retry "
+                                     "after the time in Retry-After", retry_after=(1.0 - tokens) / self.rate)
+
+    def take(self, tenant: str) -> None:
+        now = self._clock()
+        self._buckets[tenant] = (self._tokens(tenant, now) - 1.0, now)
+        if len(self._buckets) > self._prune_above:  # tenants named by a header: forget full buckets, now and
+            # then (after the count doubled), so that many tenants cost no more than a few
+            self._buckets = {name: entry for name, entry in self._buckets.items()
+                             if self._tokens(name, now) < self.burst}
+            self._prune_above = max(4096, 2 * len(self._buckets))
+
+
 class _Keyed(Protocol):
     @property
     def tenant(self) -> str | None: ...
@@ -82,8 +116,9 @@ class FairQueue(Generic[F]):
     """Queued items in fair order (``items``), the images each tenant holds, and the door to the queue."""
 
     def __init__(self, *, limit: int, tenant_share: float = 1.0, max_active: int | None = None,
-                 batch_size: int = 1, clock: Callable[[], float]) -> None:
+                 tenant_rate: float | None = None, batch_size: int = 1, clock: Callable[[], float]) -> None:
         self.limit = limit
+        self.quota = None if tenant_rate is None else TenantQuota(tenant_rate, clock)
         self.batch_size = batch_size  # images that run in one batch at most
         self.tenant_share = tenant_share
         self.max_active = max_active
@@ -113,6 +148,8 @@ class FairQueue(Generic[F]):
     def working(self, tenant: str | None) -> Iterator[None]:
         """Count a request of ``tenant`` as being answered, for ``max_active``."""
         self.active[tenant] += 1
+        if self.quota is not None and tenant is not None:
+            self.quota.take(tenant)
         try:
             yield
         finally:
@@ -129,6 +166,8 @@ class FairQueue(Generic[F]):
               arriving: bool = True) -> None:
         """Raise the 429 that refuses ``count`` new images of ``tenant``, if they must be refused. ``arriving``:
         the request is not yet counted among those being answered."""
+        if arriving and self.quota is not None and tenant is not None:
+            self.quota.check(tenant)
         if arriving and self.max_active is not None:
             total, mine = sum(self.active.values()), self.active.get(tenant, 0)
             allowed = self.tenant_limit(tenant, self.max_active)

@@ -192,6 +192,7 @@ class MicroBatcher(Generic[R]):
 
     def __init__(self, run_batch: RunBatch[R], *, max_batch_size: int, max_wait: float, queue_limit: int,
                  eager: bool = False, tenant_share: float = 1.0, max_active: int | None = None,
+                 tenant_rate: float | None = None,
                  share_tenants: bool = False, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, collect: Collect[R] = collect_batch) -> None:
         self._run_batch = run_batch
@@ -204,7 +205,8 @@ class MicroBatcher(Generic[R]):
         self._clock = clock
         self._collect = collect
         self._queue: FairQueue[WorkItem[R]] = FairQueue(limit=queue_limit, tenant_share=tenant_share,
-                                                        max_active=max_active, batch_size=max_batch_size,
+                                                        max_active=max_active, tenant_rate=tenant_rate,
+                                                        batch_size=max_batch_size,
                                                         clock=clock)
         self._arriving = 0  # admitted requests whose images are not queued yet (see working)
         self._running: list[WorkItem[R]] = []

@@ -115,6 +115,13 @@ class TenantQueueFull(QueueFull):
     code = reason = "tenant_share"
 
 
+class TenantRateExceeded(QueueFull):
+    """429: the tenant was admitted ``tenant_rate`` requests a second already; Retry-After says when the next
+    fits (the code HAProxy's quota in the shipped deployment answers with too)."""
+
+    code = reason = "tenant_rate"
+
+
 class Overloaded(QueueFull):
     """429: the queue's expected wait ends after the request's deadline; it is refused rather than queued to be
     late."""

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 STATISTICS = ("batch", "blend", "frozen", "stream")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "too_many_images", "bad_image", "unsupported_type",
-                     "invalid", "unauthorized", "body_timeout", "uploads_full", "overloaded", "tenant_share")
+                     "invalid", "unauthorized", "body_timeout", "uploads_full", "overloaded", "tenant_share",
+                     "tenant_rate")
 # Where work past its deadline was dropped: in the queue (before the engine: the deadline passed, or too little
 # time was left for a batch) or at answer time (the answer was ready after the deadline: 504, never a late 200).
 LATE_STAGES = ("queue", "answer")

@@ -193,7 +193,7 @@ class Predictor:
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=self.settings.max_batch_size, max_wait=self.settings.max_wait,
             eager=self.settings.eager_batches, tenant_share=self.settings.tenant_queue_share,
-            max_active=self.settings.max_active_requests,
+            max_active=self.settings.max_active_requests, tenant_rate=self.settings.tenant_rate,
             queue_limit=self.settings.queue_limit, share_tenants=self.settings.isolation == "grouped",
             metrics=self.metrics)
         self._batcher.start()

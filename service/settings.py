@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         0.5, gt=0, le=1, description="share of queue_limit (and of max_active_requests) one tenant may hold while "
                                      "other tenants are active (tenants as batch_key names them); beyond it, its "
                                      "requests get 429")
+    tenant_rate: float | None = Field(
+        None, gt=0, description="requests per second one tenant (as batch_key names it) is admitted at most, in "
+                                "bursts of up to a tenth of a second's worth; beyond it its requests get 429 "
+                                "'tenant_rate'. Unset: no quota (tenant_queue_share still applies). The same "
+                                "quota the shipped HAProxy applies in front of the replicas")
     pad_batches: Padding = Field(
         "auto", description="pad batches to powers of two up to max_batch_size ('auto': only on CUDA)")
     batch_key: BatchKeySource = Field(

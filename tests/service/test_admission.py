@@ -15,10 +15,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from robustnorm import parse_policy
-from service.admission import ACTIVE_SECONDS, FairQueue, Rate
+from service.admission import ACTIVE_SECONDS, FairQueue, Rate, TenantQuota
 from service.batcher import Batch, BatchKey, MicroBatcher, collect_batch
 from service.deadlines import MAX_PROXY_LAG, accepted_at, proxy_start
-from service.errors import DeadlineExceeded, Overloaded, QueueFull, TenantQueueFull
+from service.errors import DeadlineExceeded, Overloaded, QueueFull, TenantQueueFull, TenantRateExceeded
 from service.metrics import Metrics
 
 POLICY = parse_policy("adaptive:8")
@@ -271,3 +271,60 @@ def test_requests_being_answered_are_bounded_and_shared_between_tenants() -> Non
             admit("heavy")
         queue.active["heavy"] += 2
     assert sum(queue.active.values()) == 0
+
+
+# -- a quota per tenant -------------------------------------------------------------------------------------
+
+
+def test_a_tenant_over_its_rate_quota_is_refused_and_the_others_are_not() -> None:
+    clock = Clock()
+    queue: FairQueue[Item] = FairQueue(limit=512, tenant_rate=50.0, clock=clock)  # bursts of 5
+    measured = rate(0.001, 0.01)
+
+    def admit(tenant: str | None, working: contextlib.ExitStack) -> None:
+        queue.admit(1, tenant, deadline=clock.now + 10, rate=measured, running_left=0)
+        working.enter_context(queue.working(tenant))
+
+    with contextlib.ExitStack() as working:
+        for _ in range(5):
+            admit("heavy", working)
+        with pytest.raises(TenantRateExceeded) as refused:
+            admit("heavy", working)
+        assert refused.value.status_code == 429 and refused.value.code == refused.value.reason == "tenant_rate"
+        assert refused.value.retry_after == pytest.approx(1 / 50)
+        assert refused.value.headers() == {"Retry-After": "1"}
+        queue.admit(1, "heavy", deadline=clock.now + 10, rate=measured, running_left=0, arriving=False)  # counted
+        for _ in range(5):
+            admit("light", working)  # another tenant has a bucket of its own
+        for _ in range(20):
+            admit(None, working)  # requests that name no tenant have no quota
+        clock.now += 1 / 50  # one token back
+        admit("heavy", working)
+        with pytest.raises(TenantRateExceeded):
+            admit("heavy", working)
+
+
+def test_a_tenant_sending_ten_times_its_quota_is_admitted_its_quota() -> None:
+    clock = Clock()
+    queue: FairQueue[Item] = FairQueue(limit=512, tenant_rate=100.0, clock=clock)
+    measured = rate(0.001, 0.01)
+    admitted = 0
+    for _ in range(5000):  # 1,000 requests a second for 5 s
+        clock.now += 0.001
+        try:
+            queue.admit(1, "heavy", deadline=clock.now + 10, rate=measured, running_left=0)
+        except TenantRateExceeded:
+            continue
+        with queue.working("heavy"):
+            admitted += 1
+    assert 500 <= admitted <= 500 + 10  # the quota's 100 a second, and at most one burst of 10 more
+
+
+def test_the_quota_state_of_tenants_named_by_a_header_is_bounded() -> None:
+    clock = Clock()
+    quota = TenantQuota(100.0, clock)
+    for index in range(20_000):  # a tenant name per request, 1,000 a second
+        clock.now += 0.001
+        quota.check(f"tenant-{index}")
+        quota.take(f"tenant-{index}")
+    assert len(quota._buckets) <= 8192

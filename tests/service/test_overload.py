@@ -192,3 +192,42 @@ def test_a_tenant_flooding_the_queue_gets_429_while_another_tenant_is_served(sha
     assert counter(shared, "robustnorm_rejected_total", reason="tenant_share") - refused_before == \
         heavy_statuses[429]
     assert stats(shared)["queued_images"] == 0
+
+
+@pytest.fixture(scope="module")
+def quota() -> Iterator[LiveServer]:
+    """Tenants named by a header, each admitted 5 requests a second at most (bursts of one)."""
+    settings = Settings(model=MODEL, device="cpu", batch_key="header", tenant_rate=5.0, request_deadline=60,
+                        max_uploads=512)
+    yield from serve(create_app(settings, registry=CollectorRegistry()))
+
+
+def test_a_tenant_over_its_rate_quota_gets_429_tenant_rate_and_the_others_are_served(quota: LiveServer,
+                                                                                    photos: list[bytes]) -> None:
+    refused_before = counter(quota, "robustnorm_rejected_total", reason="tenant_rate")
+
+    async def traffic() -> tuple[list[httpx.Response], list[httpx.Response], float]:
+        async with httpx.AsyncClient(base_url=quota.url, limits=httpx.Limits(max_connections=64),
+                                     timeout=60) as client:
+            def send(tenant: str, index: int) -> asyncio.Future[httpx.Response]:
+                return asyncio.ensure_future(client.post("/predict", content=photos[index % len(photos)],
+                                                         headers={TENANT: tenant, **JPEG}))
+
+            started = time.monotonic()
+            heavy = list(await asyncio.gather(*(send("heavy", i) for i in range(40))))  # 40 at once
+            light = [await send("light", 0)]  # another tenant's bucket is its own
+            await asyncio.sleep(0.25)
+            light.append(await send("light", 1))
+            return heavy, light, time.monotonic() - started
+
+    heavy, light, seconds = asyncio.run(traffic())
+    statuses = Counter(response.status_code for response in heavy)
+    assert set(statuses) == {200, 429}, statuses
+    # one token to start with, then 5 a second while the 40 requests were being answered
+    assert statuses[200] <= 1 + 5 * seconds + 1, (statuses, seconds)
+    for response in heavy:
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "tenant_rate"
+            assert int(response.headers["Retry-After"]) >= 1
+    assert [response.status_code for response in light] == [200, 200]
+    assert counter(quota, "robustnorm_rejected_total", reason="tenant_rate") - refused_before == statuses[429]
