@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import overload
 from loadgen import parse_histogram
-from plotting import pyplot
+from plotting import pyplot, save
 
 SERIES = {"batch_size": "robustnorm_batch_size", "engine_s": "robustnorm_inference_duration_seconds",
           "queue_wait_s": "robustnorm_queue_wait_seconds"}
@@ -83,9 +83,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     right.set_xlabel("offered load (% of capacity)")
     right.set_title("the engine's busy share and batch size")
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
     return True
 
 
@@ -97,13 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=5.0, help="the service's request deadline (s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 32, 64],
                         help="closed-loop clients for the capacity (the best of these)")
-    parser.add_argument("--service-cpus", type=lambda text: {int(cpu) for cpu in text.split(",")},
-                        help="CPUs for the service, e.g. '1' (the client runs on the others)")
+    overload.add_service_cpus(parser)
     parser.add_argument("--out", type=Path, default=overload.RESULTS)
     args = parser.parse_args(argv)
-    if args.service_cpus:
-        overload.SERVICE_CPUS.update(args.service_cpus)
-        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - args.service_cpus)
+    overload.pin_service(parser, args.service_cpus)
     body = (overload.REPO / "examples" / "cat.jpg").read_bytes()
     points = []
     with tempfile.TemporaryDirectory(prefix="latency-") as logs, overload.service(

@@ -55,7 +55,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from plotting import pyplot
+from plotting import pyplot, save
 
 logger = logging.getLogger("overload")
 
@@ -244,6 +244,26 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str
 
 
 SERVICE_CPUS: set[int] = set()  # --service-cpus: the CPUs the service runs on, the others run everything else
+
+
+def add_service_cpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--service-cpus", type=lambda text: {int(cpu) for cpu in text.split(",")},
+                        help="CPUs for the service alone, e.g. '1': the load generator and HAProxy run on the others, "
+                             "so that the client's work does not come out of the server's (as with a client on "
+                             "another machine); by default all share every CPU")
+
+
+def pin_service(parser: argparse.ArgumentParser, cpus: set[int] | None) -> None:
+    """Services started from here run on ``cpus`` (--service-cpus), this process (the load generator, and HAProxy
+    started from here) on the others; nothing is pinned without ``cpus``."""
+    if not cpus:
+        return
+    others = set(os.sched_getaffinity(0)) - cpus
+    if not others or not cpus <= set(os.sched_getaffinity(0)):
+        parser.error(f"--service-cpus must leave CPUs for the client; this process may use "
+                     f"{sorted(os.sched_getaffinity(0))}")
+    SERVICE_CPUS.update(cpus)
+    os.sched_setaffinity(0, others)
 
 
 @contextmanager
@@ -471,9 +491,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         right.set_ylabel("p99 latency of 200s (ms)")
         right.set_title(f"{front}: light tenants beside a heavy one")
         right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
     return True
 
 
@@ -489,19 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3,
                         help="repeat the whole measurement per front (runs vary on a shared machine; the JSON keeps "
                              "every run and marks the median's)")
-    parser.add_argument("--service-cpus", type=lambda text: {int(cpu) for cpu in text.split(",")},
-                        help="CPUs for the service alone, e.g. '1': the load generator and HAProxy run on the others, "
-                             "so that the client's work does not come out of the server's (as with a client on "
-                             "another machine); by default all share every CPU")
+    add_service_cpus(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
-    if args.service_cpus:
-        others = set(os.sched_getaffinity(0)) - args.service_cpus
-        if not others or not args.service_cpus <= set(os.sched_getaffinity(0)):
-            parser.error(f"--service-cpus must leave CPUs for the client; this process may use "
-                         f"{sorted(os.sched_getaffinity(0))}")
-        SERVICE_CPUS.update(args.service_cpus)
-        os.sched_setaffinity(0, others)  # the load generator, and HAProxy started from here
+    pin_service(parser, args.service_cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, runs=args.runs)
     if args.smoke:

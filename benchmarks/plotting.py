@@ -19,3 +19,12 @@ def pyplot() -> Any | None:
         logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     return plt
+
+
+def save(figure: Any, path: Any) -> None:
+    """Lay ``figure`` out, write it to ``path`` (PNG at 110 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

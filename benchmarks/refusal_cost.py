@@ -99,13 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refused-clients", type=int, default=16)
     parser.add_argument("--answered-clients", type=int, default=32)
     parser.add_argument("--factor", type=float, default=3.0, help="offered load, as a multiple of capacity")
-    parser.add_argument("--service-cpus", type=lambda text: {int(cpu) for cpu in text.split(",")},
-                        help="CPUs for the service, e.g. '1' (the client runs on the others)")
+    overload.add_service_cpus(parser)
     parser.add_argument("--out", type=Path, default=overload.RESULTS)
     args = parser.parse_args(argv)
-    if args.service_cpus:
-        overload.SERVICE_CPUS.update(args.service_cpus)
-        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - args.service_cpus)
+    overload.pin_service(parser, args.service_cpus)
     body = (overload.REPO / "examples" / "cat.jpg").read_bytes()
     runs: dict[str, list[dict[str, Any]]] = {"refused": [], "answered": []}
     with tempfile.TemporaryDirectory(prefix="refusal-") as logs, overload.service(
