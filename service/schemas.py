@@ -18,7 +18,7 @@ StatisticsRan = Literal["batch", "blend", "frozen", "stream"]
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable: bad_image, unauthorized, forbidden, not_found, body_timeout, "
                                   "too_large, too_many_images, unsupported_type, invalid, queue_full, tenant_share, "
-                                  "overloaded, uploads_full, not_ready, draining, unavailable, deadline, "
+                                  "tenant_rate, overloaded, uploads_full, not_ready, draining, unavailable, deadline, "
                                   "inference_failed, internal; header_timeout and headers_too_large come from the "
                                   "HTTP layer")
     message: str = Field(description="what went wrong and what to do about it")
