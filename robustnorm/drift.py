@@ -110,6 +110,17 @@ class DriftCalibration:
     def from_dict(cls, data: dict) -> DriftCalibration:
         return cls(**data)
 
+    def image_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``image_feature_mean`` and ``image_feature_std`` as tensors, made once per dtype and device (every
+        batch's image scores need them)."""
+        cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = self.__dict__.setdefault(
+            "_image_tensors", {})
+        key = (dtype, device)
+        if key not in cache:
+            cache[key] = (torch.tensor(self.image_feature_mean, dtype=dtype, device=device),
+                          torch.tensor(self.image_feature_std, dtype=dtype, device=device))
+        return cache[key]
+
     def batch_center(self, n: int) -> tuple[float, float]:
         """``(mu_n, sigma_n)`` of clean ``log(raw)``, interpolated linearly in ``log2 n``."""
         sizes = [math.log2(size) for size in self.batch_sizes]
@@ -195,8 +206,7 @@ def image_features(run: GroupRun, layers: Iterable[str], kind: str = IMAGE_FEATU
 
 def _image_raw(run: GroupRun, calibration: DriftCalibration) -> Tensor:
     features = image_features(run, calibration.image_layers, calibration.image_features)
-    mean = features.new_tensor(calibration.image_feature_mean)
-    std = features.new_tensor(calibration.image_feature_std)
+    mean, std = calibration.image_tensors(features.dtype, features.device)
     return ((features - mean) / std).square().mean(dim=1)
 
 
