@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .gate import cached_tensors
 from .grouping import GroupRun, batch_groups
 from .layers import policy_layers
 from .policy import Policy, parse_policy
@@ -113,13 +114,9 @@ class DriftCalibration:
     def image_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``image_feature_mean`` and ``image_feature_std`` as tensors, made once per dtype and device (every
         batch's image scores need them)."""
-        cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = self.__dict__.setdefault(
-            "_image_tensors", {})
-        key = (dtype, device)
-        if key not in cache:
-            cache[key] = (torch.tensor(self.image_feature_mean, dtype=dtype, device=device),
-                          torch.tensor(self.image_feature_std, dtype=dtype, device=device))
-        return cache[key]
+        mean, std = cached_tensors(self, "_image_tensors", dtype, device, self.image_feature_mean,
+                                   self.image_feature_std)
+        return mean, std
 
     def batch_center(self, n: int) -> tuple[float, float]:
         """``(mu_n, sigma_n)`` of clean ``log(raw)``, interpolated linearly in ``log2 n``."""

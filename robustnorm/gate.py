@@ -90,13 +90,18 @@ class GateCalibration:
 
     def _class_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``class_mean`` and ``class_std`` as tensors, made once per dtype and device (every batch needs them)."""
-        cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = self.__dict__.setdefault(
-            "_tensors", {})
-        key = (dtype, device)
-        if key not in cache:
-            cache[key] = (torch.tensor(self.class_mean, dtype=dtype, device=device),
-                          torch.tensor(self.class_std, dtype=dtype, device=device))
-        return cache[key]
+        return cached_tensors(self, "_tensors", dtype, device, self.class_mean, self.class_std)
+
+
+def cached_tensors(owner: object, slot: str, dtype: torch.dtype, device: torch.device, *values: list
+                   ) -> tuple[Tensor, ...]:
+    """``values`` (lists of a calibration) as tensors, made once per dtype and device and kept in ``owner``'s
+    ``slot`` (outside its dataclass fields, so that ``asdict`` and equality ignore them)."""
+    cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, ...]] = owner.__dict__.setdefault(slot, {})
+    key = (dtype, device)
+    if key not in cache:
+        cache[key] = tuple(torch.tensor(value, dtype=dtype, device=device) for value in values)
+    return cache[key]
 
 
 def class_statistics(features: Tensor, predicted: Tensor, classes: int) -> tuple[Tensor, Tensor]:
