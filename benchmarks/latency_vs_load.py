@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(overload.closed_loop(port, body, concurrency=max(args.concurrency), seconds=3.0,
                                          deadline=args.deadline))
-        capacity = max(overload.summarise(asyncio.run(overload.closed_loop(
-            port, body, concurrency=clients, seconds=10.0, deadline=args.deadline)), 10.0, args.deadline)["ok_per_s"]
-            for clients in args.concurrency)
+        capacity = max(result["ok_per_s"] for result in overload.closed_loops(
+            port, body, args.concurrency, 10.0, args.deadline).values())
         for load in args.loads:
             measured = point(port, url, body, load * capacity, args.seconds, args.deadline)
             points.append({"load": load, **measured})

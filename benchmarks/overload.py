@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +244,7 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float, failure: str
 
 
 SERVICE_CPUS: set[int] = set()  # --service-cpus: the CPUs the service runs on, the others run everything else
+SERVICE_PIDS: dict[str, int] = {}  # URL -> process id of each service started by service(), while it runs
 
 
 def add_service_cpus(parser: argparse.ArgumentParser) -> None:
@@ -278,10 +279,12 @@ def service(*options: str, log: Path) -> Iterator[str]:
         process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=environment,
                                    preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
+    SERVICE_PIDS[url] = process.pid
     try:
         wait_ready(url, process, 180, f"the service did not become ready; see {log}")
         yield url
     finally:
+        SERVICE_PIDS.pop(url, None)
         process.terminate()
         try:
             process.wait(timeout=30)
@@ -398,6 +401,18 @@ def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str
     return report
 
 
+def closed_loops(port: int, body: bytes, concurrency: Sequence[int], seconds: float, deadline: float,
+                 label: str = "service") -> dict[str, dict[str, Any]]:
+    """A closed loop of each number of ``concurrency`` clients for ``seconds``, summarised; the capacity is the
+    most 200s per second of these."""
+    closed = {}
+    for clients in concurrency:
+        closed[str(clients)] = summarise(asyncio.run(closed_loop(
+            port, body, concurrency=clients, seconds=seconds, deadline=deadline)), seconds, deadline)
+        logger.info("%s, closed loop, %d clients: %s", label, clients, closed[str(clients)])
+    return closed
+
+
 def median_run(runs: list[dict[str, Any]]) -> int:
     """Index of the run with the median goodput (as a share of its own capacity): the one the plot shows."""
     order = sorted(range(len(runs)), key=lambda i: runs[i]["overload"]["goodput_of_capacity"])
@@ -412,12 +427,7 @@ def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Pat
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
                                 deadline=plan.deadline))
-        closed = {}
-        for clients in plan.concurrency:
-            closed[str(clients)] = summarise(asyncio.run(closed_loop(
-                port, body, concurrency=clients, seconds=plan.capacity_seconds, deadline=plan.deadline)),
-                plan.capacity_seconds, plan.deadline)
-            logger.info("%s, closed loop, %d clients: %s", front, clients, closed[str(clients)])
+        closed = closed_loops(port, body, plan.concurrency, plan.capacity_seconds, plan.deadline, front)
         capacity = max(result["ok_per_s"] for result in closed.values())
         logger.info("%s: capacity %.1f answers/s", front, capacity)
         late_before = _metric_sum(url, "robustnorm_late_dropped_requests_total")

@@ -68,19 +68,6 @@ async def closed_loop(port: int, payload: bytes, clients: int, seconds: float) -
     return codes
 
 
-def service_pid(port: int) -> int:
-    """The pid of the service listening on ``port`` (started by :func:`overload.service`)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--port" in command and command[command.index(b"--port") + 1] == str(port).encode():
-                return int(entry.name)
-    raise RuntimeError(f"no service process found on port {port}")
-
-
 def phase(pid: int, port: int, payload: bytes, clients: int, seconds: float) -> dict[str, Any]:
     before, started = proc_stat(Path(f"/proc/{pid}/stat")), time.perf_counter()
     codes = asyncio.run(closed_loop(port, payload, clients, seconds))
@@ -108,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="refusal-") as logs, overload.service(
             "--request-deadline", "1", "--trust-request-start", log=Path(logs) / "service.log") as url:
         port = int(url.rsplit(":", 1)[1])
-        pid = service_pid(port)
+        pid = overload.SERVICE_PIDS[url]
         phase(pid, port, request(body, refused=False), args.answered_clients, 3.0)  # warm-up
         for _ in range(args.repeats):
             runs["refused"].append(phase(pid, port, request(body, refused=True), args.refused_clients, args.seconds))
