@@ -13,7 +13,8 @@ queues counts against the deadline as it would behind HAProxy). Then:
 3. fairness (a second server with ``--batch-key header``): light tenants alone at 10% of capacity each, then the
    same light tenants beside a heavy tenant offering its fair share of the capacity (capacity / tenants), then 10
    times that share; each tenant's answers and latency. The per-tenant quota is that fair share: the service's
-   own ``--tenant-rate`` when it is alone, ROBUSTNORM_TENANT_RATE (the proxy's) behind HAProxy.
+   own ``--tenant-rate`` when it is alone, ROBUSTNORM_TENANT_RATE (the proxy's) behind HAProxy. The heavy
+   tenant's client runs in a process of its own, so that its flood does not delay the light tenants' client.
 
 Each of these runs against the service itself and against the shipped HAProxy in front of it (``--fronts``:
 deploy/haproxy/haproxy.cfg with loopback binds, ``haproxy`` on the PATH), ``--runs`` times each (every run
@@ -36,6 +37,7 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import random
@@ -47,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +166,11 @@ async def closed_loop(port: int, body: bytes, *, concurrency: int, seconds: floa
 
 
 async def open_loop(port: int, body: bytes, rates: dict[str, float], *, seconds: float, deadline: float,
-                    seed: int = 0) -> list[Outcome]:
-    """Poisson arrivals per tenant (``rates``: tenant -> requests per second; '' sends no tenant header)."""
+                    seed: int = 0, start: float | None = None) -> list[Outcome]:
+    """Poisson arrivals per tenant (``rates``: tenant -> requests per second; '' sends no tenant header), from
+    ``start`` (a perf_counter time; default now)."""
     generator = random.Random(seed)
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     arrivals = sorted((start + at, tenant) for tenant, rate in rates.items() for at in _poisson(generator, rate,
                                                                                               seconds))
     connections, outcomes, tasks = Connections(port), [], set()
@@ -450,25 +453,59 @@ def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[
     """Light tenants alone, then beside a heavy tenant sending its share, then ``heavy_factor`` times its share
     (the per-tenant quota set to that share: the service's own when alone, the proxy's behind HAProxy). What
     the flood costs the light tenants is the third phase against the second: the same tenants admitted at the
-    same rates, the excess refused."""
+    same rates, the excess refused.
+
+    The heavy tenant's client is a process of its own (:func:`tenant_process`), as another tenant's client is
+    another machine: its flood of requests and refusals must not hold up the light tenants' event loop, whose
+    latencies are measured, though both still share the client's CPUs."""
     light = {f"light{i}": plan.light_share * capacity for i in range(plan.light_tenants)}
     share = capacity / (plan.light_tenants + 1)
     heavy = {"heavy": plan.heavy_factor * share}
     quota = share
     result: dict[str, Any] = {"light_per_s": round(plan.light_share * capacity, 1),
                               "heavy_per_s": round(heavy["heavy"], 1),
-                              "tenant_rate_quota": quota and max(1, round(quota))}
+                              "tenant_rate_quota": quota and max(1, round(quota)),
+                              "clients": "the light tenants in one process, the heavy tenant in another"}
     with entry(front, *common, "--batch-key", "header", tenant_rate=quota, workdir=workdir,
                name=f"{front}-fair") as url:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
-        for name, rates in (("light_alone", light), ("with_heavy_at_share", {**light, "heavy": share}),
-                            ("with_heavy", {**light, **heavy})):
-            outcomes = asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
-                                             seed=1))
+        for name, heavy_rates in (("light_alone", {}), ("with_heavy_at_share", {"heavy": share}),
+                                  ("with_heavy", heavy)):
+            start = time.perf_counter() + 0.5  # both clients begin together, the child started by then
+            child = tenant_process(port, body, heavy_rates, plan, start) if heavy_rates else None
+            outcomes = asyncio.run(open_loop(port, body, light, seconds=plan.fair_seconds, deadline=plan.deadline,
+                                             seed=1, start=start))
             result[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
-                                              plan.deadline) for tenant in rates}
+                                              plan.deadline) for tenant in light}
+            if child is not None:
+                result[name].update(child())
             logger.info("%s, %s: %s", front, name, json.dumps(result[name]))
+    return result
+
+
+def tenant_process(port: int, body: bytes, rates: dict[str, float], plan: Plan, start: float
+                   ) -> Callable[[], dict[str, Any]]:
+    """Start the open loop of ``rates`` in a child process from ``start`` (perf_counter, shared by a forked
+    child); the returned call waits for it and gives each tenant's summary."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child() -> None:
+        outcomes = asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
+                                         seed=2, start=start))
+        send.send({tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
+                                     plan.deadline) for tenant in rates})
+        send.close()
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    send.close()
+
+    def result() -> dict[str, Any]:
+        summaries = receive.recv()
+        process.join(timeout=30)
+        return summaries
     return result
 
 

@@ -218,7 +218,7 @@ class FoldedModel(nn.Module):
         self._run, self._recording, self._rows, self._real = run, frozenset(names), streaming, sum(checked)
         seen: dict[str, Tensor] = {}
         hook = (self.register_forward_hook(lambda _, inputs, output: seen.update(pixels=inputs[0], logits=output))
-                if streaming and parsed.kind == "auto" else None)
+                if streaming else None)
         try:
             yield run
             if streaming and run.stats:

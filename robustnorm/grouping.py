@@ -114,9 +114,10 @@ def batch_groups(model: nn.Module, sizes: Sequence[int] | None = None, *, policy
         # a plain attribute: object.__setattr__ skips nn.Module's bookkeeping, on every forward
         object.__setattr__(layer, "group_run", run)
     seen: dict[str, Tensor] = {}
-    # The auto policy's gate reads the images and the model's predictions: catch both at the model's edge.
+    # The streams read the images (each distinct image once), the auto policy's gate the model's predictions too:
+    # catch both at the model's edge.
     hook = model.register_forward_hook(lambda _, inputs, output: seen.update(pixels=inputs[0], logits=output)) \
-        if run.streaming and run.policy is not None and run.policy.kind == "auto" else None
+        if run.streaming else None
     try:
         yield run
         if run.streaming and run.stats:

@@ -16,6 +16,11 @@ With ``trim`` (a share, 0 by default) the window's statistics and its gate score
 share of the images at each end: a client whose images are a minority of a shared stream's traffic then cannot
 drag the statistics everyone's images are normalised with, however extreme its images (``trimmed_mean``).
 
+A stream counts each distinct image once: an image whose pixels equal those of one already in the window
+(:func:`image_fingerprints`) adds nothing to it, to its statistics or to its gate. Clients repeat images (retries,
+probes, load tests, one popular picture); a window of copies of one image is not a distribution, and its
+statistics and gate score are that one image's, which the gate would take for shifted traffic.
+
 The store bounds its state: at most ``max_streams`` streams (the least recently used one is dropped), idle
 streams expire after ``idle_seconds``, and one micro-batch contributes at most ``max_batch_share`` of the
 window, so no single batch can replace a stream's estimate. Streams are updated only from the engine's
@@ -57,6 +62,19 @@ def trimmed_mean(values: Tensor, cut: int) -> Tensor:
 def trimmed_count(held: int, trim: float) -> int:
     """Images left out at each end when ``trim`` of ``held`` images are (at least one image always stays)."""
     return min(int(trim * held), (held - 1) // 2)
+
+
+# Values of an image a fingerprint reads at most (evenly spaced): all of a 32x32 RGB image, every 37th of 224x224.
+FINGERPRINT_VALUES = 4096
+
+
+def image_fingerprints(pixels: Tensor) -> list[int]:
+    """One hash per image of ``pixels`` (n, ...) of its exact values (at most ``FINGERPRINT_VALUES`` of them, evenly
+    spaced): equal images get equal fingerprints, distinct natural images practically never do."""
+    flat = pixels.detach().reshape(pixels.shape[0], -1)
+    step = max(1, -(-flat.shape[1] // FINGERPRINT_VALUES))
+    sample = np.ascontiguousarray((flat if step == 1 else flat[:, ::step]).to("cpu", torch.float32).numpy())
+    return [hash(row.tobytes()) for row in sample]
 
 
 def _rows_of(rows: Tensor, start: int, n: int) -> Tensor:
@@ -185,6 +203,7 @@ class Stream:
     gate_score: float | None = None
     switches: int = 0
     gate_ring: _Ring | None = None  # each recent image's raw gate score, (window, 1, 1)
+    recent: dict[int, None] = field(default_factory=dict, repr=False)  # fingerprints of the window, oldest first
     _statistics: dict[bool, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)  # since the last push
     _statistics_arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
 
@@ -250,6 +269,24 @@ class Stream:
         self._statistics.clear()
         self._statistics_arrays = None
         self.images += added
+
+    def new_images(self, fingerprints: Sequence[int]) -> list[int]:
+        """Indices of the images whose fingerprints neither the window nor an earlier image of the batch has."""
+        seen, fresh = self.recent, []
+        batch: set[int] = set()
+        for i, fingerprint in enumerate(fingerprints):
+            if fingerprint not in seen and fingerprint not in batch:
+                batch.add(fingerprint)
+                fresh.append(i)
+        return fresh
+
+    def remember(self, fingerprints: Iterable[int]) -> None:
+        """Note the fingerprints of images pushed, forgetting those the window no longer holds."""
+        recent = self.recent
+        for fingerprint in fingerprints:
+            recent[fingerprint] = None
+        while len(recent) > self.window:
+            del recent[next(iter(recent))]
 
     def update_gate(self, raw: Tensor, calibration: GateCalibration) -> bool | None:
         """Add the images' raw gate scores (n,), re-score the window and switch with hysteresis. Returns the new
@@ -360,23 +397,39 @@ class StreamSelection:
     switched: list[tuple[str, bool]] = field(default_factory=list)  # (stream key, shifted) gate switches
 
     def update(self, run: GroupRun, pixels: Tensor | None = None, predicted: Tensor | None = None) -> None:
-        """Add each group's images to its stream (bounded per batch) and, for ``auto`` with a calibrated gate,
-        score the images (``pixels`` and the model's ``predicted`` classes, real images only) into its gate."""
+        """Add each group's images to its stream (bounded per batch; with ``pixels``, each distinct image once) and,
+        for ``auto`` with a calibrated gate, score the images (``pixels`` and the model's ``predicted`` classes, real
+        images only) into its gate."""
         sizes = run.sizes if run.sizes is not None else (next(iter(run.stats.values())).image_mean.shape[0],)
         gate = self.store.gate if self.store is not None else None
         gating = gate is not None and run.policy is not None and run.policy.kind == "auto" and pixels is not None
         raw = gate.image_raw(pixels, predicted) if gating and gate is not None and predicted is not None else None
+        prints = image_fingerprints(pixels) if pixels is not None else None
         start = 0
         for stream, n in zip(self.streams, sizes):
             if stream is not None:
-                rows = {name: _rows_of(stats.image_rows, start, n) for name, stats in run.stats.items()
-                        if stats.image_rows is not None}
-                admitted = self.store.admitted(n) if self.store is not None else slice(None)
-                if not isinstance(admitted, slice):
-                    rows = {name: value[admitted] for name, value in rows.items()}
-                stream.push(rows, run.robust_layers)
-                if raw is not None and gate is not None:
-                    changed = stream.update_gate(raw[start:start + n][admitted], gate)
-                    if changed is not None:
-                        self.switched.append((stream.key, changed))
+                admitted, added = self._admitted(stream, n, prints[start:start + n] if prints is not None else None)
+                if added:
+                    rows = {name: _rows_of(stats.image_rows, start, n) for name, stats in run.stats.items()
+                            if stats.image_rows is not None}
+                    if not isinstance(admitted, slice):
+                        rows = {name: value[admitted] for name, value in rows.items()}
+                    stream.push(rows, run.robust_layers)
+                    if raw is not None and gate is not None:
+                        changed = stream.update_gate(raw[start:start + n][admitted], gate)
+                        if changed is not None:
+                            self.switched.append((stream.key, changed))
             start += n
+
+    def _admitted(self, stream: Stream, n: int, prints: list[int] | None) -> tuple[slice | Tensor, int]:
+        """Which of a group's ``n`` images enter ``stream``, and how many: those it does not hold yet (all without
+        fingerprints), at most the store's share of the window of them, evenly spaced."""
+        fresh = stream.new_images(prints) if prints is not None else list(range(n))
+        chosen = self.store.admitted(len(fresh)) if self.store is not None else slice(None)
+        if not isinstance(chosen, slice):
+            fresh = [fresh[i] for i in chosen.tolist()]
+        if prints is not None:
+            stream.remember(prints[i] for i in fresh)
+        if len(fresh) == n:
+            return slice(None), n
+        return torch.tensor(fresh, dtype=torch.long), len(fresh)

@@ -11,7 +11,7 @@ import torch
 import robustnorm
 from robustnorm.gate import FEATURE_SETS, GATE_FEATURES, GateCalibration, calibrate_gate, image_features
 from robustnorm.policy import GroupPlan, parse_policy
-from robustnorm.stream import StreamStore
+from robustnorm.stream import StreamStore, image_fingerprints
 
 
 class Clock:
@@ -104,6 +104,57 @@ def test_tenants_streams_are_apart_and_one_batch_fills_at_most_its_share() -> No
     assert store.get(None).count == 0, "the global stream is a stream of its own"
     name = robustnorm.policy_layers(model)[0][0]
     assert not torch.equal(store.get("a").statistics(name)[0], store.get("b").statistics(name)[0])
+
+
+def test_a_stream_counts_each_distinct_image_once() -> None:
+    torch.manual_seed(2)
+    model = robustnorm.create_model("resnet20", norm="robustnorm", p=0.2).eval()
+    store = StreamStore(8, max_batch_share=1.0)
+    images = torch.randn(6, 3, 32, 32)
+    first_name = robustnorm.policy_layers(model)[0][0]
+
+    def run(batch: torch.Tensor, policy: str = "stream:8") -> None:
+        with torch.no_grad(), robustnorm.batch_groups(model, [batch.shape[0]], policy=policy,
+                                                      streams=store.select(["s"])):
+            model(batch)
+
+    for _ in range(5):  # one image, again and again: one image held
+        run(images[:1])
+    stream = store.get("s")
+    assert stream.images == 1
+    held = stream.statistics(first_name)
+    run(images[[0, 1, 1, 2, 0]])  # copies within a batch and of the window count once
+    assert stream.images == 3
+    assert not torch.equal(stream.statistics(first_name)[0], held[0]), "new images move the statistics"
+    run(images[[1, 2]])
+    assert stream.images == 3, "a batch of copies only adds nothing"
+    run(images[1:2] + 1e-3)
+    assert stream.images == 4, "an image that differs is a new image"
+    for _ in range(4):  # the window (8) forgets what it no longer holds: then a copy is new again
+        run(torch.randn(2, 3, 32, 32))
+    run(images[:1])
+    assert stream.images == 13
+    prints = image_fingerprints(torch.cat([images, images[:2]]))
+    assert len(set(prints[:6])) == 6 and prints[6:8] == prints[:2], "equal images, equal fingerprints"
+    large = image_fingerprints(torch.randn(2, 3, 224, 224).repeat(2, 1, 1, 1))  # only some of its values read
+    assert large[:2] == large[2:] and large[0] != large[1]
+
+
+def test_repeating_one_image_does_not_move_the_gate() -> None:
+    features = image_features(torch.zeros(1, 3, 8, 8)).shape[1]
+    gate = GateCalibration(class_mean=[[0.0] * features] * 10, class_std=[[1.0] * features] * 10, on=2.0, off=1.5,
+                           min_images=4, features=GATE_FEATURES)
+    model = robustnorm.create_model("resnet20", norm="bn").eval()
+    torch.manual_seed(3)
+    images = torch.randn(20, 3, 32, 32) * 3  # far from the calibration: high gate scores
+    for copies, shifted in ((True, False), (False, True)):
+        store = StreamStore(8, max_batch_share=1.0, gate=gate)
+        for i in range(20):
+            with torch.no_grad(), robustnorm.batch_groups(model, [1], policy="auto:8", streams=store.select(["s"])):
+                model(images[:1] if copies else images[i:i + 1])
+        stream = store.get("s")
+        assert stream.shifted is shifted and stream.images == (1 if copies else 20)
+        assert stream.gate_ring is not None and stream.gate_ring.count == (1 if copies else 8)
 
 
 def _synthetic_gate() -> GateCalibration:

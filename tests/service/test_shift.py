@@ -119,19 +119,36 @@ def held_after(url: str, image: torch.Tensor, *, source: str = "127.0.0.1", forw
 
 
 def test_each_client_has_a_stream_of_its_own_by_default() -> None:
-    image = torch.full((3, 32, 32), 90, dtype=torch.uint8)
-    for live in serve(create_app(Settings(device="cpu", model=MODEL, policy="stream:64"),
+    images = (torch.full((3, 32, 32), value, dtype=torch.uint8) for value in range(60, 200))  # a stream counts
+    for live in serve(create_app(Settings(device="cpu", model=MODEL, policy="stream:64"),  # distinct images
                                  registry=CollectorRegistry())):
-        assert [held_after(live.url, image) for _ in range(3)] == [0, 1, 2]
-        assert held_after(live.url, image, source="127.0.0.2") == 0, "another address, another stream"
-        assert held_after(live.url, image, forwarded="10.0.0.9") == 3, "X-Forwarded-For is not trusted by default"
+        assert [held_after(live.url, next(images)) for _ in range(3)] == [0, 1, 2]
+        assert held_after(live.url, next(images), source="127.0.0.2") == 0, "another address, another stream"
+        assert held_after(live.url, next(images), forwarded="10.0.0.9") == 3, \
+            "X-Forwarded-For is not trusted by default"
         assert httpx.get(f"{live.url}/v1/stats").json()["streams"] == 2
     shared = Settings(device="cpu", model=MODEL, policy="stream:64", stream_key="shared")
     for live in serve(create_app(shared, registry=CollectorRegistry())):
-        assert [held_after(live.url, image, source=source) for source in ("127.0.0.1", "127.0.0.2")] == [0, 1]
+        assert [held_after(live.url, next(images), source=source) for source in ("127.0.0.1", "127.0.0.2")] == [0, 1]
     proxied = Settings(device="cpu", model=MODEL, policy="stream:64", trust_forwarded_for=True)
     for live in serve(create_app(proxied, registry=CollectorRegistry())):
-        assert held_after(live.url, image, forwarded="10.0.0.9") == 0
-        assert held_after(live.url, image, forwarded="spoofed, 10.0.0.9") == 1, "the proxy's entry is the last"
-        assert held_after(live.url, image, forwarded="10.0.0.10") == 0
-        assert held_after(live.url, image) == 0, "no header: the peer's address"
+        assert held_after(live.url, next(images), forwarded="10.0.0.9") == 0
+        assert held_after(live.url, next(images), forwarded="spoofed, 10.0.0.9") == 1, "the proxy's entry is the last"
+        assert held_after(live.url, next(images), forwarded="10.0.0.10") == 0
+        assert held_after(live.url, next(images)) == 0, "no header: the peer's address"
+
+
+def test_one_image_sent_again_and_again_is_not_taken_for_shifted_traffic() -> None:
+    """A client repeating one picture (a probe, a load test, retries) gives its stream one image, not a window of
+    copies whose statistics the gate would read as shift: the answers stay those of the population statistics."""
+    body = (Path(__file__).resolve().parents[2] / "examples" / "cat.jpg").read_bytes()
+    for live in serve(create_app(Settings(device="cpu"), registry=CollectorRegistry())):  # the default model
+        with httpx.Client(timeout=30) as client:
+            answers = [client.post(f"{live.url}/predict", content=body, headers={"Content-Type": "image/jpeg"})
+                       for _ in range(100)]  # beyond the gate's 64 images
+            metrics = client.get(f"{live.url}/metrics").text
+        predictions = [answer.json()["predictions"][0] for answer in answers]
+        assert {(p["label"], p["batch"]["statistics"], p["batch"]["stream_images"]) for p in predictions[1:]} == {
+            ("cat", "frozen", 1)}
+        assert 'robustnorm_gate_switches_total{to="stream"}' not in metrics or \
+            'robustnorm_gate_switches_total{to="stream"} 0.0' in metrics
