@@ -17,15 +17,15 @@ Per-policy mode (``--policies``): the PyTorch engine's ``run`` under each statis
 blend:16, adaptive:16, stream:256:256, auto:256:256; stream policies feed the global stream), once with the
 per-layer drift scored in the run (``engine P``: every batch with ``drift_max_rate=0``) and once without it
 (``engine P unscored``, ``drift="none"``: a batch beyond ``drift_max_rate``, where ``frozen``, and ``auto`` while
-its gate holds the population, run the folded model of ``robustnorm.fold``; the random images here move the gate,
-so ``auto`` runs its stream statistics), and the grouped forward alone (``batch_groups`` under the policy, no
-recording, drift report or answers), against two references on the same threads, both plain forwards: the model
-with its frozen statistics folded into the convolutions, and a copy with PyTorch's own ``nn.BatchNorm2d`` in train
-mode under ``torch.no_grad`` (``benchmarks/norm_references.py``). Every row's ``ratio_to_folded`` and
-``ratio_to_bn_train`` are its throughput over the reference's (1.0: as fast; 0.5: half the images per second). The
-candidates alternate in ``--rounds`` rounds per batch size and each row pools its rounds. ``--compile-sizes`` adds
-``torch.compile``d folded-frozen and ``batch`` forwards at those sizes. On CUDA every forward runs as the engine
-does: bf16 autocast and channels_last.
+its gate holds the population, run the folded model of ``robustnorm.fold``; the random images here, distinct batches
+in turn, move the gate, so ``auto`` runs its stream statistics), and the grouped forward alone (``batch_groups``
+under the policy, no recording, drift report or answers), against two references on the same threads, both plain
+forwards: the model with its frozen statistics folded into the convolutions, and a copy with PyTorch's own
+``nn.BatchNorm2d`` in train mode under ``torch.no_grad`` (``benchmarks/norm_references.py``). Every row's
+``ratio_to_folded`` and ``ratio_to_bn_train`` are its throughput over the reference's (1.0: as fast; 0.5: half the
+images per second). The candidates alternate in ``--rounds`` rounds per batch size and each row pools its rounds.
+``--compile-sizes`` adds ``torch.compile``d folded-frozen and ``batch`` forwards at those sizes. On CUDA every
+forward runs as the engine does: bf16 autocast and channels_last.
 
     python benchmarks/bench_engines.py --policies --threads 1                   # -> engines_policies_cpu_1thread.json
     python benchmarks/bench_engines.py --policies --architecture resnet50 --device cuda --compile-sizes 128
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from plotting import pyplot
 import robustnorm
 from robustnorm.policy import Policy
 from service.engines import Engine, GroupSpec, default_model, load_engine
+from service.engines.base import DriftWhen
 from service.settings import Settings
 
 logger = logging.getLogger("bench_engines")
@@ -188,10 +190,17 @@ def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> 
     and (``compiled``) torch.compile'd folded-frozen and ``batch`` forwards."""
     device, model = engine.device, engine.model
     cuda = device.type == "cuda"
-    images = torch.randn(n, *engine.card.input_size, generator=torch.Generator().manual_seed(n))
-    pixels = images.to(device)
-    if cuda:  # as the engine runs: channels_last tensors under bf16 autocast
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    # Distinct batches in turn, so many that a batch comes back only after a stream's window (256 images, a batch
+    # adding at most 64) has let its images go: a stream counts each distinct image once, and the same batch again
+    # and again would leave the streams (and the auto gate) with one batch's images.
+    generator = torch.Generator().manual_seed(n)
+    batches = [torch.randn(n, *engine.card.input_size, generator=generator) for _ in range(256 // min(n, 64) + 2)]
+    # on the device as the engine runs them: channels_last tensors under bf16 autocast on CUDA
+    on_device = [b.to(device).contiguous(memory_format=torch.channels_last) if cuda else b for b in batches]
+
+    def turns(items: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        cycle = itertools.cycle(items)
+        return lambda: next(cycle)
 
     def autocast() -> contextlib.AbstractContextManager:
         return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and torch.cuda.is_bf16_supported()
@@ -200,28 +209,32 @@ def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> 
     def plain(net: torch.nn.Module, grad: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
               ) -> Callable[[], object]:
         net = net.to(device, memory_format=torch.channels_last) if cuda else net
+        pixels = turns(on_device)
 
         def forward() -> object:
             with grad(), autocast():
-                return net(pixels)
+                return net(pixels())
         return forward
 
     def grouped(policy: Policy) -> Callable[[], object]:
-        groups = [GroupSpec(n)]
+        groups, pixels = [GroupSpec(n)], turns(on_device)
 
         def forward() -> object:
             with torch.inference_mode(), robustnorm.batch_groups(
                     model, [n], policy=policy, streams=engine.streams_for(policy, groups)), autocast():
-                return model(pixels)
+                return model(pixels())
         return forward
+
+    def run(policy: Policy, drift: DriftWhen) -> Callable[[], object]:
+        groups, images = [GroupSpec(n)], turns(batches)
+        return lambda: engine.run(images(), groups, policy, drift=drift)
 
     folded = fold_norms(model)
     calls: dict[str, Callable[[], object]] = {
         "folded": plain(folded), "bn_train": plain(train_mode_batchnorm(model), grad=torch.no_grad)}
     for policy in policies:
-        calls[f"engine {policy}"] = lambda policy=policy: engine.run(images, [GroupSpec(n)], policy)
-        calls[f"engine {policy} unscored"] = lambda policy=policy: engine.run(images, [GroupSpec(n)], policy,
-                                                                              drift="none")
+        calls[f"engine {policy}"] = run(policy, "now")
+        calls[f"engine {policy} unscored"] = run(policy, "none")
         calls[f"forward {policy}"] = grouped(policy)
     if compiled:
         batch_model = robustnorm.set_policy(copy.deepcopy(model), "batch")  # the layers' own policy: no context

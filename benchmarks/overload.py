@@ -360,6 +360,7 @@ class Plan:
     light_share: float = 0.1  # of capacity, per light tenant
     heavy_factor: float = 10.0  # times the heavy tenant's fair share of the capacity
     runs: int = 1  # the whole measurement (capacity, overload, fairness) this many times per front
+    isolation: str | None = None  # the fairness server's --isolation (None: the service's default)
 
 
 FRONTS = ("service", "haproxy")  # the load generator talks to the service itself, or to HAProxy in front of it
@@ -466,7 +467,8 @@ def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[
                               "heavy_per_s": round(heavy["heavy"], 1),
                               "tenant_rate_quota": quota and max(1, round(quota)),
                               "clients": "the light tenants in one process, the heavy tenant in another"}
-    with entry(front, *common, "--batch-key", "header", tenant_rate=quota, workdir=workdir,
+    isolation = ("--isolation", plan.isolation) if plan.isolation else ()
+    with entry(front, *common, "--batch-key", "header", *isolation, tenant_rate=quota, workdir=workdir,
                name=f"{front}-fair") as url:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
@@ -554,15 +556,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3,
                         help="repeat the whole measurement per front (runs vary on a shared machine; the JSON keeps "
                              "every run and marks the median's)")
+    parser.add_argument("--isolation", choices=("separate", "grouped"),
+                        help="the fairness server's tenant isolation (default: the service's own default)")
     add_service_cpus(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     pin_service(parser, args.service_cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, runs=args.runs)
+    plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, runs=args.runs,
+                isolation=args.isolation)
     if args.smoke:
         plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, warmup=1.0,
-                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0, runs=1)
+                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0, runs=1, isolation=args.isolation)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
     with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the logs, kept only while running

@@ -44,8 +44,9 @@ class BatchInfo(BaseModel):
     statistics: StatisticsRan = Field(description="the statistics that actually ran")
     fallback: bool = Field(description="true when an adaptive policy fell back (n below its MIN_BATCH) or an auto "
                                        "policy's drift gate held the population statistics")
-    stream_images: int = Field(description="images the stream's running statistics held when the batch ran (0 "
-                                           "unless the policy is 'stream' or 'auto')")
+    stream_images: int = Field(description="distinct images the stream's running statistics held when the batch "
+                                           "ran (0 unless the policy is 'stream' or 'auto'; a copy of an image the "
+                                           "stream holds is not added again)")
     drift_score: float | None = Field(description="calibrated batch drift score; null when uncalibrated, and unless "
                                                   "drift_metrics is 'inline' (batch drift is scored after the "
                                                   "answers leave; /v1/stats and the metrics show it)")
