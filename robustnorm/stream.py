@@ -395,6 +395,7 @@ class StreamSelection:
     store: StreamStore | None
     streams: list[Stream | None]
     switched: list[tuple[str, bool]] = field(default_factory=list)  # (stream key, shifted) gate switches
+    repeated: int = 0  # images left out of their stream because it held a copy of them (or the batch did)
 
     def update(self, run: GroupRun, pixels: Tensor | None = None, predicted: Tensor | None = None) -> None:
         """Add each group's images to its stream (bounded per batch; with ``pixels``, each distinct image once) and,
@@ -425,6 +426,7 @@ class StreamSelection:
         """Which of a group's ``n`` images enter ``stream``, and how many: those it does not hold yet (all without
         fingerprints), at most the store's share of the window of them, evenly spaced."""
         fresh = stream.new_images(prints) if prints is not None else list(range(n))
+        self.repeated += n - len(fresh)
         chosen = self.store.admitted(len(fresh)) if self.store is not None else slice(None)
         if not isinstance(chosen, slice):
             fresh = [fresh[i] for i in chosen.tolist()]

@@ -100,6 +100,9 @@ class Metrics:
                                      "while their images waited or ran.", ["stage"], registry=registry)
         self.streams = Gauge("robustnorm_streams", "Streams whose running statistics the service holds.",
                              registry=registry)
+        self.repeated_images = Counter("robustnorm_stream_repeated_images_total",
+                                       "Images that did not join their stream because it held a copy of them "
+                                       "already (clients sending one image again and again).", registry=registry)
         self.model_info = Gauge("robustnorm_model_info", "The model being served (always 1).",
                                 ["model", "version", "norm", "policy"], registry=registry)
         for statistics in STATISTICS:  # so that rate() sees every series from the start
@@ -143,6 +146,8 @@ class Metrics:
                 self.image_drift_score.observe(score)
         for _, shifted in report.switches:
             self.gate_switches.labels("stream" if shifted else "population").inc()
+        if report.repeated_images:
+            self.repeated_images.inc(report.repeated_images)
 
     def observe_drift(self, report: BatchReport) -> None:
         """A forward pass's drift once scored: each group's batch score and the per-layer drift."""

@@ -86,6 +86,7 @@ class BatchReport:
     seconds: float
     padded_to: int
     switches: list[tuple[str, bool]] = field(default_factory=list)  # gate switches: (stream key, shifted)
+    repeated_images: int = 0  # images that did not join their stream: it held a copy of them already
     pending: PendingDrift | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -206,5 +207,5 @@ class EngineBase:
         pending = PendingDrift(run, calibration, scored) if drift != "none" else None
         report = BatchReport(groups=outcomes, layers={}, image_scores=image_scores, seconds=seconds,
                              padded_to=padded_to, switches=list(selection.switched) if selection is not None else [],
-                             pending=pending)
+                             repeated_images=selection.repeated if selection is not None else 0, pending=pending)
         return report.with_drift(pending.compute()) if pending is not None and drift == "now" else report

@@ -47,6 +47,7 @@ METRIC_NAMES = {
     "robustnorm_batches_total", "robustnorm_layer_drift", "robustnorm_batch_drift_score",
     "robustnorm_image_drift_score", "robustnorm_rejected_total", "robustnorm_model_info",
     "robustnorm_gate_switches_total", "robustnorm_gate_score", "robustnorm_streams",
+    "robustnorm_stream_repeated_images_total",
 }
 
 

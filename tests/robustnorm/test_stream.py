@@ -123,8 +123,10 @@ def test_a_stream_counts_each_distinct_image_once() -> None:
     stream = store.get("s")
     assert stream.images == 1
     held = stream.statistics(first_name)
-    run(images[[0, 1, 1, 2, 0]])  # copies within a batch and of the window count once
-    assert stream.images == 3
+    selection = store.select(["s"])
+    with torch.no_grad(), robustnorm.batch_groups(model, [5], policy="stream:8", streams=selection):
+        model(images[[0, 1, 1, 2, 0]])  # copies within a batch and of the window count once
+    assert stream.images == 3 and selection.repeated == 3
     assert not torch.equal(stream.statistics(first_name)[0], held[0]), "new images move the statistics"
     run(images[[1, 2]])
     assert stream.images == 3, "a batch of copies only adds nothing"
