@@ -12,7 +12,9 @@ intra-op thread) on 127.0.0.1, then closed loops of single-JPEG requests on kept
 
 The service's CPU seconds (user + system, all its threads, from ``/proc/PID/stat``) over the requests of each
 phase give the CPU per request; the last line says what share of a core refusing ``--factor - 1`` times the
-measured capacity would take. Linux only.
+measured capacity would take. Then the floor beneath the refusal: the same client against uvicorn alone (uvloop,
+httptools, on the same CPUs) serving ``benchmarks/refusal_floor_app.py``, an ASGI app that reads the body and
+answers 429 (``floor``): what uvicorn itself spends per request, whatever the app does. Linux only.
 
     python benchmarks/refusal_cost.py                    # -> benchmarks/results/overload/refusal_cost-<date>.json
     python benchmarks/refusal_cost.py --service-cpus 1   # the service on CPU 1, the client on the others
@@ -79,6 +81,32 @@ def phase(pid: int, port: int, payload: bytes, clients: int, seconds: float) -> 
             "service_cores": round((after[1] - before[1]) / wall, 3)}
 
 
+def floor(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The refused phases against uvicorn alone serving ``refusal_floor_app.py``, as the service is started."""
+    port = overload.free_port()
+    command = [sys.executable, "-m", "uvicorn", "refusal_floor_app:app", "--host", "127.0.0.1", "--port", str(port),
+               "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    pin = (lambda: os.sched_setaffinity(0, overload.SERVICE_CPUS)) if overload.SERVICE_CPUS else None
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, preexec_fn=pin)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                asyncio.run(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1))
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("uvicorn with refusal_floor_app did not start") from None
+                time.sleep(0.2)
+        body = (overload.REPO / "examples" / "cat.jpg").read_bytes()
+        payload = request(body, refused=True)
+        phase(process.pid, port, payload, args.refused_clients, 2.0)  # warm-up
+        return [phase(process.pid, port, payload, args.refused_clients, args.seconds) for _ in range(args.repeats)]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
@@ -101,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             runs["refused"].append(phase(pid, port, request(body, refused=True), args.refused_clients, args.seconds))
             runs["answered"].append(phase(pid, port, request(body, refused=False), args.answered_clients,
                                           args.seconds))
+    runs["floor"] = floor(args)
     medians = {kind: {key: statistics.median(run[key] for run in measured)
                       for key in ("per_s", "service_cpu_ms_per_request")} for kind, measured in runs.items()}
     refusal, answer = (medians[kind]["service_cpu_ms_per_request"] / 1e3 for kind in ("refused", "answered"))
@@ -124,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     left = report["at_factor"]["answers_per_s_left_if_cpu_bound"]
     print(f"refused: {1e3 * refusal:.3f} ms of service CPU each ({medians['refused']['per_s']:.0f}/s); answered: "
           f"{1e3 * answer:.3f} ms each ({capacity:.0f}/s). At {args.factor:g}x that capacity, refusing takes "
-          f"{100 * refusing_share:.0f}% of a core, leaving about {left:.0f} answers/s if the service is CPU-bound; "
-          f"wrote {path}")
+          f"{100 * refusing_share:.0f}% of a core, leaving about {left:.0f} answers/s if the service is CPU-bound. "
+          f"uvicorn alone refusing: {medians['floor']['service_cpu_ms_per_request']:.3f} ms each; wrote {path}")
     return 0
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +36,6 @@ from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
 from .metrics import CLIENT_GONE, Metrics
 from .predictor import EngineFactory, Predictor
 from .routes import router, serve_predict
-from .schemas import ErrorDetail, ErrorResponse
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def default_registry() -> CollectorRegistry:
 
 def _error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None
                     ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+    # ErrorResponse's shape (schemas.ErrorResponse, which the OpenAPI schema documents), built without pydantic:
+    # under overload most answers are errors, and validating two models took a tenth of a refusal's cost
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 
 
 # How much of a refused request's unread body is still read (see RequestGuardMiddleware): while it pauses no
@@ -255,6 +257,13 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         app.add_exception_handler(kind, handler)
 
 
+# FastAPI's own OpenTelemetry hooks (FastAPI 0.165 and later) asked, on every request, whether a provider had been
+# configured since; the service exports its metrics to Prometheus itself, so they are off where FastAPI has them.
+NO_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None,
                engine_factory: EngineFactory | None = None) -> FastAPI:
     """The service as an ASGI app. The model is loaded when the app starts (its lifespan), not here."""
@@ -277,7 +286,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     # /docs and /redoc load their scripts and styles from the package (under /static-offline-docs), not a CDN,
     # so the API docs work where the service has no internet access.
     app = FastAPIOffline(title="robustnorm", version=robustnorm.__version__, description=DESCRIPTION,
-                         lifespan=lifespan)
+                         lifespan=lifespan, **NO_TELEMETRY)
     app.state.settings = settings
     app.state.metrics = metrics
 

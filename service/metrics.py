@@ -7,7 +7,7 @@ from bounded sets: route templates, status codes, layer names, policies, rejecti
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -71,6 +71,8 @@ class Metrics:
                                "Statistics groups run, by the statistics that ran and whether adaptive fell back.",
                                ["statistics", "fallback"], registry=registry)
         self._layer_gauges: dict[tuple[str, str], Gauge] = {}  # children of layer_drift by label values
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}  # requests, request_duration
+        self._rejected_children: dict[str, Any] = {}
         self.layer_drift = Gauge("robustnorm_layer_drift", "Drift of the latest batch per norm layer and measure.",
                                  ["layer", "measure"], registry=registry)
         self.batch_drift_score = Histogram("robustnorm_batch_drift_score", "Calibrated drift score per batch.",
@@ -123,11 +125,19 @@ class Metrics:
         self.model_info.labels(model, version, norm, policy).set(1)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.requests.labels(route, str(code)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        # labels() costs a lookup under a lock: the children of each route and code are kept once made
+        children = self._request_children.get((route, code))
+        if children is None:
+            children = self._request_children[route, code] = (self.requests.labels(route, str(code)),
+                                                               self.request_duration.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def reject(self, reason: str) -> None:
-        self.rejected.labels(reason).inc()
+        child = self._rejected_children.get(reason)
+        if child is None:
+            child = self._rejected_children[reason] = self.rejected.labels(reason)
+        child.inc()
 
     def drop_late(self, stage: str, images: int, requests: int = 1) -> None:
         self.late_images.labels(stage).inc(images)

@@ -7,6 +7,7 @@ client can ask for is a 504 for ``POST /predict?timeout=`` shorter than the work
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,8 @@ from schemathesis.checks import (
 )
 from service_support import LiveServer, serve
 
-from service.app import create_app
+from service.app import _error_response, create_app
+from service.schemas import ErrorResponse
 from service.settings import Settings
 
 MODEL = "cifar10-resnet20-robustnorm"
@@ -61,3 +63,13 @@ def api_server() -> Iterator[LiveServer]:
 def test_every_operation_answers_as_documented_and_never_5xx(case: schemathesis.Case, api_server: LiveServer
                                                              ) -> None:
     case.call_and_validate(base_url=api_server.url, checks=CHECKS)
+
+
+def test_error_answers_have_the_documented_shape() -> None:
+    """Error bodies are built without pydantic (they are most answers under overload): the documented model still
+    reads them back unchanged, with nothing more."""
+    answer = _error_response(429, "overloaded", "retry later", {"Retry-After": "1"})
+    parsed = ErrorResponse.model_validate_json(answer.body)
+    assert parsed.model_dump() == {"error": {"code": "overloaded", "message": "retry later"}}
+    assert json.loads(answer.body) == parsed.model_dump(), "no field beyond the model's"
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
