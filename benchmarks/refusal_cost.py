@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def floor(args: argparse.Namespace) -> list[dict[str, Any]]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                asyncio.run(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1))
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:

@@ -403,8 +403,9 @@ class StreamSelection:
         images only) into its gate."""
         sizes = run.sizes if run.sizes is not None else (next(iter(run.stats.values())).image_mean.shape[0],)
         gate = self.store.gate if self.store is not None else None
-        gating = gate is not None and run.policy is not None and run.policy.kind == "auto" and pixels is not None
-        raw = gate.image_raw(pixels, predicted) if gating and gate is not None and predicted is not None else None
+        if run.policy is None or run.policy.kind != "auto" or pixels is None or predicted is None:
+            gate = None  # only auto's gate scores images, and it needs both
+        raw: Tensor | None = None  # the images' raw gate scores, computed once a group adds images
         prints = image_fingerprints(pixels) if pixels is not None else None
         start = 0
         for stream, n in zip(self.streams, sizes):
@@ -416,7 +417,8 @@ class StreamSelection:
                     if not isinstance(admitted, slice):
                         rows = {name: value[admitted] for name, value in rows.items()}
                     stream.push(rows, run.robust_layers)
-                    if raw is not None and gate is not None:
+                    if gate is not None:
+                        raw = gate.image_raw(pixels, predicted) if raw is None else raw
                         changed = stream.update_gate(raw[start:start + n][admitted], gate)
                         if changed is not None:
                             self.switched.append((stream.key, changed))

@@ -70,9 +70,7 @@ class Metrics:
         self.batches = Counter("robustnorm_batches_total",
                                "Statistics groups run, by the statistics that ran and whether adaptive fell back.",
                                ["statistics", "fallback"], registry=registry)
-        self._layer_gauges: dict[tuple[str, str], Gauge] = {}  # children of layer_drift by label values
-        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}  # requests, request_duration
-        self._rejected_children: dict[str, Any] = {}
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # (metric, label values) -> child
         self.layer_drift = Gauge("robustnorm_layer_drift", "Drift of the latest batch per norm layer and measure.",
                                  ["layer", "measure"], registry=registry)
         self.batch_drift_score = Histogram("robustnorm_batch_drift_score", "Calibrated drift score per batch.",
@@ -124,20 +122,21 @@ class Metrics:
         self.model_info.clear()
         self.model_info.labels(model, version, norm, policy).set(1)
 
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept once made: labels() costs a lookup under a lock, on paths every request
+        or batch takes."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        # labels() costs a lookup under a lock: the children of each route and code are kept once made
-        children = self._request_children.get((route, code))
-        if children is None:
-            children = self._request_children[route, code] = (self.requests.labels(route, str(code)),
-                                                               self.request_duration.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.requests, route, str(code)).inc()
+        self._child(self.request_duration, route).observe(seconds)
 
     def reject(self, reason: str) -> None:
-        child = self._rejected_children.get(reason)
-        if child is None:
-            child = self._rejected_children[reason] = self.rejected.labels(reason)
-        child.inc()
+        self._child(self.rejected, reason).inc()
 
     def drop_late(self, stage: str, images: int, requests: int = 1) -> None:
         self.late_images.labels(stage).inc(images)
@@ -168,10 +167,7 @@ class Metrics:
         for layer, measures in report.layers.items():
             for measure, per_group in measures.items():
                 if per_group:  # the latest batch is the last group of this forward
-                    gauge = self._layer_gauges.get((layer, measure))
-                    if gauge is None:  # labels() costs a lookup under a lock: each child is kept once made
-                        gauge = self._layer_gauges[layer, measure] = self.layer_drift.labels(layer, measure)
-                    gauge.set(per_group[-1])
+                    self._child(self.layer_drift, layer, measure).set(per_group[-1])
 
     def drift_not_scored(self, outcome: str) -> None:
         self.drift_batches.labels(outcome).inc()
