@@ -160,7 +160,14 @@ class FairQueue(Generic[F]):
     def images_ahead(self, tenant: str | None) -> int:
         """Images that would run before new images of ``tenant``."""
         start = max(self._virtual, self._finish.get(tenant, 0.0))
-        return sum(item.size for item in self.items if item.order <= start)
+        items = self.items  # in order of their tags: those ahead are a prefix
+        if not items or items[-1].order <= start:
+            return self.images  # all of it (one tenant, or the one with the latest tags): asked on every
+            # admission, and under overload the queue is long
+        cut = bisect.bisect_right(items, start, key=lambda queued: queued.order)
+        if cut <= len(items) // 2:
+            return sum(item.size for item in items[:cut])
+        return self.images - sum(item.size for item in items[cut:])
 
     def admit(self, count: int, tenant: str | None, *, deadline: float, rate: Rate, running_left: float,
               arriving: bool = True) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,24 @@ def test_a_tenant_with_a_backlog_waits_behind_it_not_in_front_of_others() -> Non
     queue.started(queue.remove(queue.items[:2]))
     queue.push([Item("light2", 1, "light")])  # a newcomer starts from the virtual time of the work sent
     assert names(queue.items)[0] == "light2"
+
+
+def test_the_images_ahead_of_a_tenant_are_those_with_tags_up_to_its_start() -> None:
+    generator = random.Random(0)
+    queue: FairQueue[Item] = FairQueue(limit=10_000, clock=Clock())
+    tenants = ["a", "b", "c", None]
+    for step in range(400):
+        tenant = generator.choice(tenants)
+        queue.push([Item(f"{tenant}{step}.{chunk}", generator.randint(1, 8), tenant)
+                    for chunk in range(generator.randint(1, 3))])
+        if step % 7 == 0:
+            queue.started(queue.remove(queue.items[:generator.randint(0, 5)]))
+        if step % 11 == 0 and queue.items:
+            queue.remove([generator.choice(queue.items)])  # a client gone mid-queue
+        for asking in [*tenants, "newcomer"]:
+            start = max(queue._virtual, queue._finish.get(asking, 0.0))
+            expected = sum(item.size for item in queue.items if item.order <= start)
+            assert queue.images_ahead(asking) == expected
 
 
 def test_the_fair_state_of_idle_tenants_is_bounded() -> None:
