@@ -125,6 +125,7 @@ class FairQueue(Generic[F]):
         self.active: Counter[str | None] = Counter()  # tenant -> requests being answered
         self._clock = clock
         self.items: list[F] = []
+        self._queued: set[int] = set()  # id() of each item in items
         self.images = 0
         self._virtual = 0.0  # the start tag of the work last sent to the engine
         self._finish: dict[str | None, float] = {}  # tenant -> finish tag of its latest queued work
@@ -225,15 +226,17 @@ class FairQueue(Generic[F]):
             self._seen[tenant] = now
             # After every item of equal or smaller tag: equal tags keep their arrival order.
             bisect.insort_right(self.items, item, key=lambda queued: queued.order)
+            self._queued.add(id(item))
             self.images += item.size
 
     def remove(self, items: Iterable[F]) -> list[F]:
         """Take ``items`` out of the queue; those that were in it."""
-        leaving = {id(item) for item in items}
+        leaving = {id(item) for item in items} & self._queued
+        if not leaving:  # (every request asks once it is answered, when its items left with their batch)
+            return []
         removed = [item for item in self.items if id(item) in leaving]
-        if not removed:
-            return removed
         self.items = [item for item in self.items if id(item) not in leaving]
+        self._queued -= leaving
         for item in removed:
             tenant = item.key.tenant
             self.images -= item.size

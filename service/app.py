@@ -31,7 +31,7 @@ from robustnorm.runtime import retain_freed_memory
 
 from .cli import REQUEST_STARTED
 from .deadlines import within
-from .door import DoorMiddleware
+from .door import Door, DoorMiddleware
 from .errors import BodyTimeout, ClientGone, ServiceError, TooLarge, UploadsFull
 from .metrics import CLIENT_GONE, Metrics
 from .predictor import EngineFactory, Predictor
@@ -296,8 +296,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     # The last added runs first: the metrics see every answer the guard gives, and the door reads bodies through
     # the guard.
-    app.add_middleware(DoorMiddleware, settings=settings, metrics=metrics,
-                       predictor=lambda: getattr(app.state, "predictor", None),
+    app.state.door = door = Door(settings, metrics, lambda: getattr(app.state, "predictor", None))
+    app.add_middleware(DoorMiddleware, door=door,
                        serve=functools.partial(serve_predict, settings=settings,
                                                on_error=functools.partial(error_response, metrics=metrics)),
                        respond=lambda error: _error_response(error.status_code, error.code, error.message,

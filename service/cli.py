@@ -8,9 +8,10 @@ so that they never show in a process list. ``--help`` answers without importing 
 and the app are imported only once the settings are valid.
 
 Two pieces of uvicorn are adapted here (:func:`build_server`): its httptools protocol, so that a client has
-``header_timeout`` seconds to send a request's headers (uvicorn bounds only idle kept-alive connections) and a
-head has a size limit while it arrives, and
-its server, so that SIGTERM drains the service with the listener still open (uvicorn closes it at once).
+``header_timeout`` seconds to send a request's headers (uvicorn bounds only idle kept-alive connections), a
+head has a size limit while it arrives, and the requests the door refuses are answered before any ASGI task
+is made for them; and its server, so that SIGTERM drains the service with the listener still open (uvicorn
+closes it at once).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from .settings import ENV_PREFIX, Settings
 
@@ -50,11 +52,27 @@ REQUEST_STARTED = "robustnorm.request_started"
 EXIT_MARGIN = 1.0  # seconds of the drain timeout kept for the app's own shutdown and the process exit
 
 
-def _error_response(status: int, phrase: str, code: str, message: str) -> bytes:
-    """A complete HTTP response with the service's error body, for a connection that closes after it."""
-    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
-    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, *,
+                    close: bool = True, default_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A complete HTTP response with the service's error body (``service.schemas.ErrorResponse``), ``headers``
+    and ``default_headers`` (uvicorn's date and server); ``close``: the connection closes after it."""
+    body = b'{"error":{"code":%s,"message":%s}}' % (json.dumps(code).encode(),
+                                                     json.dumps(message, ensure_ascii=False).encode())
+    lines = [STATUS_LINE[status], *(name + b": " + value + b"\r\n" for name, value in default_headers),
+             b"content-length: %d\r\ncontent-type: application/json\r\n" % len(body),
+             *(f"{name.lower()}: {value}\r\n".encode("latin-1") for name, value in (headers or {}).items()),
+             b"connection: close\r\n" if close else b"", b"\r\n", body]
+    return b"".join(lines)
+
+
+class EarlyRefusal(typing.Protocol):
+    """What the protocol needs of an error it answers itself (``service.errors.ServiceError``)."""
+
+    status_code: int
+    code: str
+    message: str
+
+    def headers(self) -> dict[str, str]: ...
 
 
 # A connection closed while its request's body is still arriving first shuts its sending side and reads (and
@@ -112,7 +130,8 @@ class _LingeringTransport:
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on each request's head (request line and headers).
+    """uvicorn's httptools protocol with bounds on each request's head (request line and headers), and the door's
+    refusals answered without the app.
 
     A new connection, and a kept-alive one once the next request's first byte arrives, has ``header_timeout``
     seconds to complete the head; then the connection is closed (with a 408 when part of a head arrived), so
@@ -120,19 +139,33 @@ class GuardedProtocol(HttpToolsProtocol):
     ``max_header_bytes`` is answered 431 and the connection closed (a complete one is refused by the app, see
     ``service.app.RequestGuardMiddleware``). The time of each request's first byte goes into its scope
     (``REQUEST_STARTED``).
+
+    ``refuse_early`` (``service.door.Door.refuse_early``) is asked about each request whose head has just been
+    parsed on a kept-alive connection with no response in progress, no ``Expect: 100-continue`` and a head within
+    its limit. An error it returns is answered at once, the connection kept alive, and no ASGI task is made: the
+    request's body is dropped as it arrives, within ``body_timeout`` of its first byte (else the connection
+    closes).
     """
 
     def __init__(self, *args: Any, header_timeout: float, max_header_bytes: int,
-                 on_header_timeout: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+                 on_header_timeout: Callable[[], None] = lambda: None,
+                 refuse_early: Callable[[Any], EarlyRefusal | None] | None = None, body_timeout: float = 5.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes
         self.on_header_timeout = on_header_timeout
+        self.refuse_early = refuse_early
+        self.body_timeout = body_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._first_byte_at: float | None = None
         self._head_bytes = 0  # bytes received since the head began (an upper bound of the head's size)
         self._in_body = False  # a head is complete and its body is arriving: the bytes received are not a head
         self._closer: _LingeringTransport | None = None  # the transport, wrapped (connection_made)
+        self._parsing_head = False  # in on_headers_complete: a task started now is for the head just parsed
+        self._refused: RequestResponseCycle | None = None  # answered here, its body still arriving
+        self._refused_until = 0.0  # when that body must have arrived (time.monotonic())
+        self._body_timer: asyncio.TimerHandle | None = None  # bounds its arrival once it comes in pieces
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._closer = _LingeringTransport(transport, self)
@@ -141,6 +174,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         if self._closer is not None and self._closer.lingering:
             self._closer.end()
         super().connection_lost(exc)
@@ -149,24 +183,32 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._closer is not None and self._closer.lingering:
             self._closer.drop(data)
             return
+        if self._refused is not None and self._body_timer is None:  # a refused request's body comes in pieces
+            self._body_timer = self.loop.call_later(
+                max(0.0, self._refused_until - time.monotonic()), self._refused_body_timed_out)
         in_head = not self._in_body
         if in_head:  # these bytes begin or continue a request's head
             if self._first_byte_at is None:
                 self._first_byte_at = time.monotonic()
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
             self._head_bytes += len(data)
         super().data_received(data)
-        if in_head and not self._in_body and self._first_byte_at is not None \
-                and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self.transport.write(_error_response(431, "Request Header Fields Too Large", "headers_too_large",
-                                                 f"the request line and headers exceed {self.max_header_bytes} bytes"))
-            self.transport.close()
+        if in_head and not self._in_body and self._first_byte_at is not None and not self.transport.is_closing():
+            # A head is still incomplete after these bytes (most arrive whole, and need no timer).
+            if self._head_bytes > self.max_header_bytes:
+                self.transport.write(_error_response(
+                    431, "headers_too_large", f"the request line and headers exceed {self.max_header_bytes} bytes"))
+                self.transport.close()
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    max(0.0, self._first_byte_at + self.header_timeout - time.monotonic()), self._head_timed_out)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        # The request's task is created but has not started yet.
         self.scope[REQUEST_STARTED] = self._first_byte_at or time.monotonic()  # type: ignore[literal-required]
+        self._parsing_head = True
+        try:
+            super().on_headers_complete()  # the request's task is created (not started), or its answer sent
+        finally:
+            self._parsing_head = False
         self._first_byte_at = None
         self._head_bytes = 0
         self._in_body = True
@@ -175,6 +217,48 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_body = False
+        if self._refused is not None and self._refused is self.cycle:  # its body is all here and dropped
+            self._refused.more_body = False
+            self._refused = None
+            self._stop_body_timer()
+            if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if (self._parsing_head and self.refuse_early is not None and app is self.app and cycle.keep_alive
+                and not cycle.waiting_for_100_continue and self._head_bytes <= self.max_header_bytes):
+            error = self.refuse_early(cycle.scope)
+            if error is not None:
+                self._answer_at_once(cycle, error)
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def _answer_at_once(self, cycle: RequestResponseCycle, error: EarlyRefusal) -> None:
+        """Answer ``cycle``'s request with ``error`` now; its body, still to be parsed, is dropped (uvicorn drops
+        the body of a request whose response is complete)."""
+        self.transport.write(_error_response(error.status_code, error.code, error.message, error.headers(),
+                                             close=False, default_headers=self.server_state.default_headers))
+        cycle.response_started = cycle.response_complete = True
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope), cycle.scope["method"],
+                                    get_path_with_query_string(cycle.scope), cycle.scope["http_version"],
+                                    error.status_code)
+        self._refused = cycle  # until its body has arrived (most come with the head: no timer is needed)
+        started = cycle.scope.get(REQUEST_STARTED) or time.monotonic()  # type: ignore[attr-defined]
+        self._refused_until = started + self.body_timeout
+        self.on_response_complete()  # counted; the keep-alive timer runs, reading goes on
+
+    def _refused_body_timed_out(self) -> None:
+        self._body_timer = None
+        if self._refused is not None and self._refused is self.cycle and not self.transport.is_closing():
+            self._refused.more_body = False  # nothing is waited for: the connection closes now
+            self.transport.close()
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -187,8 +271,8 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self.on_header_timeout()
         if self._first_byte_at is not None:  # part of a head arrived: a slow client learns why it is cut off
-            self.transport.write(_error_response(408, "Request Timeout", "header_timeout", "the request's headers "
-                                                 f"did not arrive within {self.header_timeout:g} s"))
+            self.transport.write(_error_response(408, "header_timeout", "the request's headers did not arrive "
+                                                 f"within {self.header_timeout:g} s"))
         self.transport.close()
 
 
@@ -256,9 +340,12 @@ def build_server(app: FastAPI, settings: Settings, **config: Any) -> Server:
     """A uvicorn server for ``app`` under ``settings``: header and keep-alive timeouts, the size of a request's
     head, and the drain; ``config`` overrides or adds ``uvicorn.Config`` options."""
     metrics = getattr(app.state, "metrics", None)
+    door = getattr(app.state, "door", None)
     protocol = functools.partial(GuardedProtocol, header_timeout=settings.header_timeout,
                                  max_header_bytes=settings.max_header_bytes,
-                                 on_header_timeout=metrics.header_timeouts.inc if metrics is not None else lambda: None)
+                                 on_header_timeout=metrics.header_timeouts.inc if metrics is not None else lambda: None,
+                                 refuse_early=door.refuse_early if door is not None else None,
+                                 body_timeout=settings.body_timeout)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level, "http": protocol,
         "access_log": settings.access_log,

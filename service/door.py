@@ -10,6 +10,12 @@ proxy in front included, see :mod:`service.deadlines`). What it admits it answer
 work and without FastAPI's routing (:func:`service.routes.serve_predict`), which checks again with the request's
 real image count and deadline. A request it cannot identify (a bad key) or that comes before the model is ready
 goes on to the FastAPI route, whose dependencies say why it cannot be answered.
+
+The decision itself is :class:`Door`'s. The HTTP protocol asks it too (:meth:`Door.refuse_early`, see
+``service.cli.GuardedProtocol``), as soon as a request's head is parsed, for the requests it can answer on its
+own: a small body of known length, kept alive, no ``Expect: 100-continue``. Those it refuses are answered there
+and then, and their body is dropped as it arrives, without an ASGI task or any middleware: under overload most
+requests are refused, and every one refused at the door's ASGI cost was taken from the answers.
 """
 
 from __future__ import annotations
@@ -33,33 +39,101 @@ from .settings import Settings
 PREDICT = SimpleNamespace(path="/predict")  # the route template requests refused here are counted under
 SMALL_BODY = 64 * 1024  # bytes: a body this small arrives with its request's head
 ARRIVAL = "robustnorm.arrival"  # scope key: the request's Arrival, for the batcher (service.batcher.Arrival)
+ADMITTED = "robustnorm.admitted"  # scope key: the request was let in when its head was parsed; its tenant
+
+
+class Door:
+    """Whether a ``POST /predict`` request is refused before anything is done for it, and why."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, predictor: Callable[[], Predictor | None]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.predictor = predictor
+
+    def ready(self) -> Predictor | None:
+        """The predictor, when it takes requests (not before the model is ready)."""
+        predictor = self.predictor()
+        return predictor if predictor is not None and predictor.ready else None
+
+    def refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
+        """The error that refuses ``request`` of ``tenant`` now, or None to let it in."""
+        scope = request.scope
+        first_byte = scope.get(REQUEST_STARTED) or time.monotonic()
+        started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
+                              trusted=self.settings.trust_request_start)
+        deadline = started + self.settings.request_deadline
+        try:
+            predictor.admit(1, policy=predictor.engine.policy, tenant=tenant, deadline=deadline)
+        except ServiceError as error:
+            return error
+        waited = time.monotonic() - started
+        if waited > self.settings.request_deadline / 2:
+            # The service reads requests first come, first served: one that waited this long to be read says the
+            # requests behind it wait as long. Refusing those that have used half their time drains that backlog
+            # at the cost of a refusal each; serving them would answer them late, or leave no time for the rest.
+            return Overloaded(f"the service is behind: this request waited {waited:.3f} s before it was read, more "
+                              "than half its deadline; retry after the time in Retry-After", retry_after=waited)
+        return None
+
+    def refuse_early(self, scope: Scope) -> ServiceError | None:
+        """For the HTTP protocol, once a request's head is parsed: the error to answer it with at once (counted
+        as the door's refusals are), or None to hand it to the app. Only for a ``POST /predict`` whose body is
+        small and of known length (a body that may be large or slow goes through the app's guard); the protocol
+        checks the rest (the connection kept alive, no ``Expect: 100-continue``, the head within its limit)."""
+        if scope["method"] != "POST" or scope["path"] != "/predict":
+            return None
+        predictor = self.ready()
+        if predictor is None:
+            return None  # not ready, or draining: the app says why (and closes a draining connection after)
+        request = Request(scope)
+        headers = request.headers
+        length = headers.get("content-length", "").strip()
+        if "transfer-encoding" in headers or not length.isdigit() or int(length) > SMALL_BODY:
+            return None
+        try:
+            tenant = identify(request, self.settings)
+        except ServiceError:
+            return None  # a bad key or tenant: the route answers it
+        error = self.refusal(predictor, request, tenant)
+        if error is None:
+            # Let in: the middleware does not ask again. Asked again when its task starts, a few milliseconds on,
+            # it would often say no (under overload a request's wait is near the limit), and refusing it there
+            # costs an ASGI task and the middlewares.
+            scope[ADMITTED] = (tenant,)
+            return None
+        if error.reason is not None:
+            self.metrics.reject(error.reason)
+        self.metrics.observe_request(PREDICT.path, error.status_code,
+                                     time.monotonic() - (scope.get(REQUEST_STARTED) or time.monotonic()))
+        return error
 
 
 class DoorMiddleware:
     """Refuses, cheaply, ``POST /predict`` requests that the batcher would refuse, and counts those it lets in as
     being answered (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
-                 predictor: Callable[[], Predictor | None], respond: Callable[[ServiceError], ASGIApp],
+    def __init__(self, app: ASGIApp, door: Door, respond: Callable[[ServiceError], ASGIApp],
                  serve: Callable[..., Awaitable[None]]) -> None:
         self.app = app
-        self.settings = settings
-        self.metrics = metrics
-        self.predictor = predictor
+        self.door = door
+        self.metrics = door.metrics
         self.respond = respond
         self.serve = serve  # POST /predict without routing (service.routes.serve_predict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
-            predictor = self.predictor()
-            if predictor is not None and predictor.ready:
+            predictor = self.door.ready()
+            if predictor is not None and ADMITTED in scope:
+                await self._admitted(predictor, scope[ADMITTED][0], scope, receive, send)
+                return
+            if predictor is not None:
                 request = Request(scope)
                 try:
-                    tenant = identify(request, self.settings)
+                    tenant = identify(request, self.door.settings)
                 except ServiceError:
                     pass  # a bad key or tenant: the route answers it
                 else:
-                    refusal = self._refusal(predictor, request, tenant)
+                    refusal = self.door.refusal(predictor, request, tenant)
                     if refusal is not None:
                         await self._refuse(refusal, scope, receive, send)
                         return
@@ -88,25 +162,6 @@ class DoorMiddleware:
                 return message
 
             await self.serve(scope, counting_receive, send, predictor=predictor, tenant=tenant)
-
-    def _refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
-        scope = request.scope
-        first_byte = scope.get(REQUEST_STARTED) or time.monotonic()
-        started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
-                              trusted=self.settings.trust_request_start)
-        deadline = started + self.settings.request_deadline
-        try:
-            predictor.admit(1, policy=predictor.engine.policy, tenant=tenant, deadline=deadline)
-        except ServiceError as error:
-            return error
-        waited = time.monotonic() - started
-        if waited > self.settings.request_deadline / 2:
-            # The service reads requests first come, first served: one that waited this long to be read says the
-            # requests behind it wait as long. Refusing those that have used half their time drains that backlog
-            # at the cost of a refusal each; serving them would answer them late, or leave no time for the rest.
-            return Overloaded(f"the service is behind: this request waited {waited:.3f} s before it was read, more "
-                              "than half its deadline; retry after the time in Retry-After", retry_after=waited)
-        return None
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         try:  # read the body, so that the connection can carry the client's next request
