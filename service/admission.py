@@ -44,7 +44,14 @@ class Rate:
     def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
         self.batch_seconds = 0.0  # 0 until a batch ran
+        self.batch_spread = 0.0  # moving average of how far a batch's time is from batch_seconds
         self._seconds = self._images = 0.0
+
+    @property
+    def slow_batch_seconds(self) -> float:
+        """What a slower batch than most takes: the time work must have left to be worth starting (a batch that
+        ends after a request's deadline was run for nothing)."""
+        return self.batch_seconds + 2 * self.batch_spread
 
     @property
     def image_seconds(self) -> float:
@@ -56,6 +63,7 @@ class Rate:
 
     def observe(self, images: int, seconds: float) -> None:
         keep = 1 - self.smoothing if self.batch_seconds else 0.0
+        self.batch_spread = keep * self.batch_spread + (1 - keep) * abs(seconds - self.batch_seconds) * bool(keep)
         self.batch_seconds = keep * self.batch_seconds + (1 - keep) * seconds
         self._seconds = keep * self._seconds + seconds
         self._images = keep * self._images + max(1, images)

@@ -407,11 +407,12 @@ class MicroBatcher(Generic[R]):
         while True:
             self._remove([item for item in self._queue.items if item.future.done()])  # cancelled by their request
             now = self._clock()
-            # An item with less time left than a batch takes would be answered late: it is dropped instead.
+            # An item with less time left than a slower batch than most takes may well be answered late: it is
+            # dropped instead, before the engine spends time on it.
             collected = self._collect(self._queue.items, now, max_batch_size=self.max_batch_size,
                                       max_wait=self.max_wait, share_tenants=self.share_tenants,
                                       eager=self.eager and not self._arriving,
-                                      margin=self._rate.batch_seconds)
+                                      margin=self._rate.slow_batch_seconds)
             if collected.expired:
                 self._remove(collected.expired)
                 self._fail_late(collected.expired, "queue", "the request's deadline passed, or too little time was "

@@ -215,6 +215,45 @@ def test_the_margin_drops_what_a_batch_could_not_answer_in_time() -> None:
     assert [item.name for item in collected.batch] == ["roomy"]
 
 
+def test_the_margin_covers_batches_slower_than_the_average() -> None:
+    steady, uneven = Rate(), Rate()
+    for _ in range(10):
+        steady.observe(32, 0.05)
+        steady.observe(32, 0.05)
+        uneven.observe(32, 0.04)
+        uneven.observe(32, 0.06)
+    assert steady.slow_batch_seconds == pytest.approx(0.05)
+    assert uneven.batch_seconds == pytest.approx(0.05, abs=0.003)
+    assert uneven.slow_batch_seconds >= 0.06
+
+
+def test_work_a_slower_batch_would_answer_late_is_dropped_before_the_engine() -> None:
+    async def main() -> None:
+        registry = CollectorRegistry()
+        clock = Clock(0.0)
+        took = [0.04, 0.06] * 5 + [0.04]
+        engine = SlowEngine(0.0)
+
+        async def run_batch(batch: Batch[float]) -> Mapping[str, list[float]]:
+            clock.now += took.pop(0)
+            return await engine(batch)
+
+        batcher = MicroBatcher(run_batch, max_batch_size=4, max_wait=0.0, queue_limit=64, eager=True,
+                               metrics=Metrics(registry, max_batch_size=4), clock=clock)
+        batcher.start()
+        for value in range(10):  # batches of 0.04 and 0.06 s in turn: 0.05 s on average
+            await batcher.submit(images(value), key=BatchKey(POLICY), deadline=clock.now + 5)
+        # 0.055 s left: more than the average batch, less than a slow one. The next batch would take 0.04 s, but
+        # that is luck: it is dropped rather than started.
+        with pytest.raises(DeadlineExceeded) as dropped:
+            await batcher.submit(images(10), key=BatchKey(POLICY), deadline=clock.now + 0.055)
+        assert dropped.value.stage == "queue"
+        assert 10.0 not in engine.ran and late(registry, "requests", "queue") == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
 def late(registry: CollectorRegistry, kind: str, stage: str) -> float:
     return registry.get_sample_value(f"robustnorm_late_dropped_{kind}_total", {"stage": stage}) or 0.0
 
