@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,12 +56,12 @@ class Door:
         predictor = self.predictor()
         return predictor if predictor is not None and predictor.ready else None
 
-    def refusal(self, predictor: Predictor, request: Request, tenant: str | None) -> ServiceError | None:
-        """The error that refuses ``request`` of ``tenant`` now, or None to let it in."""
-        scope = request.scope
+    def refusal(self, predictor: Predictor, scope: Scope, tenant: str | None, request_start: str | None
+                ) -> ServiceError | None:
+        """The error that refuses the request of ``scope`` and ``tenant`` now, or None to let it in;
+        ``request_start``: its ``X-Request-Start`` header, if any."""
         first_byte = scope.get(REQUEST_STARTED) or time.monotonic()
-        started = accepted_at(first_byte, request.headers.get(REQUEST_START_HEADER),
-                              trusted=self.settings.trust_request_start)
+        started = accepted_at(first_byte, request_start, trusted=self.settings.trust_request_start)
         deadline = started + self.settings.request_deadline
         try:
             predictor.admit(1, policy=predictor.engine.policy, tenant=tenant, deadline=deadline)
@@ -75,6 +76,13 @@ class Door:
                               "than half its deadline; retry after the time in Retry-After", retry_after=waited)
         return None
 
+    def tenant(self, scope: Scope) -> str | None:
+        """The tenant of a request that may call /predict (a ServiceError for one that may not)."""
+        settings = self.settings
+        if settings.batch_key == "none" and not (settings.api_keys or settings.admin_keys or settings.metrics_keys):
+            return None  # no keys to check, no tenants
+        return identify(Request(scope), settings)
+
     def refuse_early(self, scope: Scope) -> ServiceError | None:
         """For the HTTP protocol, once a request's head is parsed: the error to answer it with at once (counted
         as the door's refusals are), or None to hand it to the app. Only for a ``POST /predict`` whose body is
@@ -85,16 +93,21 @@ class Door:
         predictor = self.ready()
         if predictor is None:
             return None  # not ready, or draining: the app says why (and closes a draining connection after)
-        request = Request(scope)
-        headers = request.headers
-        length = headers.get("content-length", "").strip()
-        if "transfer-encoding" in headers or not length.isdigit() or int(length) > SMALL_BODY:
+        length, request_start = b"", None
+        for name, value in scope["headers"]:  # (names are lower case in ASGI)
+            if name == b"content-length":
+                length = value.strip()
+            elif name == b"transfer-encoding":
+                return None
+            elif name == b"x-request-start":
+                request_start = value.decode("latin-1")
+        if not length.isdigit() or int(length) > SMALL_BODY:
             return None
         try:
-            tenant = identify(request, self.settings)
+            tenant = self.tenant(scope)
         except ServiceError:
             return None  # a bad key or tenant: the route answers it
-        error = self.refusal(predictor, request, tenant)
+        error = self.refusal(predictor, scope, tenant, request_start)
         if error is None:
             # Let in: the middleware does not ask again. Asked again when its task starts, a few milliseconds on,
             # it would often say no (under overload a request's wait is near the limit), and refusing it there
@@ -127,13 +140,13 @@ class DoorMiddleware:
                 await self._admitted(predictor, scope[ADMITTED][0], scope, receive, send)
                 return
             if predictor is not None:
-                request = Request(scope)
                 try:
-                    tenant = identify(request, self.door.settings)
+                    tenant = self.door.tenant(scope)
                 except ServiceError:
                     pass  # a bad key or tenant: the route answers it
                 else:
-                    refusal = self.door.refusal(predictor, request, tenant)
+                    refusal = self.door.refusal(predictor, scope, tenant,
+                                                Headers(scope=scope).get(REQUEST_START_HEADER))
                     if refusal is not None:
                         await self._refuse(refusal, scope, receive, send)
                         return

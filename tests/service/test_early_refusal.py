@@ -207,3 +207,22 @@ def test_requests_the_protocol_leaves_to_the_app_are_refused_there(servers: tupl
         status, _, body = read_response(sock)
     assert status == 504 and json.loads(body)["error"]["code"] == "deadline"
     assert EarlyServer.early == before
+
+
+def test_with_keys_set_the_protocol_refuses_only_requests_with_a_valid_key(photo: bytes) -> None:
+    settings = Settings(model=MODEL, device="cpu", trust_request_start=True, batch_key="api_key",
+                        api_keys={"tenant-key-1": "acme"})
+    app = create_app(settings, registry=CollectorRegistry())
+    server = LiveServer(app)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            headers = {key: value for key, value in stale("").items() if key != TENANT}
+            missing = client.post("/predict", content=photo, headers=headers)
+            wrong = client.post("/predict", content=photo, headers={**headers, "X-API-Key": "not-a-key"})
+            valid = client.post("/predict", content=photo, headers={**headers, "X-API-Key": "tenant-key-1"})
+        assert (missing.status_code, wrong.status_code, valid.status_code) == (401, 401, 504)
+        assert valid.json()["error"]["code"] == "deadline"
+        assert counter(server, "robustnorm_requests_total", route="/predict", code="401") == 2
+    finally:
+        server.stop()
