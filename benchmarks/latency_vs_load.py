@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = point(port, url, body, load * capacity, args.seconds, args.deadline)
             points.append({"load": load, **measured})
             print(f"{100 * load:.0f}% of {capacity:.0f}/s: {measured}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=overload.REPO, capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = overload.served_commit()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime()), "commit": commit,
               "what": __doc__.split("\n\n")[1].replace("\n", " "),
               "service": ["robustnorm-serve (bundled default model)", "--request-deadline", str(args.deadline),

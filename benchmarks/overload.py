@@ -226,6 +226,16 @@ def _metric_sum(url: str, name: str) -> dict[str, float]:
     return values
 
 
+def served_commit() -> str | None:
+    """The commit of the code the services started from here run: that of the checkout their ``service`` package
+    is imported from, which ``PYTHONPATH`` may point at (another worktree than this script's, for an A/B run)."""
+    where = subprocess.run([sys.executable, "-c", "import os, service; print(os.path.dirname(service.__file__))"],
+                           cwd=Path(sys.executable).parent, capture_output=True, text=True)  # as the entry script
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where.stdout.strip() or REPO,
+                            capture_output=True, text=True)
+    return commit.stdout.strip() or None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -382,10 +392,9 @@ def entry(front: str, *options: str, tenant_rate: float | None, workdir: Path, n
 def run(plan: Plan, workdir: Path, fronts: tuple[str, ...] = FRONTS) -> dict[str, Any]:
     body = (REPO / "examples" / "cat.jpg").read_bytes()
     common = ["--request-deadline", str(plan.deadline), "--trust-request-start"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     haproxy_version = (subprocess.run([shutil.which("haproxy") or "haproxy", "-v"], capture_output=True,
                                       text=True).stdout.splitlines() or [None])[0] if "haproxy" in fronts else None
-    report: dict[str, Any] = {"date": DATE, "plan": vars(plan), "commit": commit.stdout.strip() or None,
+    report: dict[str, Any] = {"date": DATE, "plan": vars(plan), "commit": served_commit(),
                               "service": ["robustnorm-serve (bundled default model)", *common,
                                           "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "1")],
                               "haproxy": haproxy_version and f"{haproxy_version}, deploy/haproxy/haproxy.cfg "

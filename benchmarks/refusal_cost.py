@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     capacity = medians["answered"]["per_s"]
     # At factor x capacity with every answer still given, (factor - 1) x capacity refusals a second.
     refusing_share = (args.factor - 1) * capacity * refusal
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=overload.REPO, capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = overload.served_commit()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime()), "commit": commit,
               "what": __doc__.split("\n\n")[1].replace("\n", " "),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
