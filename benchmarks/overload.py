@@ -231,9 +231,13 @@ def served_commit() -> str | None:
     is imported from, which ``PYTHONPATH`` may point at (another worktree than this script's, for an A/B run)."""
     where = subprocess.run([sys.executable, "-c", "import os, service; print(os.path.dirname(service.__file__))"],
                            cwd=Path(sys.executable).parent, capture_output=True, text=True)  # as the entry script
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where.stdout.strip() or REPO,
-                            capture_output=True, text=True)
-    return commit.stdout.strip() or None
+    for folder in (where.stdout.strip(), str(REPO)):  # the checkout's own where the package is not in one
+        if folder:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
+                                    text=True)
+            if commit.returncode == 0 and commit.stdout.strip():
+                return commit.stdout.strip()
+    return None
 
 
 def free_port() -> int:
