@@ -97,7 +97,7 @@ def collect_batch(queue: Sequence[Q], now: float, *, max_batch_size: int, max_wa
     key and still fit, in queue order. The batch runs now when it is full (no room left, or a compatible
     item does not fit) or the head has waited ``max_wait``; otherwise nothing runs and ``wake_at`` says when
     the head's wait or the first deadline ends. Items whose deadline is less than ``margin`` seconds away (the
-    time a batch takes: they could not be answered in time) are returned as ``expired``.
+    time a slow batch takes: they would likely be answered late) are returned as ``expired``.
     """
     expired = [item for item in queue if item.deadline - margin <= now]
     live = [item for item in queue if item.deadline - margin > now]

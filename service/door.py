@@ -40,7 +40,7 @@ from .settings import Settings
 PREDICT = SimpleNamespace(path="/predict")  # the route template requests refused here are counted under
 SMALL_BODY = 64 * 1024  # bytes: a body this small arrives with its request's head
 ARRIVAL = "robustnorm.arrival"  # scope key: the request's Arrival, for the batcher (service.batcher.Arrival)
-ADMITTED = "robustnorm.admitted"  # scope key: the request was let in when its head was parsed; its tenant
+ADMITTED = "robustnorm.admitted"  # scope key, set when the request was let in as its head was parsed: its tenant
 
 
 class Door:
@@ -112,7 +112,7 @@ class Door:
             # Let in: the middleware does not ask again. Asked again when its task starts, a few milliseconds on,
             # it would often say no (under overload a request's wait is near the limit), and refusing it there
             # costs an ASGI task and the middlewares.
-            scope[ADMITTED] = (tenant,)
+            scope[ADMITTED] = tenant
             return None
         if error.reason is not None:
             self.metrics.reject(error.reason)
@@ -137,7 +137,7 @@ class DoorMiddleware:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
             predictor = self.door.ready()
             if predictor is not None and ADMITTED in scope:
-                await self._admitted(predictor, scope[ADMITTED][0], scope, receive, send)
+                await self._admitted(predictor, scope[ADMITTED], scope, receive, send)
                 return
             if predictor is not None:
                 try:
