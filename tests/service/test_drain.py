@@ -92,7 +92,14 @@ def test_sigterm_drains_with_the_listener_open_then_exits_in_time(service: Servi
             """New requests during the grace period: every one answered 503 with Connection: close."""
             answers = []
             while time.monotonic() - signalled < GRACE - 0.4:
-                answers.append(predict(client, photo))
+                try:
+                    answers.append(predict(client, photo))
+                except httpx.ConnectError:
+                    # A thread starved on a busy machine may reach its connect after the grace period; a
+                    # refusal seen before the grace period is over means the listener closed early.
+                    refused_after = time.monotonic() - signalled
+                    assert refused_after >= GRACE - 0.1, f"connection refused {refused_after:.2f} s after SIGTERM"
+                    break
                 time.sleep(0.05)
             return answers
 
