@@ -56,7 +56,9 @@ def image_features(pixels: Tensor, kind: str = GATE_FEATURES) -> Tensor:
     absolute = across.mean(dim=(2, 3)) + down.mean(dim=(2, 3)) + 1e-4
     edges = across[:, :, :, _BLOCK - 1::_BLOCK].mean(dim=(2, 3)) + down[:, :, _BLOCK - 1::_BLOCK].mean(dim=(2, 3))
     squared = squared + 1e-6
-    positive = [x.flatten(2).std(dim=2).clamp_min(1e-4), squared, absolute, (edges + 1e-4) / absolute]
+    # the standard deviation in two passes (unbiased, as Tensor.std): std over a flattened dim took half the time
+    deviation = (x - mean[:, :, None, None]).square().sum(dim=(2, 3)).div_(x.shape[2] * x.shape[3] - 1).sqrt_()
+    positive = [deviation.clamp_min(1e-4), squared, absolute, (edges + 1e-4) / absolute]
     if kind == "pixels+fine":
         positive.append(squared / (_squared_differences(x, 2) + 1e-6))
     # every log at once; (n, features, C) flattened is channel-major within each feature

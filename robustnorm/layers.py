@@ -84,7 +84,7 @@ def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
 def _group_reduce(values: Tensor, sizes: tuple[int, ...] | None, how: str) -> Tensor:
     """Reduce per-image rows (n_real, C) to per-group rows (G, C) with ``how`` in mean, amax, amin; ``sizes``
     None: all rows are one group (traceable)."""
-    if sizes is None:
+    if sizes is None or len(sizes) == 1:
         return getattr(values, how)(dim=0, keepdim=True)
     groups, channels = len(sizes), values.shape[1]
     if len(set(sizes)) == 1:  # equal groups: a reshape, the common case in evaluation
@@ -170,14 +170,16 @@ class _PolicyNorm(nn.BatchNorm2d):
         needs_batch = any(plan.uses_batch for plan in plans)
         stats = (self.group_statistics(x, sizes, rows=record or streaming) if record or needs_batch or streaming
                  else None)
+        population = None
         if run is not None and (record or streaming):
             assert stats is not None
-            run.add_statistics(self, stats)
+            population = self.population(stats.mean.dtype)
+            run.add_statistics(self, stats, population)
         if not needs_batch and not any(plan.stream_weight for plan in plans):
             return self._normalize_frozen(x)
         assert stats is not None
         stream_stats = run.stream_statistics(self) if run is not None else None
-        return self._normalize_groups(x, sizes, plans, stats, stream_stats)
+        return self._normalize_groups(x, sizes, plans, stats, stream_stats, population)
 
     def population(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Population mean and spread (running variance, or running range for RobustNorm)."""
@@ -196,13 +198,16 @@ class _PolicyNorm(nn.BatchNorm2d):
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return make()
-        sources = tuple(t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None)
-        signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        # the dicts nn.Module keeps them in: reading them as attributes goes through nn.Module.__getattr__
+        parameters, buffers = self._parameters, self._buffers
+        sources = [t for t in (parameters["weight"], parameters["bias"], buffers["running_mean"],
+                               buffers["running_var"]) if t is not None]
+        signature = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
         cache = self.__dict__.setdefault("_frozen_cache", {})
         key = (*key, torch.is_inference_mode_enabled())
         entry = cache.get(key)
         if entry is None or entry[0] != signature:
-            entry = cache[key] = (signature, make(), tuple(t.detach() for t in sources))
+            entry = cache[key] = (signature, make(), [t.detach() for t in sources])
         return entry[1]
 
     def _normalize_frozen(self, x: Tensor) -> Tensor:
@@ -211,11 +216,15 @@ class _PolicyNorm(nn.BatchNorm2d):
         return _affine(x, scale, shift)
 
     def _normalize_groups(self, x: Tensor, sizes: tuple[int, ...], plans: list[GroupPlan],
-                          stats: GroupStatistics, stream_stats: list[tuple[Tensor, Tensor] | None] | None) -> Tensor:
-        if len(plans) == 1 and sizes[0] == x.shape[0]:  # one group, no padding: one scale and shift per channel
-            return self._normalize_one(x, plans[0], stats, stream_stats[0] if stream_stats else None)
+                          stats: GroupStatistics, stream_stats: list[tuple[Tensor, Tensor] | None] | None,
+                          population: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Normalise each group with its plan's mix of statistics (``population``: the layer's, when the caller
+        has it already)."""
         dtype = stats.mean.dtype
-        population_mean, population_spread = (t.unsqueeze(0) for t in self.population(dtype))
+        population = population if population is not None else self.population(dtype)
+        if len(plans) == 1 and sizes[0] == x.shape[0]:  # one group, no padding: one scale and shift per channel
+            return self._normalize_one(x, plans[0], stats, stream_stats[0] if stream_stats else None, population)
+        population_mean, population_spread = (t.unsqueeze(0) for t in population)
         batch_weight, stream_weight = (_constant(tuple(weights), x.device, dtype).unsqueeze(1) for weights
                                        in zip(*[(plan.batch_weight, plan.stream_weight) for plan in plans]))
         mean = (1 - batch_weight - stream_weight) * population_mean + batch_weight * stats.mean
@@ -233,23 +242,28 @@ class _PolicyNorm(nn.BatchNorm2d):
         return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # one pass over x
 
     def _normalize_one(self, x: Tensor, plan: GroupPlan, stats: GroupStatistics,
-                       stream: tuple[Tensor, Tensor] | None) -> Tensor:
+                       stream: tuple[Tensor, Tensor] | None, population: tuple[Tensor, Tensor]) -> Tensor:
         """:meth:`_normalize_groups` for a batch that is one group: the plan's weights as numbers, terms of
         weight 0 left out, and each channel's scale and shift broadcast over the batch."""
-        population = self.population(stats.mean.dtype)
-        terms = [(plan.population_weight, *population), (plan.batch_weight, stats.mean[0], stats.spread[0])]
+        dtype = stats.mean.dtype
+        terms = [(plan.population_weight, *population)] if plan.population_weight else []
+        if plan.batch_weight:
+            terms.append((plan.batch_weight, stats.mean[0], stats.spread[0]))
         if plan.stream_weight:  # a stream that holds nothing: the population stands in
             held = stream if stream is not None else population
-            terms.append((plan.stream_weight, _as(held[0], stats.mean.dtype), _as(held[1], stats.mean.dtype)))
-        terms = [term for term in terms if term[0]]
+            terms.append((plan.stream_weight, _as(held[0], dtype), _as(held[1], dtype)))
         if len(terms) == 1 and terms[0][0] == 1.0:
             mean, spread = terms[0][1], terms[0][2]
         else:  # every weighted sum at once: (2, 2k) weights times the k means and k spreads
             weights = tuple(weight for weight, _, _ in terms)
-            mixing = _cached(("mixing", weights, str(x.device), stats.mean.dtype), lambda: torch.tensor(
+            mixing = _cached(("mixing", weights, str(x.device), dtype), lambda: torch.tensor(
                 [[*weights, *[0.0] * len(weights)], [*[0.0] * len(weights), *weights]], device=x.device,
-                dtype=stats.mean.dtype))
+                dtype=dtype))
             mean, spread = mixing @ torch.stack([term[1] for term in terms] + [term[2] for term in terms])
+        return self._normalize_with(x, mean, spread)
+
+    def _normalize_with(self, x: Tensor, mean: Tensor, spread: Tensor) -> Tensor:
+        """``x`` normalised with per-channel ``mean`` and ``spread``: :meth:`scale_shift` and one affine pass."""
         scale, shift = self.scale_shift(mean, spread)
         return _affine(x, scale, shift)
 
@@ -268,6 +282,15 @@ class _PolicyNorm(nn.BatchNorm2d):
         if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
+
+
+def _one_kernel(x: Tensor, layer: _PolicyNorm, mean: Tensor, spread: Tensor) -> bool:
+    """Whether ``F.batch_norm`` can normalise ``x`` with ``mean`` and ``spread`` as its running statistics: no
+    gradient through them (batch_norm takes none there), and ``x``, the statistics and the affine parameters in
+    one dtype (float32, or float64), as on the CPU."""
+    weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+    return (not (mean.requires_grad or spread.requires_grad) and x.dtype == mean.dtype
+            and (weight is None or weight.dtype == mean.dtype) and (bias is None or bias.dtype == mean.dtype))
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -310,6 +333,13 @@ class AdaptiveBatchNorm2d(_PolicyNorm):
 
     def _denominator(self, spread: Tensor) -> Tensor:
         return torch.sqrt(spread + self.eps)
+
+    def _normalize_with(self, x: Tensor, mean: Tensor, spread: Tensor) -> Tensor:
+        if not _one_kernel(x, self, mean, spread):
+            return super()._normalize_with(x, mean, spread)
+        # (x - mean) / sqrt(variance + eps) * weight + bias: BatchNorm's own eval kernel, one pass
+        parameters = self._parameters
+        return F.batch_norm(x, mean, spread, parameters["weight"], parameters["bias"], False, 0.0, self.eps)
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...] | None,
                  rows: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -371,6 +401,15 @@ class RobustNorm2d(_PolicyNorm):
 
     def _denominator(self, spread: Tensor) -> Tensor:
         return spread.pow(self.p) + self.eps
+
+    def _normalize_with(self, x: Tensor, mean: Tensor, spread: Tensor) -> Tensor:
+        if not _one_kernel(x, self, mean, spread):
+            return super()._normalize_with(x, mean, spread)
+        # weight * (x - mean) / denominator + bias is BatchNorm's eval kernel with variance denominator ** 2 and
+        # eps 0 (the denominator is at least eps > 0): one pass, no per-channel scale and shift to make first
+        parameters = self._parameters
+        return F.batch_norm(x, mean, self._denominator(spread).square(), parameters["weight"], parameters["bias"],
+                            False, 0.0, 0.0)
 
     def _spreads(self, real: Tensor, image_mean: Tensor, group_mean: Tensor, sizes: tuple[int, ...] | None,
                  rows: bool) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -195,6 +195,22 @@ def test_every_policy_is_differentiable_through_batch_statistics(kind: type, pol
         assert x.grad[1:].abs().sum() > 0, "batch statistics must carry gradient to the other images"
 
 
+@pytest.mark.parametrize("kind", [AdaptiveBatchNorm2d, RobustNorm2d])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_one_kernel_path_equals_the_differentiable_path(kind: type, policy: str) -> None:
+    """Without a gradient through the statistics, a layer normalises in one batch_norm call with the mixed
+    statistics as its running statistics; with one, it makes each channel's scale and shift first."""
+    layer = make_layer(kind).double()
+    set_policy(layer, policy)
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 2 + 0.5
+    with torch.no_grad():
+        fast = layer(x)
+    reference = layer(x.clone().requires_grad_(True))
+    assert reference.requires_grad or parse_policy(policy).resolve(6, kind is RobustNorm2d).kind == "frozen"
+    torch.testing.assert_close(fast, reference.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fast, reference_eval(layer, x, policy), atol=1e-10, rtol=1e-10)
+
+
 def test_robustnorm_rejects_nonpositive_p() -> None:
     with pytest.raises(ValueError, match="p must be > 0"):
         RobustNorm2d(4, p=0.0)
