@@ -205,17 +205,15 @@ class FoldedModel(nn.Module):
             raise ValueError(f"policy {parsed} does not run frozen statistics for every group here; "
                              "use robustnorm.batch_groups on the unfolded model")
         streaming = streams is not None and parsed.uses_streams
-        names = self.layer_names if record is None or streaming else [n for n in self.layer_names if n in record]
-        unknown = set(record or ()) - set(self.layer_names)
-        if unknown:
-            raise ValueError(f"no norm layers named {sorted(unknown)} in this model")
+        recording = self._recorded(None if record is None else tuple(record), streaming)
         run = GroupRun(sizes=checked, record=True, layer_names={}, policy=parsed, streams=streams)
         run.ran = [plan.statistics for plan in plans]
         run.fallback = [plan.fallback for plan in plans]
         run.stream_images = [plan.stream_images for plan in plans]
         if self._run is not None:
             raise RuntimeError("FoldedModel.groups is not re-entrant: run one recorded forward at a time")
-        self._run, self._recording, self._rows, self._real = run, frozenset(names), streaming, sum(checked)
+        # plain attributes, set on every forward: nn.Module.__setattr__'s bookkeeping is not needed
+        self.__dict__.update(_run=run, _recording=recording, _rows=streaming, _real=sum(checked))
         seen: dict[str, Tensor] = {}
         hook = (self.register_forward_hook(lambda _, inputs, output: seen.update(pixels=inputs[0], logits=output))
                 if streaming else None)
@@ -229,7 +227,20 @@ class FoldedModel(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-            self._run, self._recording = None, None
+            self.__dict__.update(_run=None, _recording=None)
+
+    def _recorded(self, record: tuple[str, ...] | None, streaming: bool) -> frozenset[str]:
+        """The norm layers to record (``record`` None, or streams to feed: all), checked and made once per
+        choice."""
+        cache: dict[tuple, frozenset[str]] = self.__dict__.setdefault("_recorded_cache", {})
+        names = cache.get((record, streaming))
+        if names is None:
+            unknown = set(record or ()) - set(self.layer_names)
+            if unknown:
+                raise ValueError(f"no norm layers named {sorted(unknown)} in this model")
+            everything = record is None or streaming
+            names = cache[record, streaming] = frozenset(self.layer_names if everything else record)
+        return names
 
     def _record(self, conv: _RecordingConv, z: Tensor) -> None:
         """The norm layer's statistics over the real images, recovered from its folded output ``z``."""
@@ -245,7 +256,8 @@ class FoldedModel(nn.Module):
         run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=_constant(tuple(sizes), z.device),
                                           image_mean=image_mean, image_spread=image_spread, image_rows=rows)
         run.robust_layers[name] = conv.robust
-        run.population[name] = (conv.population_mean.to(dtype), conv.population_spread.to(dtype))
+        buffers = conv._buffers  # not through nn.Module.__getattr__, on every recorded layer and forward
+        run.population[name] = (_as(buffers["population_mean"], dtype), _as(buffers["population_spread"], dtype))
 
 
 def _group_statistics(robust: bool, image_mean: Tensor, image_spread: Tensor, rows: Tensor,
@@ -262,7 +274,8 @@ def _group_statistics(robust: bool, image_mean: Tensor, image_spread: Tensor, ro
 def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Each image's mean and spread (n, C) of the norm layer's input, and its stream row (n, R, C), recovered
     from the folded output ``real`` (in ``dtype``): traceable tensor operations only."""
-    inverse, shift = _as(conv.inverse, dtype), _as(conv.shift, dtype)
+    buffers = conv._buffers
+    inverse, shift = _as(buffers["inverse"], dtype), _as(buffers["shift"], dtype)
     if conv.robust:
         high, low = real.amax(dim=(2, 3)), real.amin(dim=(2, 3))  # faster than aminmax on the CPU
         if not conv.all_positive:  # a negative scale turns the folded output's maximum into the input's minimum
