@@ -47,6 +47,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,6 +117,18 @@ def _summary(times: list[float], n: int) -> dict[str, float | int]:
             "min_ms": 1e3 * ordered[0], "images_per_second": n / median}
 
 
+def code_commit() -> str | None:
+    """The commit of the checkout the ``robustnorm`` and ``service`` packages are imported from (``PYTHONPATH`` may
+    point at another worktree, for an A/B run), with ``+changes`` when it has uncommitted changes; None outside git."""
+    folder = Path(robustnorm.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True)
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True,
+                           text=True).stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": ort_version, "robustnorm": robustnorm.__version__},
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": code_commit(),
         "skipped": skipped,
         "results": rows,
     }
@@ -305,7 +318,7 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "robustnorm": robustnorm.__version__},
         "gpu": torch.cuda.get_device_name() if cuda else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": code_commit(),
         "results": rows,
     }
 

@@ -117,9 +117,13 @@ class _Ring:
     def push(self, new: Tensor) -> None:
         window = self.rows.shape[0]
         new = new[-window:]
-        index = (self.position + torch.arange(new.shape[0], device=new.device)) % window
-        self.rows[index.to(self.rows.device)] = new.to(self.rows.dtype)
-        self.position = (self.position + new.shape[0]) % window
+        start, n = self.position, new.shape[0]
+        if start + n <= window:  # no wrap: one slice
+            self.rows[start:start + n] = new
+        else:
+            index = (start + torch.arange(n, device=new.device)) % window
+            self.rows[index.to(self.rows.device)] = new.to(self.rows.dtype)
+        self.position = (start + n) % window
         self.count = min(window, self.count + new.shape[0])
 
     def held(self) -> Tensor:
