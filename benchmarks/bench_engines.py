@@ -23,7 +23,8 @@ under the policy, no recording, drift report or answers), against two references
 forwards: the model with its frozen statistics folded into the convolutions, and a copy with PyTorch's own
 ``nn.BatchNorm2d`` in train mode under ``torch.no_grad`` (``benchmarks/norm_references.py``). Every row's
 ``ratio_to_folded`` and ``ratio_to_bn_train`` are its throughput over the reference's (1.0: as fast; 0.5: half the
-images per second). The candidates alternate in ``--rounds`` rounds per batch size and each row pools its rounds.
+images per second). The candidates take turns one call at a time, in a new random order each turn, so that a change
+in the machine's speed hits them alike (``--alternate rounds``: stretches of calls in ``--rounds`` rounds instead).
 ``--compile-sizes`` adds ``torch.compile``d folded-frozen and ``batch`` forwards at those sizes. On CUDA every
 forward runs as the engine does: bf16 autocast and channels_last.
 
@@ -46,6 +47,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -256,6 +258,58 @@ def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> 
     return calls
 
 
+Timings = dict[str, list[float]]
+
+
+def _alternate_calls(calls: dict[str, Callable[[], object]], sync: Callable[[], None], args: argparse.Namespace,
+                     n: int) -> tuple[Timings, dict[str, str]]:
+    """Every candidate timed one call at a time in turns, in a new random order each turn, until each has
+    ``--min-runs`` calls and the turns took ``--min-seconds`` per candidate (or one has ``--max-runs``): a change in
+    the machine's speed, even over a second, hits every candidate alike."""
+    times: Timings = {name: [] for name in calls}
+    errors: dict[str, str] = {}
+    for name, call in calls.items():  # two warm-up calls each (a compiled candidate compiles here)
+        try:
+            for _ in range(2):
+                call()
+            sync()
+        except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
+            logger.warning("n=%d %s failed: %s", n, name, error)
+            errors[name] = f"{type(error).__name__}: {error}"[:500]
+    order = [name for name in calls if name not in errors]
+    shuffle = random.Random(n).shuffle
+    budget, started = args.min_seconds * len(order), time.perf_counter()
+    while order:
+        shuffle(order)
+        for name in order:
+            begin = time.perf_counter()
+            calls[name]()
+            sync()
+            times[name].append(time.perf_counter() - begin)
+        runs = len(times[order[0]])
+        if runs >= args.max_runs or (runs >= args.min_runs and time.perf_counter() - started >= budget):
+            break
+    return times, errors
+
+
+def _alternate_rounds(calls: dict[str, Callable[[], object]], sync: Callable[[], None], args: argparse.Namespace,
+                      n: int) -> tuple[Timings, dict[str, str]]:
+    """Each candidate timed in ``--rounds`` stretches of its share of ``--min-seconds``, the candidates in turn."""
+    times: Timings = {name: [] for name in calls}
+    errors: dict[str, str] = {}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            if name in errors:
+                continue
+            try:
+                times[name] += _time_call(call, sync, max(1, args.min_runs // args.rounds),
+                                          args.min_seconds / args.rounds, max(1, args.max_runs // args.rounds))
+            except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
+                logger.warning("n=%d %s failed: %s", n, name, error)
+                errors[name] = f"{type(error).__name__}: {error}"[:500]
+    return times, errors
+
+
 def run_policies(args: argparse.Namespace) -> dict[str, Any]:
     """Per-policy mode: every candidate of :func:`_candidates` at each batch size, alternating in rounds."""
     if args.threads:
@@ -274,18 +328,8 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.sizes:
         compiled = n in args.compile_sizes
         calls = _candidates(engine, policies, n, compiled)
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        errors: dict[str, str] = {}
-        for _ in range(args.rounds):
-            for name, call in calls.items():
-                if name in errors:
-                    continue
-                try:
-                    times[name] += _time_call(call, sync, max(1, args.min_runs // args.rounds),
-                                              args.min_seconds / args.rounds, max(1, args.max_runs // args.rounds))
-                except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
-                    logger.warning("n=%d %s failed: %s", n, name, error)
-                    errors[name] = f"{type(error).__name__}: {error}"[:500]
+        alternate = _alternate_calls if args.alternate == "call" else _alternate_rounds
+        times, errors = alternate(calls, sync, args, n)
         reference = {name: n / statistics.median(times[name]) for name in ("folded", "bn_train") if times[name]}
         for name, measured in times.items():
             row: dict[str, Any] = {"n": n, "candidate": name, "compiled": name.endswith("compiled")}
@@ -306,11 +350,14 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
                 "forward "
                 "alone; 'folded' (frozen statistics folded into the convolutions) and 'bn_train' (nn.BatchNorm2d "
                 "in train mode, torch.no_grad) are plain forwards; ratio_to_X = images/s over X's images/s; "
-                "median over runs pooled from alternating rounds",
+                "median over runs, the candidates alternating as 'alternate' says",
         "model": card.name, "version": card.version, "architecture": card.architecture, "norm": card.norm,
         "input_size": list(card.input_size), "policies": [str(p) for p in policies],
         "device": str(engine.device), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "rounds": args.rounds, "compile_sizes": args.compile_sizes,
+        "torch_threads": torch.get_num_threads(), "alternate": (
+            "one call at a time, candidates in a new random order each turn" if args.alternate == "call"
+            else f"{args.rounds} rounds of stretches"), "rounds": args.rounds if args.alternate == "rounds" else None,
+        "compile_sizes": args.compile_sizes,
         "cuda_precision": "bf16 autocast, channels_last" if cuda else None,
         "gate_calibrated": getattr(engine, "gate", None) is not None,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -397,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"per-policy mode with these comma-separated policies (alone: {','.join(POLICIES)})")
     parser.add_argument("--compile-sizes", type=_int_list, default=[],
                         help="per-policy mode: also torch.compile folded-frozen and batch at these batch sizes")
-    parser.add_argument("--rounds", type=int, default=3, help="per-policy mode: alternating rounds (default 3)")
+    parser.add_argument("--alternate", choices=["call", "rounds"], default="call",
+                        help="per-policy mode: candidates take turns one call at a time, in a new random order each "
+                             "turn (call, the default), or in --rounds stretches each (rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="per-policy mode with --alternate rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s and at least 2 runs per point")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of both engines (default 0: each library's own default)")
