@@ -431,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(settings, engine_factory=lambda _: engine)
     server = build_server(app, settings)
     settle_garbage_collector(settings.gc_threshold)
+    sys.setswitchinterval(settings.switch_interval)
+    logger.info("threads wait at most %.2g ms for the interpreter (switch interval)", 1e3 * sys.getswitchinterval())
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl+C during the shutdown, as with uvicorn.run
         server.run()
     return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up

@@ -187,6 +187,12 @@ class Settings(BaseSettings):
                                   "libraries) frozen out of the collector's sight; 0 leaves the collector as Python "
                                   "sets it. Collections that walk the whole heap stall the event loop and the "
                                   "engine for milliseconds under load")
+    switch_interval: float = Field(
+        0.0005, gt=0, le=0.1,
+        description="seconds a thread may keep Python's interpreter while another waits for it (sys.setswitchinterval; "
+                    "Python's default: 0.005). The engine's thread lets the interpreter go for each tensor operation "
+                    "and must take it back from the event loop's thread after each one: under load, at Python's "
+                    "default, it may wait up to 5 ms each time the loop is busy (docs/overload.md)")
     drain_timeout: float = Field(
         10.0, ge=0, description="seconds from SIGTERM (or Ctrl+C) to exit at most: the grace period, then the "
                                 "requests already accepted are finished")

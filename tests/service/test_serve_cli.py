@@ -80,10 +80,10 @@ def test_serves_a_module_factory_model_with_flag_over_environment_over_card(
     with free_socket() as sock:
         port = sock.getsockname()[1]
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "ROBUSTNORM_POLICY": "batch",
-                   "ROBUSTNORM_MAX_WAIT": "0.001"}
+                   "ROBUSTNORM_MAX_WAIT": "0.001", "ROBUSTNORM_SWITCH_INTERVAL": "0.002"}
     command = [sys.executable, "-m", "service", "--model", "tiny_cli_net:build", "--weights", "weights.safetensors",
                "--card", "card.json", "--device", "cpu", "--port", str(port), "--policy", "adaptive:4",
-               "--log-level", "warning"]
+               "--log-level", "info"]
     process = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -107,6 +107,7 @@ def test_serves_a_module_factory_model_with_flag_over_environment_over_card(
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as process managers expect.
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output, output
+    assert "threads wait at most 2 ms for the interpreter" in output, output  # the process-wide switch interval
 
 
 def test_settling_the_garbage_collector_freezes_the_heap_and_raises_the_threshold_unless_turned_off() -> None:
