@@ -27,8 +27,8 @@ of examples/cat.jpg), so that it takes little of the CPU it shares with the serv
 ``benchmarks/results/overload/overload-<date>.json`` (with ``os.getloadavg()`` before and after) and a PNG when
 matplotlib is installed.
 
-    .venv/bin/python benchmarks/overload.py                 # 3 runs per front, about 27 minutes on 2 cores
-    .venv/bin/python benchmarks/overload.py --runs 1        # one run per front, about 9 minutes
+    .venv/bin/python benchmarks/overload.py                 # 3 runs per front, about 21 minutes on 2 cores
+    .venv/bin/python benchmarks/overload.py --runs 1        # one run per front, about 7 minutes
     .venv/bin/python benchmarks/overload.py --smoke         # a few seconds per phase, one run
     .venv/bin/python benchmarks/overload.py --service-cpus 1  # the service on CPU 1, everything else on the rest
 """
