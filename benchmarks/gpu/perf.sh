@@ -72,13 +72,13 @@ fi
 cat "$out/environment.txt"
 
 if ((dry_run)); then
-    device=cpu sizes=2,4 compile=4 r50_compile="" seconds=0.2 rounds=1 threads=2
+    device=cpu sizes=2,4 compile=4 r50_compile="" seconds=0.2 threads=2
     service=(--concurrency 1,4 --duration 2 --warmup 1 --threads 1)
 else
-    device=cuda sizes=8,128 compile=128 r50_compile=128 seconds=1.0 rounds=2 threads=0
+    device=cuda sizes=8,128 compile=128 r50_compile=128 seconds=1.0 threads=0
     service=(--concurrency 1,32,128 --duration 12 --warmup 3 --threads 4)
 fi
-engines=("$py" benchmarks/bench_engines.py --policies --device "$device" --sizes "$sizes" --rounds "$rounds"
+engines=("$py" benchmarks/bench_engines.py --policies --device "$device" --sizes "$sizes"
          --min-runs 4 --min-seconds "$seconds" --max-runs 400 --threads "$threads")
 
 # -- engines ------------------------------------------------------------------------------------------------
