@@ -261,6 +261,12 @@ def _candidates(engine: Any, policies: list[Policy], n: int, compiled: bool) -> 
 Timings = dict[str, list[float]]
 
 
+def _failed(errors: dict[str, str], n: int, name: str, error: Exception) -> None:
+    """Note a candidate that cannot run (e.g. torch.compile without a working compiler): say so, go on."""
+    logger.warning("n=%d %s failed: %s", n, name, error)
+    errors[name] = f"{type(error).__name__}: {error}"[:500]
+
+
 def _alternate_calls(calls: dict[str, Callable[[], object]], sync: Callable[[], None], args: argparse.Namespace,
                      n: int) -> tuple[Timings, dict[str, str]]:
     """Every candidate timed one call at a time in turns, in a new random order each turn, until each has
@@ -273,9 +279,8 @@ def _alternate_calls(calls: dict[str, Callable[[], object]], sync: Callable[[], 
             for _ in range(2):
                 call()
             sync()
-        except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
-            logger.warning("n=%d %s failed: %s", n, name, error)
-            errors[name] = f"{type(error).__name__}: {error}"[:500]
+        except Exception as error:
+            _failed(errors, n, name, error)
     order = [name for name in calls if name not in errors]
     shuffle = random.Random(n).shuffle
     budget, started = args.min_seconds * len(order), time.perf_counter()
@@ -304,9 +309,8 @@ def _alternate_rounds(calls: dict[str, Callable[[], object]], sync: Callable[[],
             try:
                 times[name] += _time_call(call, sync, max(1, args.min_runs // args.rounds),
                                           args.min_seconds / args.rounds, max(1, args.max_runs // args.rounds))
-            except Exception as error:  # e.g. torch.compile without a working compiler: say so, go on
-                logger.warning("n=%d %s failed: %s", n, name, error)
-                errors[name] = f"{type(error).__name__}: {error}"[:500]
+            except Exception as error:
+                _failed(errors, n, name, error)
     return times, errors
 
 

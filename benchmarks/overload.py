@@ -432,6 +432,15 @@ def closed_loops(port: int, body: bytes, concurrency: Sequence[int], seconds: fl
     return closed
 
 
+def measure_capacity(plan: Plan, port: int, body: bytes, front: str) -> tuple[dict[str, dict[str, Any]], float]:
+    """A warm-up, then :func:`closed_loops` at ``plan.concurrency``: the summaries and the capacity (the most 200s
+    per second of them)."""
+    asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
+                            deadline=plan.deadline))
+    closed = closed_loops(port, body, plan.concurrency, plan.capacity_seconds, plan.deadline, front)
+    return closed, max(result["ok_per_s"] for result in closed.values())
+
+
 def median_run(runs: list[dict[str, Any]]) -> int:
     """Index of the run with the median goodput (as a share of its own capacity): the one the plot shows."""
     order = sorted(range(len(runs)), key=lambda i: runs[i]["overload"]["goodput_of_capacity_mean"])
@@ -444,10 +453,7 @@ def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Pat
     result: dict[str, Any] = {}
     with entry(front, *common, tenant_rate=None, workdir=workdir, name=f"{front}-overload") as url:
         port = int(url.rsplit(":", 1)[1])
-        asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
-                                deadline=plan.deadline))
-        closed = closed_loops(port, body, plan.concurrency, plan.capacity_seconds, plan.deadline, front)
-        capacity = max(result["ok_per_s"] for result in closed.values())
+        closed, capacity = measure_capacity(plan, port, body, front)
         logger.info("%s: capacity %.1f answers/s", front, capacity)
         late_before = _metric_sum(url, "robustnorm_late_dropped_requests_total")
         rate = plan.factor * capacity
@@ -461,10 +467,7 @@ def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Pat
         # The capacity again after the overload, so that a change of the machine's speed between the capacity and
         # the overload shows (this VM's speed drifts by 10-20% within minutes): the goodput against the mean of
         # the two is the check; against the first alone as the runs before 2026-12-08 reported it.
-        asyncio.run(closed_loop(port, body, concurrency=max(plan.concurrency), seconds=plan.warmup,
-                                deadline=plan.deadline))
-        closed_after = closed_loops(port, body, plan.concurrency, plan.capacity_seconds, plan.deadline, front)
-        capacity_after = max(result["ok_per_s"] for result in closed_after.values())
+        closed_after, capacity_after = measure_capacity(plan, port, body, front)
         capacity_mean = (capacity + capacity_after) / 2
         overload["goodput_of_capacity_after"] = round(overload["goodput_per_s"] / capacity_after, 3)
         overload["goodput_of_capacity_mean"] = round(overload["goodput_per_s"] / capacity_mean, 3)

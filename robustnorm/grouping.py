@@ -64,13 +64,12 @@ class GroupRun:
             self.stream_images = [plan.stream_images for plan in plans]
         return plans
 
-    def add_statistics(self, layer: _PolicyNorm, stats: GroupStatistics,
-                       population: tuple[Tensor, Tensor] | None = None) -> None:
-        """Record ``layer``'s statistics and its population's (``population``: when the caller has it already)."""
+    def add_statistics(self, layer: _PolicyNorm, stats: GroupStatistics, population: tuple[Tensor, Tensor]) -> None:
+        """Record ``layer``'s statistics and its population statistics (detached, in the statistics' dtype)."""
         name = self.layer_names[id(layer)]
         self.stats[name] = stats
         self.robust_layers[name] = layer.robust
-        self.population[name] = population if population is not None else layer.population(stats.mean.dtype)
+        self.population[name] = population
 
     def stream_statistics(self, layer: _PolicyNorm) -> list[tuple[Tensor, Tensor] | None] | None:
         """Each group's stream (mean, spread) at ``layer``, or ``None`` without streams."""
