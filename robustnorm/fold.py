@@ -250,19 +250,49 @@ class FoldedModel(nn.Module):
         real = z if self._real == z.shape[0] else z[: self._real]
         dtype = _compute_dtype(real)
         real = real if real.dtype == dtype else real.to(dtype)
-        image_mean, image_spread, recovered = _image_statistics(conv, real, dtype)
-        mean, spread = _group_statistics(conv.robust, image_mean, image_spread, recovered, sizes)
-        rows = recovered if self._rows else None
-        run.stats[name] = GroupStatistics(mean=mean, spread=spread, counts=_constant(tuple(sizes), z.device),
-                                          image_mean=image_mean, image_spread=image_spread, image_rows=rows)
+        run.stats[name] = _FoldedStatistics(conv.robust, tuple(sizes), _constant(tuple(sizes), z.device),
+                                            _recover(conv, real, dtype), self._rows)
         run.robust_layers[name] = conv.robust
         buffers = conv._buffers  # not through nn.Module.__getattr__, on every recorded layer and forward
         run.population[name] = (_as(buffers["population_mean"], dtype), _as(buffers["population_spread"], dtype))
 
 
+class _FoldedStatistics(GroupStatistics):
+    """What a folded layer recorded. The forward recovers each image's statistics and nothing more; each image's
+    mean and spread (read by the image score, for a few layers) and each group's mean and spread (read by the
+    drift report, after the answer, and not for every batch) are made from them when first read.
+
+    ``image``: for RobustNorm each image's recovered mean, maximum and minimum (n, 3, C), which are also its
+    stream rows; for BatchNorm each image's mean and variance, each (n, C)."""
+
+    def __init__(self, robust: bool, sizes: tuple[int, ...], counts: Tensor, image: tuple[Tensor, ...],
+                 rows: bool) -> None:
+        self.__dict__.update(_robust=robust, _sizes=sizes, _image=image, _rows=rows, _made={}, counts=counts)
+
+    def _made_once(self, what: str) -> Tensor | None:
+        made: dict[str, Tensor | None] = self.__dict__["_made"]
+        if what not in made:
+            robust, image = self._robust, self._image
+            if what == "image_rows":
+                made[what] = _rows(robust, image) if self._rows else None
+            elif what in ("image_mean", "image_spread"):
+                made["image_mean"], made["image_spread"] = _image_mean_spread(robust, image)
+            else:
+                made["mean"], made["spread"] = _group_statistics(robust, self.image_mean, self.image_spread,
+                                                                 image[0], self._sizes)
+        return made[what]
+
+    mean = property(lambda self: self._made_once("mean"))  # type: ignore[assignment]
+    spread = property(lambda self: self._made_once("spread"))  # type: ignore[assignment]
+    image_mean = property(lambda self: self._made_once("image_mean"))  # type: ignore[assignment]
+    image_spread = property(lambda self: self._made_once("image_spread"))  # type: ignore[assignment]
+    image_rows = property(lambda self: self._made_once("image_rows"))  # type: ignore[assignment]
+
+
 def _group_statistics(robust: bool, image_mean: Tensor, image_spread: Tensor, rows: Tensor,
                       sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
-    """Each group's (G, C) mean and spread from its images' statistics (``sizes`` None: one group, traceable)."""
+    """Each group's (G, C) mean and spread from its images' statistics (``sizes`` None: one group, traceable);
+    ``rows``: RobustNorm's recovered rows (mean, maximum, minimum), unused for BatchNorm."""
     mean = _group_reduce(image_mean, sizes, "mean")
     if robust:
         return mean, _group_reduce(rows[:, 1], sizes, "amax") - _group_reduce(rows[:, 2], sizes, "amin")
@@ -271,9 +301,10 @@ def _group_statistics(robust: bool, image_mean: Tensor, image_spread: Tensor, ro
     return mean, _group_reduce(image_spread + (image_mean - own).square(), sizes, "mean")
 
 
-def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Each image's mean and spread (n, C) of the norm layer's input, and its stream row (n, R, C), recovered
-    from the folded output ``real`` (in ``dtype``): traceable tensor operations only."""
+def _recover(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Each image's statistics of the norm layer's input, recovered from the folded output ``real`` (in
+    ``dtype``), in traceable tensor operations only: for RobustNorm its mean, maximum and minimum (n, 3, C),
+    for BatchNorm its mean and variance, each (n, C)."""
     buffers = conv._buffers
     inverse, shift = _as(buffers["inverse"], dtype), _as(buffers["shift"], dtype)
     if conv.robust:
@@ -281,15 +312,35 @@ def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) ->
         if not conv.all_positive:  # a negative scale turns the folded output's maximum into the input's minimum
             negative = inverse < 0
             low, high = torch.where(negative, high, low), torch.where(negative, low, high)
-        # (n, 3, C): each image's mean, maximum and minimum, recovered at once; also the stream's rows
-        recovered = (torch.stack([real.mean(dim=(2, 3)), high, low], dim=1) - shift) * inverse
-        return recovered[:, 0], recovered[:, 1] - recovered[:, 2], recovered
+        return ((torch.stack([real.mean(dim=(2, 3)), high, low], dim=1) - shift) * inverse,)
     folded_mean = real.mean(dim=(2, 3))
     # two passes, as the unfolded layer computes it (var_mean is many times slower on the CPU)
     variance = (real - folded_mean[:, :, None, None]).square().mean(dim=(2, 3))
-    image_mean = (folded_mean - shift) * inverse
-    image_variance = variance * inverse.square()
-    return image_mean, image_variance, torch.stack([image_mean, image_variance + image_mean.square()], dim=1)
+    return (folded_mean - shift) * inverse, variance * inverse.square()
+
+
+def _image_mean_spread(robust: bool, image: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Each image's mean and spread (n, C) from what :func:`_recover` made."""
+    if robust:
+        (recovered,) = image
+        return recovered[:, 0], recovered[:, 1] - recovered[:, 2]
+    return image[0], image[1]
+
+
+def _rows(robust: bool, image: tuple[Tensor, ...]) -> Tensor:
+    """Each image's stream rows (n, R, C) from what :func:`_recover` made: RobustNorm's mean, maximum and
+    minimum, BatchNorm's mean and second moment."""
+    if robust:
+        return image[0]
+    image_mean, image_variance = image
+    return torch.stack([image_mean, image_variance + image_mean.square()], dim=1)
+
+
+def _image_statistics(conv: _RecordingConv, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's mean and spread (n, C) of the norm layer's input, and its stream row (n, R, C), recovered
+    from the folded output ``real`` (in ``dtype``): traceable tensor operations only."""
+    image = _recover(conv, real, dtype)
+    return (*_image_mean_spread(conv.robust, image), _rows(conv.robust, image))
 
 
 class FoldedGraph(nn.Module):
