@@ -17,6 +17,9 @@ queues counts against the deadline as it would behind HAProxy). Then:
    times that share; each tenant's answers and latency. The per-tenant quota is that fair share: the service's
    own ``--tenant-rate`` when it is alone, ROBUSTNORM_TENANT_RATE (the proxy's) behind HAProxy. The heavy
    tenant's client runs in a process of its own, so that its flood does not delay the light tenants' client.
+   The three phases run in turn twice (``fair_rounds``), each phase's answers pooled over its turns.
+
+The service's CPU time over the overload and over each fairness phase is reported as a share of one CPU.
 
 Each of these runs against the service itself and against the shipped HAProxy in front of it (``--fronts``:
 deploy/haproxy/haproxy.cfg with loopback binds, ``haproxy`` on the PATH), ``--runs`` times each (every run
@@ -371,7 +374,8 @@ class Plan:
     warmup: float = 3.0
     capacity_seconds: float = 10.0  # per concurrency
     overload_seconds: float = 45.0
-    fair_seconds: float = 25.0
+    fair_seconds: float = 25.0  # per phase and round
+    fair_rounds: int = 2  # the fairness phases in turn this many times, each phase's answers pooled over them
     light_tenants: int = 2
     light_share: float = 0.1  # of capacity, per light tenant
     heavy_factor: float = 10.0  # times the heavy tenant's fair share of the capacity
@@ -457,8 +461,11 @@ def measure(plan: Plan, front: str, body: bytes, common: list[str], workdir: Pat
         logger.info("%s: capacity %.1f answers/s", front, capacity)
         late_before = _metric_sum(url, "robustnorm_late_dropped_requests_total")
         rate = plan.factor * capacity
+        used, began = service_cpu_seconds(), time.perf_counter()
         overload = summarise(asyncio.run(open_loop(port, body, {"": rate}, seconds=plan.overload_seconds,
                                                    deadline=plan.deadline)), plan.overload_seconds, plan.deadline)
+        # over the open loop, from its first request to its last answer
+        overload["service_cpu_share"] = round((service_cpu_seconds() - used) / (time.perf_counter() - began), 3)
         late_after = _metric_sum(url, "robustnorm_late_dropped_requests_total")
         overload["offered_per_s"] = round(rate, 1)
         overload["goodput_of_capacity"] = round(overload["goodput_per_s"] / capacity, 3)
@@ -487,6 +494,11 @@ def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[
     the flood costs the light tenants is the third phase against the second: the same tenants admitted at the
     same rates, the excess refused.
 
+    The three phases run in turn ``plan.fair_rounds`` times, and each phase's answers are pooled over its rounds:
+    a p99 of one short phase moved by a quarter between identical phases on this machine, and its speed drifts
+    over minutes, which turns hit alike. The service's CPU time over each phase is reported as a share of one
+    CPU (``service_cpu_share``): what the flood's refusals cost the one core the answers need.
+
     The heavy tenant's client is a process of its own (:func:`tenant_process`), as another tenant's client is
     another machine: its flood of requests and refusals must not hold up the light tenants' event loop, whose
     latencies are measured, though both still share the client's CPUs."""
@@ -494,51 +506,84 @@ def fairness(plan: Plan, front: str, body: bytes, capacity: float, common: list[
     share = capacity / (plan.light_tenants + 1)
     heavy = {"heavy": plan.heavy_factor * share}
     quota = share
+    phases = (("light_alone", {}), ("with_heavy_at_share", {"heavy": share}), ("with_heavy", heavy))
     result: dict[str, Any] = {"light_per_s": round(plan.light_share * capacity, 1),
                               "heavy_per_s": round(heavy["heavy"], 1),
                               "tenant_rate_quota": quota and max(1, round(quota)),
-                              "clients": "the light tenants in one process, the heavy tenant in another"}
+                              "clients": "the light tenants in one process, the heavy tenant in another",
+                              "rounds": plan.fair_rounds, "seconds_per_phase_and_round": plan.fair_seconds}
+    pooled: dict[str, list[Outcome]] = {name: [] for name, _ in phases}
+    cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in phases}  # CPU seconds, wall seconds
+    per_round: list[dict[str, Any]] = []
     isolation = ("--isolation", plan.isolation) if plan.isolation else ()
     with entry(front, *common, "--batch-key", "header", *isolation, tenant_rate=quota, workdir=workdir,
                name=f"{front}-fair") as url:
         port = int(url.rsplit(":", 1)[1])
         asyncio.run(closed_loop(port, body, concurrency=4, seconds=plan.warmup, deadline=plan.deadline))
-        for name, heavy_rates in (("light_alone", {}), ("with_heavy_at_share", {"heavy": share}),
-                                  ("with_heavy", heavy)):
-            start = time.perf_counter() + 0.5  # both clients begin together, the child started by then
-            child = tenant_process(port, body, heavy_rates, plan, start) if heavy_rates else None
-            outcomes = asyncio.run(open_loop(port, body, light, seconds=plan.fair_seconds, deadline=plan.deadline,
-                                             seed=1, start=start))
-            result[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
-                                              plan.deadline) for tenant in light}
-            if child is not None:
-                result[name].update(child())
-            logger.info("%s, %s: %s", front, name, json.dumps(result[name]))
+        for _ in range(plan.fair_rounds):
+            this_round: dict[str, Any] = {}
+            for name, heavy_rates in phases:
+                start = time.perf_counter() + 0.5  # both clients begin together, the child started by then
+                child = tenant_process(port, body, heavy_rates, plan, start) if heavy_rates else None
+                used, began = service_cpu_seconds(), time.perf_counter()
+                outcomes = asyncio.run(open_loop(port, body, light, seconds=plan.fair_seconds,
+                                                 deadline=plan.deadline, seed=1, start=start))
+                if child is not None:
+                    outcomes += child()
+                cpu[name][0] += service_cpu_seconds() - used
+                cpu[name][1] += time.perf_counter() - max(began, start)
+                pooled[name] += outcomes
+                this_round[name] = {tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
+                                                      plan.deadline)["latency_200_ms"]["p99"]
+                                    for tenant in (*light, *heavy_rates)}
+                logger.info("%s, %s: p99 %s", front, name, json.dumps(this_round[name]))
+            per_round.append(this_round)
+    seconds = plan.fair_seconds * plan.fair_rounds
+    for name, heavy_rates in phases:
+        result[name] = {tenant: summarise([o for o in pooled[name] if o.tenant == tenant], seconds, plan.deadline)
+                        for tenant in (*light, *heavy_rates)}
+    result["light_tenants_p99_ms"] = {name: summarise([o for o in pooled[name] if o.tenant in light], seconds,
+                                                      plan.deadline)["latency_200_ms"]["p99"] for name, _ in phases}
+    result["p99_ms_per_round"] = per_round
+    # over the phases' open loops, each from its start to its last answer (the CPU time read a little before)
+    result["service_cpu_share"] = {name: round(used / wall, 3) for name, (used, wall) in cpu.items()}
+    logger.info("%s, fairness: %s", front, json.dumps({key: result[key] for key in (
+        "light_tenants_p99_ms", "service_cpu_share")}))
     return result
 
 
+def service_cpu_seconds() -> float:
+    """CPU seconds the one service started from here (:func:`service`) has used (every thread), or 0 with none."""
+    if len(SERVICE_PIDS) != 1:
+        return 0.0
+    (pid,) = SERVICE_PIDS.values()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def tenant_process(port: int, body: bytes, rates: dict[str, float], plan: Plan, start: float
-                   ) -> Callable[[], dict[str, Any]]:
+                   ) -> Callable[[], list[Outcome]]:
     """Start the open loop of ``rates`` in a child process from ``start`` (perf_counter, shared by a forked
-    child); the returned call waits for it and gives each tenant's summary."""
+    child); the returned call waits for it and gives its outcomes."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
 
     def child() -> None:
-        outcomes = asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
-                                         seed=2, start=start))
-        send.send({tenant: summarise([o for o in outcomes if o.tenant == tenant], plan.fair_seconds,
-                                     plan.deadline) for tenant in rates})
+        send.send(asyncio.run(open_loop(port, body, rates, seconds=plan.fair_seconds, deadline=plan.deadline,
+                                        seed=2, start=start)))
         send.close()
 
     process = context.Process(target=child, daemon=True)
     process.start()
     send.close()
 
-    def result() -> dict[str, Any]:
-        summaries = receive.recv()
+    def result() -> list[Outcome]:
+        outcomes = receive.recv()
         process.join(timeout=30)
-        return summaries
+        return outcomes
     return result
 
 
@@ -601,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                 isolation=args.isolation)
     if args.smoke:
         plan = Plan(concurrency=tuple(args.concurrency), factor=args.factor, deadline=args.deadline, warmup=1.0,
-                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0, runs=1, isolation=args.isolation)
+                    capacity_seconds=3.0, overload_seconds=6.0, fair_seconds=5.0, fair_rounds=1, runs=1,
+                    isolation=args.isolation)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"overload-{DATE}{'-smoke' if args.smoke else ''}"
     with tempfile.TemporaryDirectory(prefix="overload-") as logs:  # the logs, kept only while running
@@ -616,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             light = {tenant: tuple(fair[phase][tenant]["latency_200_ms"]["p99"]
                                    for phase in ("light_alone", "with_heavy_at_share", "with_heavy"))
                      for tenant in fair["light_alone"]}
+            light["both"] = tuple(fair["light_tenants_p99_ms"].values())
             print(f"{front}, run {index + 1}: capacity {result['capacity']['answers_per_s']:.1f}/s before, "
                   f"{result['capacity']['answers_per_s_after']:.1f}/s after; at {plan.factor:g}x: goodput "
                   f"{overload['goodput_per_s']:.1f}/s ({100 * overload['goodput_of_capacity_mean']:.0f}% of the mean "
@@ -623,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{overload['answered']}, "
                   f"late 200s {overload['late_200']}, p50/p90/p99 "
                   f"{overload['latency_200_ms']}; light tenants' p99 alone, beside the heavy one at its share, "
-                  f"beside it at {plan.heavy_factor:g}x: {light}")
+                  f"beside it at {plan.heavy_factor:g}x: {light}; the service's CPU share in those phases "
+                  f"{tuple(fair['service_cpu_share'].values())}, at {plan.factor:g}x {overload['service_cpu_share']}")
     return 0
 
 
